@@ -1,0 +1,61 @@
+"""Incremental detokenization with stop strings.
+
+Decoding token by token breaks multi-byte characters and loses the spaces that tokenizers attach to the
+next token, so each step decodes a short window of ids twice (with and without the new ones) and emits
+the difference, holding back while the text ends in an incomplete UTF-8 sequence (U+FFFD).
+Stop strings are searched in the accumulated text, so they are found even when split across tokens;
+streamed text holds back the last (longest stop - 1) characters, which could still begin a stop string.
+"""
+
+from __future__ import annotations
+
+# Prompt tokens kept as left context: enough for tokenizers that change a token's text by what precedes it.
+_CONTEXT = 5
+
+
+class Detokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str], skip_special_tokens: bool = True,
+                 include_stop_str_in_output: bool = False):
+        self.tokenizer = tokenizer
+        self.ids = list(prompt_token_ids[-_CONTEXT:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = stop
+        self.include_stop = include_stop_str_in_output
+        self.hold_back = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self.num_emitted = 0  # characters of `text` already handed out by `take_delta`
+
+    def append(self, token_id: int) -> str | None:
+        """Adds one generated token; returns the stop string if the text now contains one."""
+        self.ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
+        full = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return None
+        new = full[len(prefix):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        search_from = max(0, len(self.text) - self.hold_back)
+        self.text += new
+        return self._find_stop(search_from)
+
+    def _find_stop(self, start: int) -> str | None:
+        best = None
+        for s in self.stop:
+            at = self.text.find(s, start)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, s)
+        if best is None:
+            return None
+        at, s = best
+        self.text = self.text[: at + len(s) if self.include_stop else at]
+        return s
+
+    def take_delta(self, finished: bool) -> str:
+        """The text not yet handed out, minus what could still turn out to be the start of a stop string."""
+        end = len(self.text) if finished or not self.stop else max(self.num_emitted, len(self.text) - self.hold_back)
+        delta = self.text[self.num_emitted:end]
+        self.num_emitted = end
+        return delta

@@ -1,0 +1,175 @@
+"""The synchronous engine: requests in, one scheduled step at a time, RequestOutputs out.
+
+`LLM` drives it to completion; the async server engine drives it from a background thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+
+import jax
+
+from jaxserve import attention, compilation
+from jaxserve.block_manager import BlockManager
+from jaxserve.detokenizer import Detokenizer
+from jaxserve.loader import LoadedModel, load_model
+from jaxserve.model import init_cache
+from jaxserve.model_runner import ModelRunner
+from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.scheduler import Scheduler
+from jaxserve.sequence import Sequence, Status
+
+log = logging.getLogger("jaxserve")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int | None = None  # None: the model's own context length
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    page_size: int = 16
+    num_kv_pages: int | None = None  # None: derived from kv_cache_memory_gb
+    kv_cache_memory_gb: float = 2.0
+    attention_backend: str = "auto"
+    seed: int = 0
+    compile_cache_dir: str | None = None  # None: <jaxserve cache>/jax-compile; "" turns it off
+    warm_up: bool = True
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+
+
+class InvalidRequest(ValueError):
+    """A request the engine cannot serve as asked (too long a prompt, bad token ids, ...)."""
+
+
+class LLMEngine:
+    def __init__(self, model: str | LoadedModel | None = None, *, dtype: str = "auto",
+                 config: EngineConfig = EngineConfig(), progress: bool = True):
+        from jaxserve.default_model import cache_dir
+
+        compilation.install_counter()
+        cache_folder = config.compile_cache_dir
+        compilation.enable_persistent_cache(cache_dir() / "jax-compile" if cache_folder is None else cache_folder or None)
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, progress=progress)
+        cfg = self.model.cfg
+        self.tokenizer = self.model.tokenizer
+        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        pages_per_seq = -(-self.max_model_len // config.page_size)
+        num_pages = config.num_kv_pages or self._pages_for_memory(config)
+        # Every sequence must fit alone, and no more pages than max_num_seqs full-length sequences can use.
+        num_pages = max(pages_per_seq, min(num_pages, pages_per_seq * config.max_num_seqs))
+        cache = init_cache(cfg, num_pages, config.page_size, self.model.dtype)
+        self.block_manager = BlockManager(num_pages, config.page_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
+                                   max(config.max_num_batched_tokens, config.max_num_seqs))
+        self.runner = ModelRunner(cfg, self.model.params, cache, backend=attention.resolve_backend(config.attention_backend),
+                                  max_num_seqs=config.max_num_seqs,
+                                  max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
+                                  pages_per_seq=pages_per_seq)
+        self.eos_token_ids = set(self.model.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self._rng = random.Random(config.seed)
+        self._next_seq_id = 0
+        if config.warm_up:
+            self.runner.warm_up(progress=progress)
+        log.info("engine ready: max_model_len %d, %d KV pages of %d tokens, %d step buckets, backend %s",
+                 self.max_model_len, num_pages, config.page_size, len(self.runner.buckets),
+                 attention.resolve_backend(config.attention_backend))
+
+    def _pages_for_memory(self, config: EngineConfig) -> int:
+        cfg = self.model.cfg
+        page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * config.page_size * self.model.dtype.itemsize
+        return int(config.kv_cache_memory_gb * 2**30 // page_bytes)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        if request_id in self.requests:
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequest("the prompt is empty")
+        if n >= self.max_model_len:
+            raise InvalidRequest(f"the prompt has {n} tokens, but this model's maximum context length is "
+                                 f"{self.max_model_len} tokens (the prompt must leave room for at least one new token)")
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        seqs = []
+        for i in range(params.n):
+            base = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            seed = (base ^ (i * 0x9E3779B97F4A7C15)) & (2**63 - 1)  # distinct stream per sample
+            detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens,
+                                params.include_stop_str_in_output)
+            seqs.append(Sequence(self._next_seq_id, request_id, i, prompt_token_ids, params, seed, detok))
+            self._next_seq_id += 1
+        self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs)
+        for s in seqs:
+            self.scheduler.add(s)
+
+    def abort(self, request_id: str) -> None:
+        req = self.requests.pop(request_id, None)
+        for seq in req.seqs if req else []:
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one batch; returns an output for every request that got new tokens (finished ones are removed)."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        tokens = self.runner.run(scheduled)
+        touched: dict[str, _Request] = {}
+        for (seq, n), token in zip(scheduled, tokens.tolist()):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens < len(seq):
+                continue  # a prefill chunk that does not reach the prompt's end samples nothing
+            seq.token_ids.append(token)  # its K/V is written by the step that feeds it back
+            self._check_finish(seq, token)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = [self._output(r) for r in touched.values()]
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
+        return outputs
+
+    def _check_finish(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        if token in self.eos_token_ids and not p.ignore_eos:
+            return self.scheduler.finish(seq, "stop")
+        if token in p.stop_token_ids:
+            return self.scheduler.finish(seq, "stop", token)
+        stop = seq.detokenizer.append(token)
+        if stop is not None:
+            return self.scheduler.finish(seq, "stop", stop)
+        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(seq) >= self.max_model_len:
+            return self.scheduler.finish(seq, "length")
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.detokenizer.text, list(s.output_token_ids), s.finish_reason, s.stop_reason)
+                for s in req.seqs]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
+                             finished=all(s.finished for s in req.seqs),
+                             num_cached_tokens=req.seqs[0].num_cached_tokens)
+
+    def stats(self) -> dict:
+        return {
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "kv_pages_total": self.block_manager.num_pages,
+            "kv_pages_free": self.block_manager.num_free,
+            "preemptions": self.scheduler.num_preemptions,
+            "compile_count": compilation.compile_count(),
+            "devices": len(jax.devices()),
+        }

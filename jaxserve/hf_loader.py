@@ -1,0 +1,59 @@
+"""Read a transformers model folder: config.json, *.safetensors (single or sharded), tokenizer, generation config."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors.numpy can read bf16 files)
+import numpy as np
+from safetensors.numpy import load_file
+from tqdm.auto import tqdm
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """What every loader hands to the engine: HF config dict, HF-named tensors, tokenizer, EOS ids."""
+
+    hf_config: dict
+    tensors: dict
+    tokenizer: object  # transformers.PreTrainedTokenizerBase
+    eos_token_ids: tuple[int, ...]
+
+
+def load_hf_folder(path, *, progress: bool = True) -> Checkpoint:
+    from transformers import AutoTokenizer
+
+    folder = pathlib.Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{folder} has no config.json: not a transformers model folder")
+    hf_config = json.loads(config_file.read_text())
+    tensors = {}
+    for f in tqdm(_safetensors_files(folder), desc="Loading safetensors", unit="file", disable=not progress):
+        tensors.update(load_file(f))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return Checkpoint(hf_config, tensors, tokenizer, _eos_ids(folder, hf_config, tokenizer))
+
+
+def _safetensors_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"{folder} has no *.safetensors files (pytorch .bin checkpoints are not supported)")
+    return files
+
+
+def _eos_ids(folder: pathlib.Path, hf_config: dict, tokenizer) -> tuple[int, ...]:
+    # generation_config.json is what transformers' generate() stops on; it often lists several ids
+    # (Llama 3: <|end_of_text|>, <|eom_id|>, <|eot_id|>).
+    gen = folder / "generation_config.json"
+    eos = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    if eos is None:
+        eos = hf_config.get("eos_token_id", tokenizer.eos_token_id)
+    ids = eos if isinstance(eos, list) else [eos]
+    return tuple(int(i) for i in ids if i is not None)

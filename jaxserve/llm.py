@@ -1,0 +1,85 @@
+"""The offline API, shaped as vLLM's: `LLM(model).generate(prompts, params)` and `.chat(messages)`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as Seq
+
+from tqdm.auto import tqdm
+
+from jaxserve import chat_template
+from jaxserve.engine import EngineConfig, LLMEngine
+from jaxserve.outputs import ChatMessage, ChatOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+_ENGINE_FIELDS = {f.name for f in EngineConfig.__dataclass_fields__.values()}
+
+
+class LLM:
+    """model: None (the embedded SmolLM2-135M-Instruct), a .gguf file, a transformers folder, or a hub id.
+    Engine options (max_model_len, max_num_seqs, page_size, attention_backend, ...) are keyword arguments."""
+
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", progress: bool = True, **engine_options):
+        unknown = set(engine_options) - _ENGINE_FIELDS
+        if unknown:
+            raise TypeError(f"unknown LLM options {sorted(unknown)}; engine options are {sorted(_ENGINE_FIELDS)}")
+        self.engine = LLMEngine(model, dtype=dtype, config=EngineConfig(**engine_options), progress=progress)
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, or a list of either."""
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = list(params) if isinstance(params, Seq) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        request_ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+                rid = f"offline-{next(self._ids)}"
+                self.engine.add_request(rid, ids, p, prompt=text)
+                request_ids.append(rid)
+            return self._run(request_ids, use_tqdm)
+        except BaseException:
+            for rid in request_ids:
+                self.engine.abort(rid)
+            raise
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        with tqdm(total=len(request_ids), desc="Processed prompts", disable=not use_tqdm) as bar:
+            while len(done) < len(request_ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        bar.update(1)
+        return [done[r] for r in request_ids]
+
+    def chat(self, messages, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             chat_template: str | None = None, chat_template_content_format: str = "auto",
+             add_generation_prompt: bool = True, continue_final_message: bool = False, tools: list[dict] | None = None,
+             documents: list[dict] | None = None, mm_processor_kwargs: dict | None = None,
+             chat_template_kwargs: dict | None = None, use_tqdm: bool = True) -> list[ChatOutput]:
+        """messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations."""
+        if mm_processor_kwargs:
+            raise ValueError("mm_processor_kwargs: multimodal inputs are not supported (text-only models)")
+        if chat_template_content_format not in ("auto", "string", "openai"):
+            raise ValueError("chat_template_content_format must be 'auto', 'string' or 'openai'")
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [
+            chat_template.encode_prompt(self.tokenizer, chat_template.render(
+                self.tokenizer, conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, tools=tools, documents=documents,
+                chat_template_kwargs=chat_template_kwargs))
+            for conv in conversations
+        ]
+        outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return [
+            ChatOutput(ChatMessage("assistant", o.outputs[0].text), o.outputs[0].finish_reason,
+                       o.prompt_token_ids, o.outputs[0].token_ids, o)
+            for o in outputs
+        ]

@@ -1,0 +1,90 @@
+"""Resolve a model argument (None, a .gguf file, an HF folder, a hub id) and load it onto devices."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import ModelConfig
+from jaxserve.hf_loader import Checkpoint, load_hf_folder
+from jaxserve.model import Params
+from jaxserve.weights import count_params, params_from_hf
+
+log = logging.getLogger("jaxserve")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    name: str
+    cfg: ModelConfig
+    params: Params
+    tokenizer: object
+    eos_token_ids: tuple[int, ...]
+    dtype: jnp.dtype
+
+
+def resolve_dtype(dtype: str | None) -> jnp.dtype:
+    """"auto": float32 on CPU (no bf16 instructions here, f32 measured 2.5-3x faster), bfloat16 on TPU/GPU."""
+    if dtype in (None, "auto"):
+        return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
+    names = {"float32": jnp.float32, "float": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "half": jnp.float16}
+    if dtype not in names:
+        raise ValueError(f"unsupported dtype {dtype!r}; choose auto, {', '.join(names)}")
+    return jnp.dtype(names[dtype])
+
+
+def read_checkpoint(model: str | None, *, progress: bool = True) -> tuple[str, Checkpoint]:
+    """Returns (display name, checkpoint). None means the embedded default model."""
+    if model is None:
+        from jaxserve import default_model
+
+        path = default_model.default_model_path(progress=progress)
+        return default_model.DEFAULT_MODEL_NAME, _load_gguf(path, progress)
+    path = pathlib.Path(model).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf file or a transformers model folder")
+        return path.stem, _load_gguf(path, progress)
+    if path.is_dir():
+        return path.name, load_hf_folder(path, progress=progress)
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return model, load_hf_folder(_download_from_hub(model), progress=progress)
+    raise ValueError(f"model {model!r} is neither a .gguf file, a model folder, nor a hub id like 'org/name'")
+
+
+def _load_gguf(path: pathlib.Path, progress: bool) -> Checkpoint:
+    from jaxserve import gguf_loader  # the gguf package is only needed for .gguf files
+
+    g = gguf_loader.load_gguf(path, progress=progress)
+    return Checkpoint(g.hf_config, g.tensors, g.tokenizer, g.eos_token_ids)
+
+
+def _download_from_hub(repo_id: str) -> pathlib.Path:
+    # Only the files the HF-folder loader reads; this needs network access to the hub, which this
+    # project's build machines do not have, so this path is untested here.
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.jinja"]
+    try:
+        return pathlib.Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as e:
+        raise ValueError(f"could not download {repo_id!r} from the Hugging Face hub ({e}); "
+                         "pass a local model folder or .gguf file instead") from e
+
+
+def load_model(model: str | None = None, *, dtype: str | None = "auto", put=None,
+               progress: bool = True) -> LoadedModel:
+    start = time.perf_counter()
+    name, ckpt = read_checkpoint(model, progress=progress)
+    cfg = ModelConfig.from_hf(ckpt.hf_config)
+    jdtype = resolve_dtype(dtype)
+    params = params_from_hf(ckpt.tensors, cfg, jdtype, put=put)
+    jax.block_until_ready(params)
+    log.info("loaded %s: %s, %.1fM parameters, %s, %.1f s", name, cfg.model_type,
+             count_params(params) / 1e6, jdtype.name, time.perf_counter() - start)
+    return LoadedModel(name, cfg, params, ckpt.tokenizer, ckpt.eos_token_ids, jdtype)

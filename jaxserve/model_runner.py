@@ -1,0 +1,92 @@
+"""Turns a scheduled step into one jitted call: pad to a bucket, run model + sampler, return token ids.
+
+Shapes come from a fixed ladder of token-count buckets (8, 16, 32, ... up to the token budget); the
+sequence count is tied to the token bucket (min(tokens, max_num_seqs)) so there is one compile per rung,
+all done by `warm_up` before serving. The KV cache is donated to each step so XLA updates it in place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxserve import model as model_lib
+from jaxserve.config import ModelConfig
+from jaxserve.sampler import SamplingBatch, sample
+from jaxserve.sequence import Sequence
+
+MIN_BUCKET = 8  # below this, a CPU decode step costs the same (weights are read once per step either way)
+
+
+def token_buckets(max_num_batched_tokens: int) -> list[int]:
+    buckets, b = [], MIN_BUCKET
+    while b < max_num_batched_tokens:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_num_batched_tokens]
+
+
+def _step(params, cache, batch, sampling, *, cfg: ModelConfig, backend: str):
+    logits, cache = model_lib.forward(params, cache, batch, cfg, backend)
+    return sample(logits, sampling), cache
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, params, cache: model_lib.KVCache, *, backend: str, max_num_seqs: int,
+                 max_num_batched_tokens: int, pages_per_seq: int):
+        self.cfg = cfg
+        self.params = params
+        self.cache = cache
+        self.max_num_seqs = max_num_seqs
+        self.pages_per_seq = pages_per_seq
+        self.buckets = token_buckets(max_num_batched_tokens)
+        self._step = jax.jit(functools.partial(_step, cfg=cfg, backend=backend), donate_argnums=(1,))
+
+    def _sizes(self, num_tokens: int) -> tuple[int, int]:
+        tokens = next(b for b in self.buckets if b >= num_tokens)
+        return tokens, min(tokens, self.max_num_seqs)
+
+    def build_batch(self, scheduled: list[tuple[Sequence, int]], pad_to: int = 0) -> tuple[model_lib.Batch, SamplingBatch]:
+        """Host-side numpy arrays for one step (padding: slot -1, zero-length sequences)."""
+        num_tokens, num_seqs = self._sizes(max(pad_to, sum(n for _, n in scheduled)))
+        page_size = self.cache.page_size
+        token_ids = np.zeros(num_tokens, np.int32)
+        positions = np.zeros(num_tokens, np.int32)
+        slots = np.full(num_tokens, -1, np.int32)
+        kv_lens = np.zeros(num_seqs, np.int32)
+        tables = np.zeros((num_seqs, self.pages_per_seq), np.int32)
+        cu = np.zeros(num_seqs + 1, np.int32)
+        last = np.zeros(num_seqs, np.int32)
+        t = 0
+        for i, (seq, n) in enumerate(scheduled):
+            start = seq.num_computed_tokens
+            pos = np.arange(start, start + n)
+            table = np.asarray(seq.block_table, np.int32)
+            token_ids[t:t + n] = seq.token_ids[start:start + n]
+            positions[t:t + n] = pos
+            slots[t:t + n] = table[pos // page_size] * page_size + pos % page_size
+            kv_lens[i] = start + n
+            tables[i, :len(table)] = table
+            t += n
+            cu[i + 1] = t
+            last[i] = t - 1
+        cu[len(scheduled) + 1:] = t
+        batch = model_lib.Batch(token_ids, positions, slots, kv_lens, tables, cu,
+                                np.array([len(scheduled)], np.int32), last)
+        return batch, SamplingBatch.build([s for s, _ in scheduled], num_seqs)
+
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> np.ndarray:
+        """Runs one step; returns the sampled token of each scheduled sequence, in order."""
+        batch, sampling = self.build_batch(scheduled)
+        tokens, self.cache = self._step(self.params, self.cache, batch, sampling)
+        return np.asarray(tokens)[:len(scheduled)]
+
+    def warm_up(self, progress: bool = True) -> None:
+        """Compiles every bucket with an all-padding batch (it writes nothing and reads nothing)."""
+        for size in tqdm(self.buckets, desc="Compiling step buckets", unit="bucket", disable=not progress):
+            batch, sampling = self.build_batch([], pad_to=size)
+            tokens, self.cache = self._step(self.params, self.cache, batch, sampling)
+            jax.block_until_ready(tokens)
