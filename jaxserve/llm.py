@@ -7,7 +7,7 @@ from collections.abc import Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from jaxserve import chat_template
+from jaxserve import chat_template as templating
 from jaxserve.engine import EngineConfig, LLMEngine
 from jaxserve.outputs import ChatMessage, ChatOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -71,7 +71,7 @@ class LLM:
             raise ValueError("chat_template_content_format must be 'auto', 'string' or 'openai'")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
-            chat_template.encode_prompt(self.tokenizer, chat_template.render(
+            templating.encode_prompt(self.tokenizer, templating.render(
                 self.tokenizer, conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tools=tools, documents=documents,
                 chat_template_kwargs=chat_template_kwargs))

@@ -1,0 +1,135 @@
+"""The offline API on a tiny random model: continuous batching, chunked prefill, preemption, stops, seeds, chat."""
+
+import numpy as np
+import pytest
+
+import tiny
+from jaxserve import LLM, SamplingParams
+from jaxserve.engine import InvalidRequest
+from paged import run_logits
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("llm"), "llama")
+
+
+@pytest.fixture(scope="module")
+def llm(folder):
+    # A token budget of 32 forces prompts over 32 tokens into several prefill chunks.
+    return LLM(str(folder), max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
+               compile_cache_dir="", progress=False)
+
+
+def _prompts(llm, lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, llm.engine.model.cfg.vocab_size, n).tolist() for n in lengths]
+
+
+def test_batched_greedy_equals_each_sequence_alone(llm):
+    prompts = _prompts(llm, [5, 40, 17, 70, 3, 33, 9, 12, 50, 21])  # more prompts than max_num_seqs
+    outs = llm.generate(prompts, SamplingParams(max_tokens=12, **GREEDY), use_tqdm=False)
+    for prompt, out in zip(prompts, outs):
+        _, alone = run_logits(llm.engine.model, [prompt], decode_steps=11)
+        assert out.outputs[0].token_ids == alone[0].tolist()
+        assert out.prompt_token_ids == prompt
+        assert out.outputs[0].finish_reason == "length"
+    assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_pages
+
+
+def test_preemption_keeps_greedy_output(folder, llm):
+    prompts = _prompts(llm, [30, 25, 28, 31], seed=3)
+    params = SamplingParams(max_tokens=40, **GREEDY)
+    expected = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    # 9 pages of 8 tokens hold just over one 70-token sequence: the scheduler must preempt and recompute.
+    small = LLM(str(folder), max_model_len=72, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
+                num_kv_pages=9, compile_cache_dir="", progress=False)
+    got = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
+    assert small.engine.scheduler.num_preemptions > 0
+    assert got == expected
+    assert small.engine.block_manager.num_free == small.engine.block_manager.num_pages
+
+
+def test_stop_string_is_cut_from_text(llm):
+    prompt = _prompts(llm, [10], seed=5)[0]
+    full = llm.generate([prompt], SamplingParams(max_tokens=30, **GREEDY), use_tqdm=False)[0].outputs[0]
+    text = full.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    out = llm.generate([prompt], SamplingParams(max_tokens=30, stop=[stop], **GREEDY), use_tqdm=False)[0].outputs[0]
+    assert out.text == text[: text.index(stop)]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    kept = llm.generate([prompt], SamplingParams(max_tokens=30, stop=stop, include_stop_str_in_output=True,
+                                                 **GREEDY), use_tqdm=False)[0].outputs[0]
+    assert kept.text == text[: text.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_and_eos(llm):
+    prompt = _prompts(llm, [8], seed=6)[0]
+    tokens = llm.generate([prompt], SamplingParams(max_tokens=20, **GREEDY), use_tqdm=False)[0].outputs[0].token_ids
+    target = tokens[4]
+    first = tokens.index(target)
+    out = llm.generate([prompt], SamplingParams(max_tokens=20, stop_token_ids=[target], **GREEDY),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == tokens[: first + 1] and out.stop_reason == target and out.finish_reason == "stop"
+    engine = llm.engine
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = {target}
+    try:
+        eos = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0), use_tqdm=False)[0].outputs[0]
+        ignored = llm.generate([prompt], SamplingParams(max_tokens=20, **GREEDY), use_tqdm=False)[0].outputs[0]
+    finally:
+        engine.eos_token_ids = saved
+    assert eos.token_ids == tokens[: first + 1] and eos.finish_reason == "stop" and eos.stop_reason is None
+    assert eos.text == llm.tokenizer.decode(tokens[:first], skip_special_tokens=True)
+    assert ignored.token_ids == tokens and ignored.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch(llm):
+    prompts = _prompts(llm, [6, 11, 25], seed=7)
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=15, ignore_eos=True)
+    alone = llm.generate([prompts[0]], p, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=0.7, seed=99, max_tokens=15, ignore_eos=True)
+    batched = llm.generate(prompts, [p, others, others], use_tqdm=False)[0].outputs[0].token_ids
+    assert alone == batched
+    other_seed = llm.generate([prompts[0]], SamplingParams(temperature=1.0, seed=4321, max_tokens=15, ignore_eos=True),
+                              use_tqdm=False)[0].outputs[0].token_ids
+    assert other_seed != alone
+
+
+def test_n_samples(llm):
+    out = llm.generate("The quick brown fox", SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10,
+                                                            ignore_eos=True), use_tqdm=False)[0]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) == 3
+    assert all(len(o.token_ids) == 10 for o in out.outputs)
+
+
+def test_chat_prompt_equals_transformers_template(llm, folder):
+    from transformers import AutoTokenizer
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
+    out = llm.chat(messages, SamplingParams(max_tokens=5, **GREEDY), use_tqdm=False)[0]
+    ref = AutoTokenizer.from_pretrained(folder).apply_chat_template(messages, add_generation_prompt=True,
+                                                                    tokenize=True, return_dict=False)
+    assert out.prompt_token_ids == list(ref)
+    assert out.message.role == "assistant" and out.message.content == out.request_output.outputs[0].text
+    assert out.finish_reason == "length" and len(out.token_ids) == 5
+    two = llm.chat([messages, messages[1:]], SamplingParams(max_tokens=2, **GREEDY), use_tqdm=False)
+    assert len(two) == 2
+
+
+def test_bad_requests_are_rejected_and_leave_no_trace(llm):
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(InvalidRequest, match="maximum context length is 128"):
+        llm.generate([[5] * 200], use_tqdm=False)
+    with pytest.raises(InvalidRequest, match="token ids"):
+        llm.generate([[10**6]], use_tqdm=False)
+    with pytest.raises(ValueError, match="continue_final_message"):
+        llm.chat([{"role": "user", "content": "x"}], continue_final_message=True)
+    assert not llm.engine.has_unfinished() and not llm.engine.requests
+    assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_pages
