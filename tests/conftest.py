@@ -13,3 +13,11 @@ def _torch_threads():
     import torch
 
     torch.set_num_threads(1)  # 2 shared cores: more threads make torch several times slower here
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The embedded SmolLM2 model, compiled once for every test that needs the real thing."""
+    from jaxserve import LLM
+
+    return LLM(max_model_len=1024, max_num_batched_tokens=128, max_num_seqs=16, progress=False)
