@@ -11,7 +11,7 @@ import random
 
 import jax
 
-from jaxserve import attention, compilation
+from jaxserve import attention, compilation, sharding
 from jaxserve.block_manager import BlockManager
 from jaxserve.detokenizer import Detokenizer
 from jaxserve.loader import LoadedModel, load_model
@@ -34,6 +34,8 @@ class EngineConfig:
     num_kv_pages: int | None = None  # None: derived from kv_cache_memory_gb
     kv_cache_memory_gb: float = 2.0
     attention_backend: str = "auto"
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
     seed: int = 0
     compile_cache_dir: str | None = None  # None: <jaxserve cache>/jax-compile; "" turns it off
     warm_up: bool = True
@@ -59,7 +61,12 @@ class LLMEngine:
         compilation.install_counter()
         cache_folder = config.compile_cache_dir
         compilation.enable_persistent_cache(cache_dir() / "jax-compile" if cache_folder is None else cache_folder or None)
-        self.model = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, progress=progress)
+        self.mesh = sharding.make_mesh(config.tensor_parallel_size, config.data_parallel_size)
+        if isinstance(model, LoadedModel):
+            model = dataclasses.replace(model, params=sharding.shard_params(model.params, self.mesh, model.cfg))
+        else:
+            model = load_model(model, dtype=dtype, mesh=self.mesh, progress=progress)
+        self.model = model
         cfg = self.model.cfg
         self.tokenizer = self.model.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -67,14 +74,16 @@ class LLMEngine:
         num_pages = config.num_kv_pages or self._pages_for_memory(config)
         # Every sequence must fit alone, and no more pages than max_num_seqs full-length sequences can use.
         num_pages = max(pages_per_seq, min(num_pages, pages_per_seq * config.max_num_seqs))
-        cache = init_cache(cfg, num_pages, config.page_size, self.model.dtype)
+        cache_shape = (cfg.num_kv_heads, num_pages, config.page_size, cfg.head_dim)
+        cache = init_cache(cfg, num_pages, config.page_size, self.model.dtype,
+                           sharding.cache_sharding(self.mesh, cfg, cache_shape))
         self.block_manager = BlockManager(num_pages, config.page_size)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, config.max_num_seqs))
         self.runner = ModelRunner(cfg, self.model.params, cache, backend=attention.resolve_backend(config.attention_backend),
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
-                                  pages_per_seq=pages_per_seq)
+                                  pages_per_seq=pages_per_seq, mesh=self.mesh)
         self.eos_token_ids = set(self.model.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._rng = random.Random(config.seed)

@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jaxserve import sharding
 from jaxserve.config import ModelConfig
 from jaxserve.hf_loader import Checkpoint, load_hf_folder
 from jaxserve.model import Params
@@ -77,13 +78,14 @@ def _download_from_hub(repo_id: str) -> pathlib.Path:
                          "pass a local model folder or .gguf file instead") from e
 
 
-def load_model(model: str | None = None, *, dtype: str | None = "auto", put=None,
+def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=None,
                progress: bool = True) -> LoadedModel:
+    """mesh: a jax.sharding.Mesh to shard the weights over (see sharding.py); None puts them on one device."""
     start = time.perf_counter()
     name, ckpt = read_checkpoint(model, progress=progress)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
     jdtype = resolve_dtype(dtype)
-    params = params_from_hf(ckpt.tensors, cfg, jdtype, put=put)
+    params = params_from_hf(ckpt.tensors, cfg, jdtype, put=sharding.param_put(mesh, cfg) if mesh else None)
     jax.block_until_ready(params)
     log.info("loaded %s: %s, %.1fM parameters, %s, %.1f s", name, cfg.model_type,
              count_params(params) / 1e6, jdtype.name, time.perf_counter() - start)

@@ -65,6 +65,7 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> KVCache:
+    """sharding: where each layer's [kv_heads, pages, page_size, head_dim] array lives (None: default device)."""
     shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
 
     def zeros():

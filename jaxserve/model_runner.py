@@ -13,7 +13,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jax.sharding import Mesh
+
 from jaxserve import model as model_lib
+from jaxserve import sharding
 from jaxserve.config import ModelConfig
 from jaxserve.sampler import SamplingBatch, sample
 from jaxserve.sequence import Sequence
@@ -36,14 +39,18 @@ def _step(params, cache, batch, sampling, *, cfg: ModelConfig, backend: str):
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, cache: model_lib.KVCache, *, backend: str, max_num_seqs: int,
-                 max_num_batched_tokens: int, pages_per_seq: int):
+                 max_num_batched_tokens: int, pages_per_seq: int, mesh: Mesh):
         self.cfg = cfg
         self.params = params
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.pages_per_seq = pages_per_seq
         self.buckets = token_buckets(max_num_batched_tokens)
-        self._step = jax.jit(functools.partial(_step, cfg=cfg, backend=backend), donate_argnums=(1,))
+        self.mesh = mesh
+        # Pinning the cache's output sharding to its input sharding keeps every step on one compiled program.
+        cache_shardings = jax.tree.map(lambda x: x.sharding, cache)
+        self._step = jax.jit(functools.partial(_step, cfg=cfg, backend=backend), donate_argnums=(1,),
+                             out_shardings=(sharding.replicated(mesh), cache_shardings))
 
     def _sizes(self, num_tokens: int) -> tuple[int, int]:
         tokens = next(b for b in self.buckets if b >= num_tokens)
@@ -76,7 +83,14 @@ class ModelRunner:
         cu[len(scheduled) + 1:] = t
         batch = model_lib.Batch(token_ids, positions, slots, kv_lens, tables, cu,
                                 np.array([len(scheduled)], np.int32), last)
-        return batch, SamplingBatch.build([s for s, _ in scheduled], num_seqs)
+        return self._place(batch, SamplingBatch.build([s for s, _ in scheduled], num_seqs))
+
+    def _place(self, batch: model_lib.Batch, sampling: SamplingBatch):
+        """Token-level arrays split over the mesh's `data` axis; per-sequence metadata replicated."""
+        tok = sharding.sharding_for(self.mesh, ("tokens",), batch.token_ids.shape)
+        rep = sharding.replicated(self.mesh)
+        shardings = model_lib.Batch(tok, tok, tok, rep, rep, rep, rep, rep)
+        return jax.device_put(batch, shardings), jax.device_put(sampling, rep)
 
     def run(self, scheduled: list[tuple[Sequence, int]]) -> np.ndarray:
         """Runs one step; returns the sampled token of each scheduled sequence, in order."""

@@ -5,6 +5,8 @@ import sys
 import pytest
 
 os.environ.setdefault("JAXSERVE_LOGGING_LEVEL", "WARNING")
+# Four simulated CPU devices for the sharding tests; single-device code uses the first one. Set before jax loads.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 

@@ -1,0 +1,101 @@
+"""Placement of weights, KV cache and batches on a device mesh, from one table of logical-axis rules.
+
+The mesh has two axes: `data` (requests) and `model` (tensor parallel, Megatron-style: q/k/v/gate/up split by
+output columns, o/down by input rows, embedding and LM head by vocabulary). Every array names its dimensions
+with logical axes; `RULES` maps those to mesh axes. A dimension that the mesh axis does not divide evenly
+(e.g. SmolLM2's 3 kv heads or 9 query heads on 2 or 4 devices) is replicated instead, so any model runs on
+any mesh; XLA inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxserve.config import ModelConfig
+
+RULES = {
+    "tokens": "data",
+    "vocab": "model",
+    "embed": None,
+    "q_heads": "model",
+    "kv_heads": "model",
+    "mlp": "model",
+    "head_dim": None,
+    "pages": None,
+    "page": None,
+}
+
+# Logical axes of each params field (see model.Layer / model.Params for the shapes).
+PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("embed",),
+    "attn_norm": ("embed",),
+    "mlp_norm": ("embed",),
+    "wq": ("embed", "q_heads"),
+    "wk": ("embed", "kv_heads"),
+    "wv": ("embed", "kv_heads"),
+    "wo": ("q_heads", "embed"),
+    "bq": ("q_heads",),
+    "bk": ("kv_heads",),
+    "bv": ("kv_heads",),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
+    "w_gate": ("embed", "mlp"),
+    "w_up": ("embed", "mlp"),
+    "w_down": ("mlp", "embed"),
+}
+CACHE_AXES = ("kv_heads", "pages", "page", "head_dim")
+
+
+def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1) -> Mesh:
+    need = tensor_parallel_size * data_parallel_size
+    devices = jax.devices()
+    if need > len(devices):
+        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} x data_parallel_size {data_parallel_size} "
+                         f"needs {need} devices; {len(devices)} available ({jax.default_backend()})")
+    grid = np.asarray(devices[:need]).reshape(data_parallel_size, tensor_parallel_size)
+    return Mesh(grid, ("data", "model"))
+
+
+def sharding_for(mesh: Mesh, axes: tuple, shape: tuple, cfg: ModelConfig | None = None) -> NamedSharding:
+    """NamedSharding for an array whose dimensions have logical `axes`; uneven splits are replicated.
+
+    Head-carrying dimensions are split only on whole heads (so a device never holds part of a head).
+    """
+    spec = []
+    for axis, size in zip(axes, shape):
+        mesh_axis = RULES.get(axis)
+        n = mesh.shape[mesh_axis] if mesh_axis else 1
+        units = size
+        if cfg is not None and axis == "q_heads":
+            units = cfg.num_heads
+        elif cfg is not None and axis == "kv_heads":
+            units = cfg.num_kv_heads
+        spec.append(mesh_axis if mesh_axis and units % n == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def param_put(mesh: Mesh, cfg: ModelConfig):
+    """A `put(array, field_name)` for `weights.params_from_hf` that shards each field by PARAM_AXES."""
+
+    def put(array, name):
+        return jax.device_put(array, sharding_for(mesh, PARAM_AXES[name], array.shape, cfg))
+
+    return put
+
+
+def cache_sharding(mesh: Mesh, cfg: ModelConfig, shape: tuple) -> NamedSharding:
+    return sharding_for(mesh, CACHE_AXES, shape, cfg)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_params(params, mesh: Mesh, cfg: ModelConfig):
+    """Re-places an already loaded params pytree on `mesh` by the same rules as loading does."""
+    put = param_put(mesh, cfg)
+    return jax.tree_util.tree_map_with_path(lambda path, x: put(x, path[-1].name), params)
