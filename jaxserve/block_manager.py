@@ -1,12 +1,16 @@
-"""Page allocator for the paged KV cache: a free list, reference counts and per-sequence block tables.
+"""Page allocator for the paged KV cache: free list, reference counts, block tables and the prefix cache.
 
-Reference counts let several sequences hold the same page (prefix sharing); a page returns to the
-free list when its count drops to zero.
+Prefix cache: a page whose tokens are all computed is keyed by a hash chained over (previous page's key,
+its token ids), so a key names the whole prefix up to that page. A new sequence reuses the cached pages of
+its longest matching prefix (reference count + 1) and computes only the rest. A page whose count drops to
+zero keeps its contents and key, and waits in the free list in least-recently-freed order: allocation takes
+the oldest first, which evicts it from the cache. Only full pages are shared, and a sequence only writes
+past its computed tokens, so a shared page is never written.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict
 
 import numpy as np
 
@@ -14,11 +18,17 @@ from jaxserve.sequence import Sequence
 
 
 class BlockManager:
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, num_pages: int, page_size: int, enable_prefix_caching: bool = True):
         self.num_pages = num_pages
         self.page_size = page_size
-        self.free_pages: deque[int] = deque(range(num_pages))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.free_pages: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))  # LRU first
         self.refs = np.zeros(num_pages, np.int32)
+        self.cached: dict[int, int] = {}  # prefix key -> page
+        self.page_key: dict[int, int] = {}  # page -> prefix key (pages whose contents are reusable)
+        self.page_tokens: dict[int, tuple[int, ...]] = {}  # page -> its tokens, to rule out hash collisions
+        self.hit_tokens = 0
+        self.queried_tokens = 0
 
     @property
     def num_free(self) -> int:
@@ -36,14 +46,66 @@ class BlockManager:
         if needed > self.num_free:
             raise RuntimeError(f"out of KV pages: need {needed}, {self.num_free} free")
         for _ in range(needed):
-            page = self.free_pages.popleft()
+            page, _ = self.free_pages.popitem(last=False)
+            key = self.page_key.pop(page, None)  # evict its old contents from the cache
+            if key is not None:
+                del self.cached[key]
+                del self.page_tokens[page]
             self.refs[page] = 1
             seq.block_table.append(page)
 
     def free(self, seq: Sequence) -> None:
+        # Pages go back tail first, so a prefix's later pages are evicted before its earlier ones.
         for page in reversed(seq.block_table):
             self.refs[page] -= 1
             assert self.refs[page] >= 0, f"page {page} freed twice"
             if self.refs[page] == 0:
-                self.free_pages.append(page)
+                self.free_pages[page] = None
         seq.block_table = []
+        seq.page_keys = []
+        seq.num_computed_tokens = 0  # without its pages, nothing of the sequence is in the cache
+
+    def match_prefix(self, seq: Sequence) -> None:
+        """For a sequence with no pages yet: take the cached pages of its longest cached prefix.
+
+        At least one token is left to compute, since its logits are needed.
+        """
+        assert not seq.block_table and seq.num_computed_tokens == 0
+        if not self.enable_prefix_caching:
+            return
+        ps = self.page_size
+        usable = (len(seq) - 1) // ps
+        self.queried_tokens += usable * ps
+        key = 0
+        for i in range(usable):
+            tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
+            key = hash((key, tokens))
+            page = self.cached.get(key)
+            if page is None or self.page_tokens[page] != tokens:
+                break
+            if self.refs[page] == 0:
+                del self.free_pages[page]
+            self.refs[page] += 1
+            seq.block_table.append(page)
+            seq.page_keys.append(key)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(seq.block_table) * ps
+        self.hit_tokens += seq.num_cached_tokens
+
+    def register_full_pages(self, seq: Sequence) -> None:
+        """Adds the pages that `seq` has completely computed to the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        ps = self.page_size
+        for i in range(len(seq.page_keys), seq.num_computed_tokens // ps):
+            tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
+            key = hash((seq.page_keys[-1] if seq.page_keys else 0, tokens))
+            seq.page_keys.append(key)
+            page = seq.block_table[i]
+            if key not in self.cached:
+                self.cached[key] = page
+                self.page_key[page] = key
+                self.page_tokens[page] = tokens
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0

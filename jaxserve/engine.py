@@ -37,6 +37,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
     seed: int = 0
+    enable_prefix_caching: bool = True
     compile_cache_dir: str | None = None  # None: <jaxserve cache>/jax-compile; "" turns it off
     warm_up: bool = True
 
@@ -77,7 +78,7 @@ class LLMEngine:
         cache_shape = (cfg.num_kv_heads, num_pages, config.page_size, cfg.head_dim)
         cache = init_cache(cfg, num_pages, config.page_size, self.model.dtype,
                            sharding.cache_sharding(self.mesh, cfg, cache_shape))
-        self.block_manager = BlockManager(num_pages, config.page_size)
+        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, config.max_num_seqs))
         self.runner = ModelRunner(cfg, self.model.params, cache, backend=attention.resolve_backend(config.attention_backend),
@@ -121,8 +122,8 @@ class LLMEngine:
             seqs.append(Sequence(self._next_seq_id, request_id, i, prompt_token_ids, params, seed, detok))
             self._next_seq_id += 1
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs)
-        for s in seqs:
-            self.scheduler.add(s)
+        # Samples 1..n-1 wait until sample 0 has computed the prompt, then take its pages from the prefix cache.
+        self.scheduler.add(seqs[0])
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -142,8 +143,12 @@ class LLMEngine:
         touched: dict[str, _Request] = {}
         for (seq, n), token in zip(scheduled, tokens.tolist()):
             seq.num_computed_tokens += n
+            self.block_manager.register_full_pages(seq)
             if seq.num_computed_tokens < len(seq):
                 continue  # a prefill chunk that does not reach the prompt's end samples nothing
+            if seq.index == 0 and seq.num_output_tokens == 0:
+                for sibling in self.requests[seq.request_id].seqs[1:]:
+                    self.scheduler.add(sibling)
             seq.token_ids.append(token)  # its K/V is written by the step that feeds it back
             self._check_finish(seq, token)
             touched[seq.request_id] = self.requests[seq.request_id]
@@ -179,6 +184,8 @@ class LLMEngine:
             "kv_pages_total": self.block_manager.num_pages,
             "kv_pages_free": self.block_manager.num_free,
             "preemptions": self.scheduler.num_preemptions,
+            "prefix_cache_hit_rate": self.block_manager.hit_rate,
+            "prefix_cache_hit_tokens": self.block_manager.hit_tokens,
             "compile_count": compilation.compile_count(),
             "devices": len(jax.devices()),
         }

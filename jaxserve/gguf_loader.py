@@ -68,6 +68,8 @@ class GGUFModel:
 
 
 def load_gguf(path, *, progress=True) -> GGUFModel:
+    """Raises FileNotFoundError for a missing file, ValueError for a garbled one or for an
+    architecture, tensor type or tokenizer this loader does not support."""
     path = pathlib.Path(path)
     reader = _open(path)
     meta = _metadata(reader)
@@ -266,14 +268,6 @@ def unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def permute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's reordering (the inverse of unpermute_rotary), for writing GGUF files."""
-    rows = weight.shape[0]
-    head_dim = rows // n_heads
-    return (weight.reshape(n_heads, 2, head_dim // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
-
-
 # -------------------------------------------------------------------------------------- tokenizer
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -285,12 +279,15 @@ _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT,
            "qwen2": _QWEN2_SPLIT, "deepseek-r1-qwen": _QWEN2_SPLIT}
-# Pre-tokenizers that are GPT-2's own regex (ByteLevel's built-in), optionally after splitting digits.
-_GPT2_PRES = {None, "default", "gpt2"}
-_DIGIT_PRES = {"smollm", "starcoder"}
+# Pre-tokenizers that are GPT-2's own regex (ByteLevel's built-in), and those that split off every
+# digit first, grouped as llama.cpp groups them. (transformers uses plain GPT-2 for the digit group;
+# the two agree on SmolLM2's vocabulary, which has no merges of digits.)
+_GPT2_PRES = {None, "gpt2", "mpt", "olmo", "jais"}
+_DIGIT_PRES = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 
-SUPPORTED_TOKENIZERS = {"gpt2": sorted(map(str, _GPT2_PRES | _DIGIT_PRES | set(_SPLITS)), key=str),
-                        "llama": ["SentencePiece BPE"]}
+# tokenizer.ggml.model -> the tokenizer.ggml.pre values handled (a file without one is read as GPT-2)
+SUPPORTED_TOKENIZERS = {"gpt2": sorted(p for p in _GPT2_PRES | _DIGIT_PRES | set(_SPLITS) if p),
+                        "llama": ["(SentencePiece BPE with byte fallback; no pre-tokenizer)"]}
 
 
 def build_tokenizer(meta: dict):

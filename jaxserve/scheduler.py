@@ -52,8 +52,10 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            self.blocks.match_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
+                self.blocks.free(seq)  # give the matched prefix back; it stays cached
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, seq.num_computed_tokens + n)
@@ -66,7 +68,6 @@ class Scheduler:
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
-        seq.num_computed_tokens = 0
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

@@ -29,6 +29,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.block_table: list[int] = []
+        self.page_keys: list[int] = []  # prefix-cache keys of the full pages computed so far
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 

@@ -1,0 +1,197 @@
+"""Test utility: write a tiny HF checkpoint as a GGUF file the way llama.cpp's converter does.
+
+It is written independently of jaxserve.gguf_loader (its own name table, its own Q/K permutation,
+the gguf package's writer and quantizers), so that reading its output back tests the loader.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+import numpy as np
+from gguf import GGMLQuantizationType as QT
+from gguf import GGUFWriter
+from gguf.quants import quantize
+from safetensors.numpy import load_file
+
+_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+_GLOBAL = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+_LAYER = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+
+CONTROL, NORMAL, USER_DEFINED = 3, 1, 4  # llama.cpp token types
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name in _GLOBAL:
+        return _GLOBAL[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)  # model.layers.N.<module>.<weight|bias>
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_LAYER[module]}.{kind}"
+
+
+def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter reorders each head's q/k rows from HF's rotate-half layout
+    (pairs i, i + d/2) to interleaved pairs (2i, 2i+1)."""
+    return (weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def write_gguf_from_hf(hf_folder, out_path, qtype_for=lambda name, shape: QT.F32, *, pre="gpt2",
+                       tokenizer_meta=None, raw_tensors=None, general_name="tiny"):
+    """Convert hf_folder (config.json, model.safetensors, tokenizer.json) to a GGUF at out_path.
+
+    qtype_for(hf_name, shape) picks each tensor's type (1-D tensors are always F32, as in llama.cpp).
+    tokenizer_meta overrides the tokenizer read from tokenizer.json (see tokenizer_meta_from_folder).
+    raw_tensors maps hf_name -> (uint8 blocks, qtype) to store prepared bytes as they are, for
+    types the gguf package can read but not write (the K-quants).
+    """
+    hf_folder = pathlib.Path(hf_folder)
+    config = json.loads((hf_folder / "config.json").read_text())
+    arch = _ARCH[config["model_type"]]
+    tensors = load_file(hf_folder / "model.safetensors")
+    if config.get("tie_word_embeddings"):
+        tensors.pop("lm_head.weight", None)
+
+    writer = GGUFWriter(str(out_path), arch)
+    _write_config(writer, config, tensors, general_name)
+    _write_tokenizer(writer, tokenizer_meta or tokenizer_meta_from_folder(hf_folder, pre))
+    _write_rope_freqs(writer, config)
+    raw_tensors = raw_tensors or {}
+    for name, array in tensors.items():
+        array = array.astype(np.float32)
+        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
+            heads = config["num_attention_heads"] if ".q_proj." in name else config["num_key_value_heads"]
+            array = llama_cpp_permute(array, heads)
+        if name in raw_tensors:
+            blocks, qtype = raw_tensors[name]
+            writer.add_tensor(gguf_name(name), blocks, raw_dtype=qtype)
+            continue
+        qtype = QT.F32 if array.ndim == 1 else qtype_for(name, array.shape)
+        _add_tensor(writer, gguf_name(name), array, qtype)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _add_tensor(writer, name, array, qtype):
+    if qtype == QT.F32:
+        writer.add_tensor(name, array)
+    elif qtype == QT.F16:
+        writer.add_tensor(name, array.astype(np.float16))
+    else:
+        writer.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
+
+
+def _write_config(writer, config, tensors, general_name):
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    writer.add_name(general_name)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(tensors["model.embed_tokens.weight"].shape[0])
+
+
+def _write_rope_freqs(writer, config):
+    """llama3 scaling goes into the file only as per-frequency divisors, as llama.cpp writes it."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type") != "llama3":
+        return
+    theta = rope.get("rope_theta", config.get("rope_theta"))
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    low_wavelength = rope["original_max_position_embeddings"] / rope["low_freq_factor"]
+    high_wavelength = rope["original_max_position_embeddings"] / rope["high_freq_factor"]
+    factors = []
+    for i in range(0, head_dim, 2):
+        wavelength = 2 * math.pi * theta ** (i / head_dim)
+        if wavelength < high_wavelength:
+            factors.append(1.0)
+        elif wavelength > low_wavelength:
+            factors.append(rope["factor"])
+        else:
+            smooth = ((rope["original_max_position_embeddings"] / wavelength - rope["low_freq_factor"])
+                      / (rope["high_freq_factor"] - rope["low_freq_factor"]))
+            factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
+    writer.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
+
+
+def tokenizer_meta_from_folder(hf_folder, pre="gpt2") -> dict:
+    """GGUF tokenizer metadata for a byte-level BPE tokenizer.json (llama.cpp's "gpt2" model)."""
+    hf_folder = pathlib.Path(hf_folder)
+    spec = json.loads((hf_folder / "tokenizer.json").read_text())
+    tok_config_path = hf_folder / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_path.read_text()) if tok_config_path.exists() else {}
+    vocab = dict(spec["model"]["vocab"])
+    types = {}
+    for added in spec["added_tokens"]:
+        vocab[added["content"]] = added["id"]
+        types[added["id"]] = CONTROL if added["special"] else USER_DEFINED
+    tokens = [None] * (max(vocab.values()) + 1)
+    for token, index in vocab.items():
+        tokens[index] = token
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+
+    def index_of(name):
+        value = tok_config.get(name)
+        return vocab.get(value) if value else None
+
+    return {
+        "model": "gpt2", "pre": pre, "tokens": tokens, "merges": merges,
+        "token_types": [types.get(i, NORMAL) for i in range(len(tokens))],
+        "bos": index_of("bos_token"), "eos": index_of("eos_token"),
+        "unk": index_of("unk_token"), "pad": index_of("pad_token"),
+        "add_bos": False, "chat_template": tok_config.get("chat_template"),
+    }
+
+
+def _write_tokenizer(writer, meta):
+    writer.add_tokenizer_model(meta["model"])
+    if meta.get("pre"):
+        writer.add_tokenizer_pre(meta["pre"])
+    writer.add_token_list(meta["tokens"])
+    writer.add_token_types(meta["token_types"])
+    if meta.get("merges"):
+        writer.add_token_merges(meta["merges"])
+    if meta.get("scores") is not None:
+        writer.add_token_scores(meta["scores"])
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                     ("unk", writer.add_unk_token_id), ("pad", writer.add_pad_token_id)):
+        if meta.get(key) is not None:
+            add(meta[key])
+    if meta.get("add_bos") is not None:
+        writer.add_add_bos_token(meta["add_bos"])
+    if meta.get("add_space_prefix") is not None:
+        writer.add_add_space_prefix(meta["add_space_prefix"])
+    if meta.get("chat_template"):
+        writer.add_chat_template(meta["chat_template"])
