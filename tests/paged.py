@@ -34,7 +34,7 @@ def run_logits(loaded, prompts: list[list[int]], decode_steps: int, page_size: i
         all_logits.append(logits)
         for j, s in enumerate(seqs):
             computed[j] = len(s)
-            s.append(int(feed[j][i]) if feed else int(logits[j].argmax()))
+            s.append(int(feed[j][i]) if feed is not None else int(logits[j].argmax()))
     tokens = np.array([s[len(p):] for s, p in zip(seqs, prompts)])
     return np.stack(all_logits), tokens
 
