@@ -89,6 +89,7 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
+        self.num_computed_tokens = 0  # tokens run through the model (prefix-cache hits excluded)
         if config.warm_up:
             self.runner.warm_up(progress=progress)
         log.info("engine ready: max_model_len %d, %d KV pages of %d tokens, %d step buckets, backend %s",
@@ -140,6 +141,7 @@ class LLMEngine:
         if not scheduled:
             return []
         tokens = self.runner.run(scheduled)
+        self.num_computed_tokens += sum(n for _, n in scheduled)
         touched: dict[str, _Request] = {}
         for (seq, n), token in zip(scheduled, tokens.tolist()):
             seq.num_computed_tokens += n
@@ -186,6 +188,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_rate": self.block_manager.hit_rate,
             "prefix_cache_hit_tokens": self.block_manager.hit_tokens,
+            "computed_tokens": self.num_computed_tokens,
             "compile_count": compilation.compile_count(),
             "devices": len(jax.devices()),
         }

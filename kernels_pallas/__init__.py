@@ -1,0 +1,47 @@
+"""Ragged paged attention and KV-cache write for TPU, GPU and CPU.
+
+One dispatch point per op, selected by `backend`:
+- "reference":  pure jnp (reference.py), the CPU production path and the test oracle;
+- "pallas_tpu": Pallas TPU / Mosaic kernels (tpu.py);
+- "pallas_gpu": Pallas GPU / Triton kernels (gpu.py).
+Pass `interpret=True` (a tuning keyword) with a Pallas backend to run it in the Pallas interpreter
+on CPU; that is how the tests check the kernels against the reference without the hardware.
+Other tuning keywords (block_kv, q_tile, ...) go to the chosen implementation; see its docstring.
+This package imports only jax and numpy, never jaxserve.
+"""
+from . import reference
+
+BACKENDS = ("reference", "pallas_tpu", "pallas_gpu")
+
+
+def _impl(backend):
+    if backend == "reference":
+        return reference
+    if backend == "pallas_tpu":
+        from . import tpu
+        return tpu
+    if backend == "pallas_gpu":
+        from . import gpu
+        return gpu
+    raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+
+
+def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
+                           sm_scale, sliding_window=None, soft_cap=None, backend="reference",
+                           **tuning):
+    """Causal attention of a flat ragged batch of queries over a paged KV cache.
+
+    q: [T, Hq, D]; k_pages/v_pages: [Hkv, P, page_size, D] (already hold this step's K/V);
+    kv_lens: [S] int32 context length incl. this step; block_tables: [S, pages_per_seq] int32;
+    cu_q_lens: [S+1] int32 query offsets; num_seqs: [1] int32 valid sequences.
+    Returns [T, Hq, D] in q's dtype with zero rows for padding tokens.
+    """
+    return _impl(backend).ragged_paged_attention(
+        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, sm_scale=sm_scale,
+        sliding_window=sliding_window, soft_cap=soft_cap, **tuning)
+
+
+def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend="reference", **tuning):
+    """Store this step's K/V: k_new/v_new [T, Hkv, D] go to slot_mapping [T] (page * page_size +
+    offset; negative = padding, skipped). Returns the updated (k_pages, v_pages); donate them."""
+    return _impl(backend).write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, **tuning)

@@ -19,7 +19,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llm(folder):
     # A token budget of 32 forces prompts over 32 tokens into several prefill chunks.
-    return LLM(str(folder), max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
+    return LLM(str(folder), max_model_len=512, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
                compile_cache_dir="", progress=False)
 
 
@@ -125,11 +125,31 @@ def test_bad_requests_are_rejected_and_leave_no_trace(llm):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
-    with pytest.raises(InvalidRequest, match="maximum context length is 128"):
-        llm.generate([[5] * 200], use_tqdm=False)
+    with pytest.raises(InvalidRequest, match="maximum context length is 512"):
+        llm.generate([[5] * 600], use_tqdm=False)
     with pytest.raises(InvalidRequest, match="token ids"):
         llm.generate([[10**6]], use_tqdm=False)
     with pytest.raises(ValueError, match="continue_final_message"):
         llm.chat([{"role": "user", "content": "x"}], continue_final_message=True)
     assert not llm.engine.has_unfinished() and not llm.engine.requests
     assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_pages
+
+
+def test_prefix_cache_prefills_only_the_suffix(folder, llm):
+    system = _prompts(llm, [300], seed=8)[0]
+    first, second = system + _prompts(llm, [7], seed=9)[0], system + _prompts(llm, [12], seed=10)[0]
+    params = SamplingParams(max_tokens=6, **GREEDY)
+    llm.generate([first], params, use_tqdm=False)
+    before = llm.engine.stats()
+    out = llm.generate([second], params, use_tqdm=False)[0]
+    after = llm.engine.stats()
+    cached = 300 // 8 * 8  # whole pages of the shared system prompt
+    assert out.num_cached_tokens == cached
+    # Computed: the uncached part of the prompt, then one step per generated token after the first.
+    assert after["computed_tokens"] - before["computed_tokens"] == len(second) - cached + 5
+    assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] == cached
+    uncached = LLM(str(folder), max_model_len=512, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
+                   enable_prefix_caching=False, compile_cache_dir="", progress=False)
+    ref = uncached.generate([second], params, use_tqdm=False)[0]
+    assert ref.num_cached_tokens == 0
+    assert ref.outputs[0].token_ids == out.outputs[0].token_ids

@@ -42,7 +42,7 @@ def make_checkpoint(folder: pathlib.Path, model_type: str = "llama", dtype=torch
     tokenizer = make_tokenizer(400)
     vocab = len(tokenizer)
     kwargs = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
                   rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     kwargs.update(overrides)

@@ -1,0 +1,81 @@
+"""CPU micro-benchmark: the reference ragged paged attention vs a naive dense attention.
+
+Naive dense = gather every sequence's whole page table into a contiguous [S, Hkv, L, D] cache, give
+each query token its sequence's copy and run a masked softmax over all L positions.
+Shapes: SmolLM2-135M attention (Hq=9, Hkv=3, D=64), page_size 16, float32 (the CPU dtype).
+Run: python bench/attention.py [--repeat N]. Prints tokens/s; it is not a test.
+"""
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import kernels_pallas
+
+HQ, HKV, D, PAGE = 9, 3, 64, 16
+
+
+def naive_dense(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *, sm_scale):
+    t, hq, d = q.shape
+    hkv = k_pages.shape[0]
+    s = block_tables.shape[0]
+    k = k_pages[:, block_tables].reshape(hkv, s, -1, d)                 # [Hkv, S, L, D]
+    v = v_pages[:, block_tables].reshape(hkv, s, -1, d)
+    tok = jnp.arange(t)
+    seq = jnp.minimum(jnp.searchsorted(cu_q_lens[1:], tok, side="right"), s - 1)
+    pos = kv_lens[seq] - (cu_q_lens[seq + 1] - cu_q_lens[seq]) + tok - cu_q_lens[seq]
+    qg = q.reshape(t, hkv, hq // hkv, d)
+    sc = jnp.einsum("thgd,htld->thgl", qg, k[:, seq]) * sm_scale
+    mask = jnp.arange(k.shape[2])[None, :] <= pos[:, None]              # [T, L]
+    sc = jnp.where(mask[:, None, None], sc, -1e30)
+    o = jnp.einsum("thgl,htld->thgd", jax.nn.softmax(sc, axis=-1), v[:, seq])
+    valid = tok < cu_q_lens[num_seqs[0]]
+    return jnp.where(valid[:, None, None], o.reshape(t, hq, d), 0).astype(q.dtype)
+
+
+def batch(rng, q_lens, ctx, pages_per_seq):
+    s = len(q_lens)
+    num_pages = s * pages_per_seq
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    return (jnp.asarray(rng.standard_normal((int(cu[-1]), HQ, D)), jnp.float32),
+            jnp.asarray(rng.standard_normal((HKV, num_pages, PAGE, D)), jnp.float32),
+            jnp.asarray(rng.standard_normal((HKV, num_pages, PAGE, D)), jnp.float32),
+            jnp.full((s,), ctx, jnp.int32),
+            jnp.asarray(rng.permutation(num_pages).reshape(s, pages_per_seq), jnp.int32),
+            jnp.asarray(cu), jnp.asarray([s], jnp.int32))
+
+
+def tokens_per_s(fn, args, tokens, repeat, rounds=3):
+    """Best of `rounds` timings of `repeat` calls: the 2 cores are shared, so take the least disturbed."""
+    jax.block_until_ready(fn(*args))                                    # compile + warm up
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(repeat):
+            jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - t0)
+    return tokens * repeat / best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=20)
+    repeat = ap.parse_args().repeat
+    rng = np.random.default_rng(0)
+    ref = jax.jit(lambda *a: kernels_pallas.ragged_paged_attention(*a, sm_scale=D ** -0.5))
+    dense = jax.jit(lambda *a: naive_dense(*a, sm_scale=D ** -0.5))
+    cases = [(f"decode batch {b:2d}, ctx 512", [1] * b, 512) for b in (1, 8, 32)]
+    cases.append(("prefill 512 tokens", [512], 512))
+    print(f"{'case':28s} {'reference tok/s':>16s} {'naive dense tok/s':>18s}")
+    for name, q_lens, ctx in cases:
+        args = batch(rng, q_lens, ctx, pages_per_seq=ctx // PAGE)
+        tokens = sum(q_lens)
+        r = tokens_per_s(ref, args, tokens, repeat)
+        n = tokens_per_s(dense, args, tokens, max(1, repeat // 4))
+        print(f"{name:28s} {r:16.0f} {n:18.0f}")
+
+
+if __name__ == "__main__":
+    main()

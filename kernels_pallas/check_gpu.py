@@ -1,0 +1,65 @@
+"""Lower and serialize every GPU kernel for CUDA without a GPU: `python -m kernels_pallas.check_gpu`.
+
+Each case is exported with `jax.export.export(jit(f), platforms=["cuda"])` and serialized, which runs
+the Pallas Triton lowering (block shapes, power-of-two sizes, dtypes); PTX compilation itself needs a
+GPU and is not done. Prints one line per case and exits non-zero if any case fails.
+"""
+import itertools
+import sys
+import traceback
+
+import jax
+import jax.numpy as jnp
+from jax import export
+
+from . import gpu
+from .check_tpu import BATCHES, DTYPES, HEADS, PAGE_SIZES, PAGES_PER_SEQ
+
+# The Triton kernel is a custom call that jax.export does not know to be stable; we accept that.
+DISABLED_CHECKS = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+
+
+def _export(fn, *args, donate=()):
+    exp = export.export(jax.jit(fn, donate_argnums=donate), platforms=["cuda"],
+                        disabled_checks=DISABLED_CHECKS)(*args)
+    exp.serialize()
+
+
+def attention_case(dtype, hq, hkv, d, page_size, t, s, **options):
+    pages = jax.ShapeDtypeStruct((hkv, s * PAGES_PER_SEQ, page_size, d), dtype)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    _export(lambda *a: gpu.ragged_paged_attention(*a, sm_scale=d ** -0.5, **options),
+            jax.ShapeDtypeStruct((t, hq, d), dtype), pages, pages, i32(s), i32(s, PAGES_PER_SEQ),
+            i32(s + 1), i32(1))
+
+
+def write_case(dtype, hkv, d, page_size, t, s):
+    pages = jax.ShapeDtypeStruct((hkv, s * PAGES_PER_SEQ, page_size, d), dtype)
+    new = jax.ShapeDtypeStruct((t, hkv, d), dtype)
+    _export(gpu.write_kv, pages, pages, new, new, jax.ShapeDtypeStruct((t,), jnp.int32), donate=(0, 1))
+
+
+def cases():
+    for dtype, (hq, hkv, d), ps, (t, s) in itertools.product(DTYPES, HEADS, PAGE_SIZES, BATCHES):
+        name = f"{jnp.dtype(dtype).name} Hq={hq} Hkv={hkv} D={d} page={ps} T={t} S={s}"
+        yield f"attention {name}", lambda: attention_case(dtype, hq, hkv, d, ps, t, s)
+        yield f"write_kv  {name}", lambda: write_case(dtype, hkv, d, ps, t, s)
+    yield "attention window+softcap", lambda: attention_case(
+        jnp.bfloat16, 16, 8, 128, 16, 128, 64, sliding_window=100, soft_cap=30.0)
+
+
+def main():
+    failures = 0
+    for name, run in cases():
+        try:
+            run()
+            print(f"ok   {name}", flush=True)
+        except Exception:                                   # report every failing case, then exit 1
+            failures += 1
+            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+    print(f"{failures} failed" if failures else "all GPU kernels lowered for cuda")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Pallas GPU (Triton backend) ragged paged attention and KV-cache write.
+
+Attention
+- Work items are the query tiles of tiles.py; rows of a tile are (token, query head of one kv-head
+  group), padded to a power of two >= 16 because Triton tensors must have power-of-two sizes and
+  tl.dot needs M >= 16.
+- grid = (Hkv, NT): one program per kv head and tile. The q tile [rows, D] and row positions [rows]
+  come through BlockSpecs; the tile plan, per-sequence page counts and the flattened block tables
+  are whole-array refs read with scalar / vector loads.
+- K/V: the program's kv-head slice [P, page_size, D] is a ref; each loop step gathers one kv block
+  of `block_kv // page_size` pages (a power of two) with a vector-indexed load -> [block_kv, D],
+  then runs two tl.dot's (f32 accumulation) and an online softmax in float32. Triton software-
+  pipelines the loop (num_stages), overlapping the next block's loads with this block's math.
+  Each tile visits only the kv blocks of its causal / sliding-window range; page ids past a
+  sequence's last page are clamped to it.
+KV write
+- grid = (T, Hkv): each program stores one [D] row of K and of V at its slot (skipped if slot < 0).
+  The caches are aliased to the outputs (input_output_aliases), so the update is in place.
+Tolerances vs the reference in tests (atol = rtol): 2e-5 f32, 3e-2 bf16.
+Lowering uses pallas.triton.CompilerParams; exporting needs the Triton custom call allowed
+(check_gpu.DISABLED_CHECKS). `interpret=True` runs both kernels in the generic Pallas interpreter.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from . import tiles as tiles_lib
+
+MASK_VALUE = -1e30
+
+
+def _attention_kernel(seq_ref, first_ref, nblk_ref, npages_ref, tables_ref, q_ref, pos_ref,
+                      k_ref, v_ref, o_ref, *, pages_per_block, pages_per_seq, sm_scale,
+                      sliding_window, soft_cap):
+    # seq/first/nblk_ref: [NT]; npages_ref: [S]; tables_ref: [S * pages_per_seq];
+    # q_ref/o_ref: [rows, D]; pos_ref: [rows]; k_ref/v_ref: [P, page_size, D] of this kv head.
+    i = pl.program_id(1)
+    seq, first, nblk = seq_ref[i], first_ref[i], nblk_ref[i]
+    last_page = npages_ref[seq] - 1
+    _, page_size, d = k_ref.shape
+    block_kv = pages_per_block * page_size
+    q = (q_ref[...].astype(jnp.float32) * sm_scale).astype(k_ref.dtype)    # [rows, D]
+    pos = pos_ref[...][:, None]                                            # [rows, 1]
+    rows = q.shape[0]
+
+    def body(b, carry):
+        m_i, l_i, acc = carry                          # [rows], [rows], [rows, D] f32
+        blk = first + b
+        cols = jnp.minimum(blk * pages_per_block + jnp.arange(pages_per_block), last_page)
+        pages = tables_ref[seq * pages_per_seq + cols]                     # [pages_per_block]
+        k = k_ref[pages].reshape(block_kv, d)
+        v = v_ref[pages].reshape(block_kv, d)
+        s = plgpu.dot(q, k, trans_b=True)                                  # [rows, block_kv] f32
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        kv_pos = blk * block_kv + jnp.arange(block_kv)[None, :]
+        mask = kv_pos <= pos
+        if sliding_window is not None:
+            mask &= kv_pos > pos - sliding_window
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        p = jnp.exp(s - m_new[:, None])
+        alpha = jnp.exp(m_i - m_new)
+        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        return m_new, l_i * alpha + p.sum(axis=1), acc
+
+    init = (jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32),
+            jnp.zeros((rows, d), jnp.float32))
+    _, l_f, acc = lax.fori_loop(0, nblk, body, init)
+    o_ref[...] = (acc / jnp.maximum(l_f, 1e-30)[:, None]).astype(o_ref.dtype)
+
+
+def _pow2_at_least(n, lo):
+    return max(lo, 1 << (n - 1).bit_length())
+
+
+def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
+                           sm_scale, sliding_window=None, soft_cap=None, block_kv=64, q_tile=None,
+                           num_warps=4, num_stages=2, interpret=False):
+    # q: [T, Hq, D]; k_pages/v_pages: [Hkv, P, page_size, D]; returns [T, Hq, D] in q's dtype.
+    t, hq, d = q.shape
+    hkv, num_pages, page_size, _ = k_pages.shape
+    s, pages_per_seq = block_tables.shape
+    g = hq // hkv
+    q_tile = q_tile or tiles_lib.default_q_tile(t, s)
+    ppb = _pow2_at_least(max(1, block_kv // page_size), 1)             # pages per kv block
+    plan = tiles_lib.plan(cu_q_lens, num_seqs, kv_lens, num_tokens=t, q_tile=q_tile,
+                          kv_block=ppb * page_size, sliding_window=sliding_window)
+    m = q_tile * g
+    rows = _pow2_at_least(m, 16)
+    qt = jnp.pad(tiles_lib.gather_q(q, plan, q_tile, hkv), ((0, 0), (0, 0), (0, rows - m), (0, 0)))
+    pos = jnp.pad(tiles_lib.row_positions(plan, q_tile, g), ((0, 0), (0, rows - m)),
+                  constant_values=-1)                                     # [NT, rows]
+    nt = pos.shape[0]
+    npages = jnp.maximum((kv_lens + page_size - 1) // page_size, 1).astype(jnp.int32)
+    kernel = functools.partial(_attention_kernel, pages_per_block=ppb, pages_per_seq=pages_per_seq,
+                               sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    whole = lambda n: pl.BlockSpec((n,), lambda h, i: (0,))
+    tile_block = pl.BlockSpec((None, None, rows, d), lambda h, i: (h, i, 0, 0))
+    pages_block = pl.BlockSpec((None, num_pages, page_size, d), lambda h, i: (h, 0, 0, 0))
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((hkv, nt, rows, d), q.dtype),
+        grid=(hkv, nt),
+        in_specs=[whole(nt), whole(nt), whole(nt), whole(s), whole(s * pages_per_seq), tile_block,
+                  pl.BlockSpec((None, rows), lambda h, i: (i, 0)), pages_block, pages_block],
+        out_specs=tile_block,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+    )(plan.seq, plan.first_block, plan.num_blocks, npages, block_tables.reshape(-1), qt, pos,
+      k_pages, v_pages)
+    return tiles_lib.scatter_out(out[:, :, :m], plan, cu_q_lens, num_seqs, q_tile, t)
+
+
+def _write_kernel(slots_ref, k_new, v_new, k_in, v_in, k_out, v_out):
+    # slots_ref: [T]; k_new/v_new: [D] (token t, head h); k_out/v_out: [P, page_size, D] of head h,
+    # aliased to k_in/v_in (unused: the row is written in place).
+    del k_in, v_in
+    slot = slots_ref[pl.program_id(0)]
+    page_size = k_out.shape[1]
+
+    @pl.when(slot >= 0)
+    def _():
+        page, off = lax.div(slot, page_size), lax.rem(slot, page_size)
+        k_out[page, off] = k_new[...]
+        v_out[page, off] = v_new[...]
+
+
+def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, interpret=False):
+    # k_pages/v_pages: [Hkv, P, page_size, D]; k_new/v_new: [T, Hkv, D]; slot_mapping: [T] int32.
+    hkv, num_pages, page_size, d = k_pages.shape
+    t = slot_mapping.shape[0]
+    row = pl.BlockSpec((None, None, d), lambda i, h: (i, h, 0))
+    pages = pl.BlockSpec((None, num_pages, page_size, d), lambda i, h: (h, 0, 0, 0))
+    return pl.pallas_call(
+        _write_kernel,
+        out_shape=(jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+                   jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
+        grid=(t, hkv),
+        in_specs=[pl.BlockSpec((t,), lambda i, h: (0,)), row, row, pages, pages],
+        out_specs=(pages, pages),
+        input_output_aliases={3: 0, 4: 1},
+        compiler_params=plgpu.CompilerParams(num_warps=1),
+        interpret=interpret,
+    )(slot_mapping.astype(jnp.int32), k_new.astype(k_pages.dtype), v_new.astype(v_pages.dtype),
+      k_pages, v_pages)

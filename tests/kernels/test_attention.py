@@ -1,0 +1,77 @@
+"""Ragged paged attention: reference vs a naive numpy spec, Pallas kernels (interpret mode) vs reference."""
+import numpy as np
+import pytest
+import jax.numpy as jnp
+
+import kernels_pallas
+
+# (page_size, Hq, Hkv, D, dtype, sliding_window, soft_cap, decode_only): together they cover page
+# sizes 16/32, GQA ratios 1/3/8 (incl. MQA), head dims 64/128, f32/bf16, window and soft cap.
+CASES = {
+    "p16-mha-d64-f32": (16, 4, 4, 64, jnp.float32, None, None, False),
+    "p32-gqa3-d64-bf16-window": (32, 6, 2, 64, jnp.bfloat16, 40, None, False),
+    "p16-gqa8-d128-f32-softcap": (16, 16, 2, 128, jnp.float32, None, 20.0, False),
+    "p32-mqa8-d128-bf16-window-softcap": (32, 8, 1, 128, jnp.bfloat16, 64, 30.0, False),
+    "p16-gqa3-d64-f32-decode": (16, 9, 3, 64, jnp.float32, None, None, True),
+    "p16-gqa3-d128-bf16-decode-window": (16, 3, 1, 128, jnp.bfloat16, 50, None, True),
+}
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}          # vs float64 numpy / vs the reference
+
+
+def random_batch(kv, name, seed=0):
+    """Mixed batch: decodes ending mid-page, one long prefill chunk, one context over many pages,
+    plus padding tokens and padding sequences. decode_only: every sequence has q_len 1 (T == S)."""
+    ps, hq, hkv, d, dtype, *_, decode_only = CASES[name]
+    rng = np.random.default_rng([seed, len(name)])
+    kv_lens = [int(rng.integers(1, 3 * ps)) for _ in range(3)] + [int(rng.integers(12 * ps, 20 * ps))]
+    q_lens = [1] * 4
+    if not decode_only:
+        kv_lens.append(int(rng.integers(70, 4 * ps + 70)))
+        q_lens.append(int(rng.integers(40, 70)))         # long chunk after some cached context
+    tokens = sum(q_lens) + (0 if decode_only else 5)
+    return kv.make_batch(rng, q_lens=q_lens, kv_lens=kv_lens, page_size=ps, hq=hq, hkv=hkv, d=d,
+                         dtype=dtype, num_tokens=tokens, max_seqs=len(q_lens) + (1 if decode_only else 2),
+                         pages_per_seq=24)
+
+
+def options(name):
+    ps, hq, hkv, d, dtype, window, cap, _ = CASES[name]
+    return dict(sm_scale=d ** -0.5, sliding_window=window, soft_cap=cap)
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("block_kv", [32, 128])
+def test_reference_matches_naive(kv, name, block_kv):
+    b = random_batch(kv, name)
+    out = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), block_kv=block_kv)
+    assert out.shape == b.q.shape and out.dtype == b.q.dtype
+    want = kv.naive(b, **options(name))
+    tol = TOL[CASES[name][4]]
+    np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=tol, rtol=tol)
+
+
+def test_reference_explicit_q_tile_and_padding_rows_zero(kv):
+    name = "p16-gqa8-d128-f32-softcap"
+    b = random_batch(kv, name, seed=3)
+    outs = [kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), q_tile=qt)
+            for qt in (1, 4, 16)]
+    for o in outs[1:]:
+        np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), atol=2e-5, rtol=2e-5)
+    valid = int(b.cu_q_lens[int(b.num_seqs[0])])
+    assert not np.asarray(outs[0][valid:]).any()
+
+
+@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("name", CASES)
+def test_pallas_interpret_matches_reference(kv, backend, name):
+    b = random_batch(kv, name, seed=1)
+    # block_kv 64: several kv blocks per sequence, so the double-buffered / pipelined loop runs.
+    out = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), backend=backend,
+                                                interpret=True, block_kv=64)
+    want = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name))
+    assert out.shape == want.shape and out.dtype == want.dtype
+    tol = TOL[CASES[name][4]]
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
+                               atol=tol, rtol=tol)
+    valid = int(b.cu_q_lens[int(b.num_seqs[0])])
+    assert not np.asarray(out[valid:], np.float32).any()
