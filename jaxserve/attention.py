@@ -1,45 +1,66 @@
 """The one place that decides which attention implementation runs.
 
 "auto" picks the Pallas kernels on TPU and GPU and the jnp reference (compiled by XLA) on CPU; the
-configuration can force any of them, which is how tests exercise each path on this CPU machine.
+configuration can force any of them, including the Pallas kernels in Pallas' interpreter
+("pallas_tpu_interpret", "pallas_gpu_interpret"), which is how tests run the kernels through the whole model
+on this CPU machine. The model passes a `Backend` through without looking inside.
+
+XLA's partitioner cannot split a Pallas call, so on a mesh of several devices the kernels run under
+`shard_map`, each device attending over its own kv heads (and the query heads that read them). When the
+model axis does not divide the kv heads, every device computes all heads: correct, if redundant.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 import kernels_pallas
 from jaxserve.config import ModelConfig
 
-BACKENDS = ("auto", "reference", "pallas_tpu", "pallas_gpu", "pallas_interpret")
+BACKENDS = ("auto", "reference", "pallas_tpu", "pallas_gpu", "pallas_tpu_interpret", "pallas_gpu_interpret")
 
 
-def resolve_backend(name: str = "auto") -> str:
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    kernel: str  # a kernels_pallas backend: reference | pallas_tpu | pallas_gpu
+    interpret: bool = False
+    mesh: Mesh | None = None  # set when the kernel must run under shard_map
+
+
+def resolve_backend(name: str = "auto", mesh: Mesh | None = None) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name != "auto":
-        return name
-    return {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "reference")
+    if name == "auto":
+        name = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "reference")
+    kernel = name.removesuffix("_interpret")
+    needs_shard_map = kernel != "reference" and mesh is not None and mesh.size > 1
+    return Backend(kernel, name.endswith("_interpret"), mesh if needs_shard_map else None)
 
 
-def paged_attention(q, k, v, k_pages, v_pages, batch, cfg: ModelConfig, backend: str):
+def paged_attention(q, k, v, k_pages, v_pages, batch, cfg: ModelConfig, backend: Backend):
     """Write this step's K/V into the pages, then attend over them.
 
     q: [T, q_heads, head_dim]; k, v: [T, kv_heads, head_dim]; k_pages, v_pages: [kv_heads, pages, page_size, head_dim].
     Returns (out [T, q_heads, head_dim], k_pages, v_pages).
     """
-    kernel_backend, tuning = _kernel_backend(backend)
-    k_pages, v_pages = kernels_pallas.write_kv(k_pages, v_pages, k, v, batch.slot_mapping, backend=kernel_backend, **tuning)
-    out = kernels_pallas.ragged_paged_attention(
-        q, k_pages, v_pages, batch.kv_lens, batch.block_tables, batch.cu_q_lens, batch.num_seqs,
-        sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window, backend=kernel_backend, **tuning,
-    )
-    return out, k_pages, v_pages
+    tuning = {"interpret": True} if backend.interpret else {}
 
+    def run(q, k, v, k_pages, v_pages, slots, kv_lens, tables, cu, num_seqs):
+        k_pages, v_pages = kernels_pallas.write_kv(k_pages, v_pages, k, v, slots, backend=backend.kernel, **tuning)
+        out = kernels_pallas.ragged_paged_attention(
+            q, k_pages, v_pages, kv_lens, tables, cu, num_seqs, sm_scale=cfg.head_dim**-0.5,
+            sliding_window=cfg.sliding_window, backend=backend.kernel, **tuning)
+        return out, k_pages, v_pages
 
-def _kernel_backend(backend: str) -> tuple[str, dict]:
-    # "pallas_interpret" runs the TPU kernel in Pallas' interpreter: slow, but it checks the kernel's
-    # semantics end to end through the model on a machine without accelerators.
-    if backend == "pallas_interpret":
-        return "pallas_tpu", {"interpret": True}
-    return backend, {}
+    args = (q, k, v, k_pages, v_pages, batch.slot_mapping, batch.kv_lens, batch.block_tables, batch.cu_q_lens,
+            batch.num_seqs)
+    if backend.mesh is None:
+        return run(*args)
+    heads = "model" if cfg.num_kv_heads % backend.mesh.shape["model"] == 0 else None
+    tok, cache = P(None, heads, None), P(heads, None, None, None)
+    return jax.shard_map(run, mesh=backend.mesh, in_specs=(tok, tok, tok, cache, cache, P(), P(), P(), P(), P()),
+                         out_specs=(tok, cache, cache), check_vma=False)(*args)

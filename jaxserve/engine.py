@@ -81,7 +81,8 @@ class LLMEngine:
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
                                    max(config.max_num_batched_tokens, config.max_num_seqs))
-        self.runner = ModelRunner(cfg, self.model.params, cache, backend=attention.resolve_backend(config.attention_backend),
+        backend = attention.resolve_backend(config.attention_backend, self.mesh)
+        self.runner = ModelRunner(cfg, self.model.params, cache, backend=backend,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
                                   pages_per_seq=pages_per_seq, mesh=self.mesh)
@@ -93,8 +94,7 @@ class LLMEngine:
         if config.warm_up:
             self.runner.warm_up(progress=progress)
         log.info("engine ready: max_model_len %d, %d KV pages of %d tokens, %d step buckets, backend %s",
-                 self.max_model_len, num_pages, config.page_size, len(self.runner.buckets),
-                 attention.resolve_backend(config.attention_backend))
+                 self.max_model_len, num_pages, config.page_size, len(self.runner.buckets), backend.kernel)
 
     def _pages_for_memory(self, config: EngineConfig) -> int:
         cfg = self.model.cfg

@@ -103,7 +103,8 @@ def apply_rope(x, cos, sin):
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
-def _attention_block(layer: Layer, x, cos, sin, k_pages, v_pages, batch: Batch, cfg: ModelConfig, backend: str):
+def _attention_block(layer: Layer, x, cos, sin, k_pages, v_pages, batch: Batch, cfg: ModelConfig,
+                     backend: attention.Backend):
     t = x.shape[0]
     h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
     q, k, v = h @ layer.wq, h @ layer.wk, h @ layer.wv
@@ -125,7 +126,7 @@ def _mlp_block(layer: Layer, x, cfg: ModelConfig):
     return x + (jax.nn.silu(h @ layer.w_gate) * (h @ layer.w_up)) @ layer.w_down
 
 
-def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: str):
+def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
     """Returns (logits [S, vocab] float32 for each sequence's `logits_indices` token, updated cache)."""
     x = params.embed[batch.token_ids]  # [T, hidden]
     angles = batch.positions[:, None].astype(jnp.float32) * jnp.asarray(cfg.inv_freq())[None, :]

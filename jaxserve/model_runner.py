@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 
 from jaxserve import model as model_lib
 from jaxserve import sharding
+from jaxserve.attention import Backend
 from jaxserve.config import ModelConfig
 from jaxserve.sampler import SamplingBatch, sample
 from jaxserve.sequence import Sequence
@@ -32,13 +33,13 @@ def token_buckets(max_num_batched_tokens: int) -> list[int]:
     return buckets + [max_num_batched_tokens]
 
 
-def _step(params, cache, batch, sampling, *, cfg: ModelConfig, backend: str):
+def _step(params, cache, batch, sampling, *, cfg: ModelConfig, backend: Backend):
     logits, cache = model_lib.forward(params, cache, batch, cfg, backend)
     return sample(logits, sampling), cache
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params, cache: model_lib.KVCache, *, backend: str, max_num_seqs: int,
+    def __init__(self, cfg: ModelConfig, params, cache: model_lib.KVCache, *, backend: Backend, max_num_seqs: int,
                  max_num_batched_tokens: int, pages_per_seq: int, mesh: Mesh):
         self.cfg = cfg
         self.params = params

@@ -6,10 +6,11 @@ import jax
 import numpy as np
 
 from jaxserve import model as model_lib
+from jaxserve.attention import resolve_backend
 
 
 def run_logits(loaded, prompts: list[list[int]], decode_steps: int, page_size: int = 4, backend: str = "reference",
-               feed: list[list[int]] | None = None):
+               feed: list[list[int]] | None = None, mesh=None):
     """Prefill all prompts in one ragged batch, then `decode_steps` steps feeding greedy tokens (or `feed`).
 
     Returns (logits [steps + 1, S, vocab], tokens [S, steps + 1]) where tokens are argmaxes of each step.
@@ -22,7 +23,8 @@ def run_logits(loaded, prompts: list[list[int]], decode_steps: int, page_size: i
     order = np.random.default_rng(0).permutation(num_pages)
     tables = order[: pages_per_seq * len(prompts)].reshape(len(prompts), pages_per_seq).astype(np.int32)
     cache = model_lib.init_cache(cfg, num_pages, page_size, loaded.dtype)
-    step = jax.jit(lambda p, c, b: model_lib.forward(p, c, b, cfg, backend))
+    attn = resolve_backend(backend, mesh)
+    step = jax.jit(lambda p, c, b: model_lib.forward(p, c, b, cfg, attn))
     seqs = [list(p) for p in prompts]
     computed = [0] * len(prompts)
     all_logits = []
