@@ -17,7 +17,7 @@ from jaxserve.detokenizer import Detokenizer
 from jaxserve.loader import LoadedModel, load_model
 from jaxserve.model import init_cache
 from jaxserve.model_runner import ModelRunner
-from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
 from jaxserve.sequence import Sequence, Status
@@ -85,12 +85,14 @@ class LLMEngine:
         self.runner = ModelRunner(cfg, self.model.params, cache, backend=backend,
                                   max_num_seqs=config.max_num_seqs,
                                   max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
-                                  pages_per_seq=pages_per_seq, mesh=self.mesh)
+                                  pages_per_seq=pages_per_seq, mesh=self.mesh,
+                                  eos_token_ids=self.model.eos_token_ids)
         self.eos_token_ids = set(self.model.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
         self.num_computed_tokens = 0  # tokens run through the model (prefix-cache hits excluded)
+        self._token_text: dict[int, str] = {}
         if config.warm_up:
             self.runner.warm_up(progress=progress)
         log.info("engine ready: max_model_len %d, %d KV pages of %d tokens, %d step buckets, backend %s",
@@ -114,6 +116,8 @@ class LLMEngine:
         vocab = self.model.cfg.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.token_ids_used()):
+            raise InvalidRequest(f"token ids in logit_bias, allowed/banned or stop token ids must be in [0, {vocab})")
         seqs = []
         for i in range(params.n):
             base = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -140,10 +144,10 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        tokens = self.runner.run(scheduled)
+        tokens, (chosen_lp, chosen_rank, top_ids, top_lps) = self.runner.run(scheduled)
         self.num_computed_tokens += sum(n for _, n in scheduled)
         touched: dict[str, _Request] = {}
-        for (seq, n), token in zip(scheduled, tokens.tolist()):
+        for i, (seq, n) in enumerate(scheduled):
             seq.num_computed_tokens += n
             self.block_manager.register_full_pages(seq)
             if seq.num_computed_tokens < len(seq):
@@ -151,8 +155,18 @@ class LLMEngine:
             if seq.index == 0 and seq.num_output_tokens == 0:
                 for sibling in self.requests[seq.request_id].seqs[1:]:
                     self.scheduler.add(sibling)
+            token = int(tokens[i])
             seq.token_ids.append(token)  # its K/V is written by the step that feeds it back
-            self._check_finish(seq, token)
+            k = seq.params.logprobs
+            if k is not None:
+                seq.logprobs.append((token, float(chosen_lp[i]), int(chosen_rank[i]), top_ids[i, :k].tolist(),
+                                     top_lps[i, :k].tolist()))
+            try:
+                self._check_finish(seq, token)
+            except Exception as e:  # e.g. a tokenizer that cannot decode: fail this sequence, not the batch
+                log.exception("request %s failed while processing its output", seq.request_id)
+                seq.error = f"{type(e).__name__}: {e}"
+                self.scheduler.finish(seq, "error")
             touched[seq.request_id] = self.requests[seq.request_id]
         outputs = [self._output(r) for r in touched.values()]
         for out in outputs:
@@ -162,22 +176,44 @@ class LLMEngine:
 
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
-        if token in self.eos_token_ids and not p.ignore_eos:
+        if seq.num_output_tokens <= p.min_tokens:  # no stop of any kind before min_tokens (EOS is masked too)
+            seq.detokenizer.append(token)
+        elif token in self.eos_token_ids and not p.ignore_eos:
             return self.scheduler.finish(seq, "stop")
-        if token in p.stop_token_ids:
+        elif token in p.stop_token_ids:
             return self.scheduler.finish(seq, "stop", token)
-        stop = seq.detokenizer.append(token)
-        if stop is not None:
+        elif (stop := seq.detokenizer.append(token)) is not None:
             return self.scheduler.finish(seq, "stop", stop)
         if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(seq) >= self.max_model_len:
             return self.scheduler.finish(seq, "length")
 
     def _output(self, req: _Request) -> RequestOutput:
-        outs = [CompletionOutput(s.index, s.detokenizer.text, list(s.output_token_ids), s.finish_reason, s.stop_reason)
-                for s in req.seqs]
+        outs = []
+        for s in req.seqs:
+            sent = s.num_sent_tokens
+            s.num_sent_tokens = s.num_output_tokens
+            logprobs = [self._logprob_entry(lp) for lp in s.logprobs] if s.params.logprobs is not None else None
+            outs.append(CompletionOutput(
+                s.index, s.detokenizer.text, list(s.output_token_ids), s.finish_reason, s.stop_reason, logprobs,
+                delta_text=s.detokenizer.take_delta(s.finished), delta_token_ids=s.output_token_ids[sent:],
+                delta_logprobs=logprobs[sent:] if logprobs is not None else None, error=s.error))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              finished=all(s.finished for s in req.seqs),
                              num_cached_tokens=req.seqs[0].num_cached_tokens)
+
+    def _logprob_entry(self, entry) -> dict[int, Logprob]:
+        """{token id: Logprob} for the chosen token (first) and the top-k, as vLLM reports them."""
+        token, lp, rank, ids, lps = entry
+        out = {token: Logprob(lp, rank, self.token_text(token))}
+        for r, (t, tlp) in enumerate(zip(ids, lps), start=1):
+            out.setdefault(t, Logprob(tlp, r, self.token_text(t)))
+        return out
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def stats(self) -> dict:
         return {

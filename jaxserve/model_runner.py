@@ -7,6 +7,7 @@ all done by `warm_up` before serving. The KV cache is donated to each step so XL
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -19,7 +20,7 @@ from jaxserve import model as model_lib
 from jaxserve import sharding
 from jaxserve.attention import Backend
 from jaxserve.config import ModelConfig
-from jaxserve.sampler import SamplingBatch, sample
+from jaxserve.sampler import SamplerState, SamplingBatch, init_slot, record_tokens, sample, slot_rows
 from jaxserve.sequence import Sequence
 
 MIN_BUCKET = 8  # below this, a CPU decode step costs the same (weights are read once per step either way)
@@ -33,25 +34,32 @@ def token_buckets(max_num_batched_tokens: int) -> list[int]:
     return buckets + [max_num_batched_tokens]
 
 
-def _step(params, cache, batch, sampling, *, cfg: ModelConfig, backend: Backend):
+def _step(params, cache, sampler_state, batch, sampling, *, cfg: ModelConfig, backend: Backend):
     logits, cache = model_lib.forward(params, cache, batch, cfg, backend)
-    return sample(logits, sampling), cache
+    sampler_state = record_tokens(sampler_state, batch.token_ids, sampling)
+    tokens, logprobs = sample(logits, sampler_state, sampling)
+    return tokens, logprobs, cache, sampler_state
 
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, params, cache: model_lib.KVCache, *, backend: Backend, max_num_seqs: int,
-                 max_num_batched_tokens: int, pages_per_seq: int, mesh: Mesh):
+                 max_num_batched_tokens: int, pages_per_seq: int, mesh: Mesh, eos_token_ids):
         self.cfg = cfg
         self.params = params
         self.cache = cache
         self.max_num_seqs = max_num_seqs
         self.pages_per_seq = pages_per_seq
+        self.eos_token_ids = eos_token_ids
         self.buckets = token_buckets(max_num_batched_tokens)
         self.mesh = mesh
-        # Pinning the cache's output sharding to its input sharding keeps every step on one compiled program.
-        cache_shardings = jax.tree.map(lambda x: x.sharding, cache)
-        self._step = jax.jit(functools.partial(_step, cfg=cfg, backend=backend), donate_argnums=(1,),
-                             out_shardings=(sharding.replicated(mesh), cache_shardings))
+        rep = sharding.replicated(mesh)
+        self.sampler_state = SamplerState.zeros(max_num_seqs, cfg.vocab_size, rep)
+        # Pinning the state's output shardings to its input shardings keeps every step on one compiled program.
+        state_shardings = (jax.tree.map(lambda x: x.sharding, cache), jax.tree.map(lambda x: x.sharding,
+                                                                                    self.sampler_state))
+        self._step = jax.jit(functools.partial(_step, cfg=cfg, backend=backend), donate_argnums=(1, 2),
+                             out_shardings=(rep, rep, *state_shardings))
+        self._init_slot = jax.jit(init_slot, donate_argnums=(0,), out_shardings=state_shardings[1])
 
     def _sizes(self, num_tokens: int) -> tuple[int, int]:
         tokens = next(b for b in self.buckets if b >= num_tokens)
@@ -84,24 +92,41 @@ class ModelRunner:
         cu[len(scheduled) + 1:] = t
         batch = model_lib.Batch(token_ids, positions, slots, kv_lens, tables, cu,
                                 np.array([len(scheduled)], np.int32), last)
-        return self._place(batch, SamplingBatch.build([s for s, _ in scheduled], num_seqs))
+        return self._place(batch, SamplingBatch.build(scheduled, num_seqs, num_tokens, self.max_num_seqs))
 
     def _place(self, batch: model_lib.Batch, sampling: SamplingBatch):
         """Token-level arrays split over the mesh's `data` axis; per-sequence metadata replicated."""
         tok = sharding.sharding_for(self.mesh, ("tokens",), batch.token_ids.shape)
         rep = sharding.replicated(self.mesh)
         shardings = model_lib.Batch(tok, tok, tok, rep, rep, rep, rep, rep)
-        return jax.device_put(batch, shardings), jax.device_put(sampling, rep)
+        tok_sampling = dataclasses.replace(jax.tree.map(lambda _: rep, sampling), token_slot=tok, token_is_prompt=tok)
+        return jax.device_put(batch, shardings), jax.device_put(sampling, tok_sampling)
 
-    def run(self, scheduled: list[tuple[Sequence, int]]) -> np.ndarray:
-        """Runs one step; returns the sampled token of each scheduled sequence, in order."""
+    def init_slot(self, seq: Sequence) -> None:
+        rows = slot_rows(seq, self.cfg.vocab_size, self.eos_token_ids)
+        self.sampler_state = self._init_slot(self.sampler_state, np.int32(seq.slot), *rows)
+
+    def run(self, scheduled: list[tuple[Sequence, int]]):
+        """Runs one step. Returns, for each scheduled sequence in order, its sampled token [n], and the logprobs
+        (chosen [n], its rank [n], top ids [n, K], top logprobs [n, K])."""
+        for seq, _ in scheduled:
+            if seq.slot_fresh:
+                self.init_slot(seq)
+                seq.slot_fresh = False
         batch, sampling = self.build_batch(scheduled)
-        tokens, self.cache = self._step(self.params, self.cache, batch, sampling)
-        return np.asarray(tokens)[:len(scheduled)]
+        tokens, logprobs, self.cache, self.sampler_state = self._step(
+            self.params, self.cache, self.sampler_state, batch, sampling)
+        n = len(scheduled)
+        return np.asarray(tokens)[:n], tuple(np.asarray(x)[:n] for x in logprobs)
 
     def warm_up(self, progress: bool = True) -> None:
         """Compiles every bucket with an all-padding batch (it writes nothing and reads nothing)."""
         for size in tqdm(self.buckets, desc="Compiling step buckets", unit="bucket", disable=not progress):
             batch, sampling = self.build_batch([], pad_to=size)
-            tokens, self.cache = self._step(self.params, self.cache, batch, sampling)
+            tokens, _, self.cache, self.sampler_state = self._step(
+                self.params, self.cache, self.sampler_state, batch, sampling)
             jax.block_until_ready(tokens)
+        vocab = self.cfg.vocab_size
+        rows = (np.zeros(vocab, np.int32), np.zeros(vocab, np.bool_), np.zeros(vocab, np.float32),
+                np.zeros(vocab, np.bool_))
+        self.sampler_state = self._init_slot(self.sampler_state, np.int32(0), *rows)

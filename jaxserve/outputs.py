@@ -6,12 +6,26 @@ import dataclasses
 
 
 @dataclasses.dataclass
+class Logprob:
+    logprob: float
+    rank: int  # 1 = most likely
+    decoded_token: str
+
+
+@dataclasses.dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
+    # Per output token: {token id: Logprob} with the chosen token first, then the top `logprobs` ids.
+    logprobs: list[dict[int, Logprob]] | None = None
+    # What is new since the previous output of this request (streaming).
+    delta_text: str = ""
+    delta_token_ids: list[int] = dataclasses.field(default_factory=list)
+    delta_logprobs: list[dict[int, Logprob]] | None = None
+    error: str | None = None
 
 
 @dataclasses.dataclass

@@ -1,10 +1,18 @@
 """Token sampling on device, vectorized over the batch with per-request parameters.
 
-Each request's random stream is a function of its own seed and the index of the token being sampled,
-so its samples do not depend on what else shares the batch. Sampling uses the Gumbel-max trick
-(argmax of logits + Gumbel noise draws from softmax(logits)), which needs no sort; the sort that top-k and
-top-p need runs only when some request in the batch asks for them, and a batch that is all greedy takes
-the argmax alone.
+Order, as vLLM: raw logprobs are taken from the model's logits; then min_tokens (stop ids masked), logit bias
+with allowed/banned ids, repetition/frequency/presence penalties, temperature, min-p, top-k/top-p, and the draw.
+
+Per-request state that would be costly to send every step lives on device in `SamplerState`, one row per
+scheduler slot: output-token counts and the prompt's token set (for penalties), a bias row and a stop-id row.
+A slot's rows are written when its sequence is admitted (`init_slot`, with what the host knows: the prompt, and
+the output tokens already in cached pages); then its counts grow with the output tokens each step feeds the
+model, so a token sampled in one step is counted when it is fed back in the next, before that step samples.
+
+Each request's random stream is a function of its own seed and the index of the token being sampled, so its
+samples do not depend on what else shares the batch. The draw uses the Gumbel-max trick (no sort); work that
+only some requests need (sorting for top-k/top-p, penalty and bias rows, logprobs) sits behind `lax.cond`, so a
+batch that does not ask for it does not pay for it.
 """
 
 from __future__ import annotations
@@ -15,34 +23,105 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.sampling_params import MAX_LOGPROBS
 from jaxserve.sequence import Sequence
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
+class SamplerState:
+    counts: jax.Array  # [slots, V] int32: how often each token occurs in the sequence's output so far
+    in_prompt: jax.Array  # [slots, V] bool: tokens of the prompt (repetition penalty)
+    bias: jax.Array  # [slots, V] float32: logit_bias, -inf for banned / not allowed ids
+    stop_ids: jax.Array  # [slots, V] bool: EOS and stop_token_ids, masked while min_tokens is not reached
+
+    @classmethod
+    def zeros(cls, slots: int, vocab: int, sharding=None) -> "SamplerState":
+        def z(dtype):
+            return jnp.zeros((slots, vocab), dtype, device=sharding)
+
+        return cls(z(jnp.int32), z(jnp.bool_), z(jnp.float32), z(jnp.bool_))
+
+
+def slot_rows(seq: Sequence, vocab: int, eos_ids) -> tuple[np.ndarray, ...]:
+    """Host-side rows for a sequence being admitted: counts [V] of its output tokens that will not be fed
+    (already in cached pages), prompt set [V], bias [V] float32 and stop ids [V] bool."""
+    params = seq.params
+    cached_output = seq.token_ids[seq.num_prompt_tokens:seq.num_computed_tokens]
+    counts = np.bincount(np.asarray(cached_output, np.int64), minlength=vocab).astype(np.int32)
+    in_prompt = np.zeros(vocab, np.bool_)
+    in_prompt[seq.token_ids[:seq.num_prompt_tokens]] = True
+    bias = np.zeros(vocab, np.float32)
+    if params.allowed_token_ids is not None:
+        bias[:] = -np.inf
+        bias[params.allowed_token_ids] = 0
+    for token, b in (params.logit_bias or {}).items():
+        bias[token] += b
+    bias[params.banned_token_ids or []] = -np.inf
+    stop = np.zeros(vocab, np.bool_)
+    stop[[*eos_ids, *params.stop_token_ids]] = True
+    return counts, in_prompt, bias, stop
+
+
+def init_slot(state: SamplerState, slot, counts, in_prompt, bias, stop_ids) -> SamplerState:
+    """Writes a newly admitted sequence's rows (jitted once; the state is donated)."""
+    return SamplerState(counts=state.counts.at[slot].set(counts), in_prompt=state.in_prompt.at[slot].set(in_prompt),
+                        bias=state.bias.at[slot].set(bias), stop_ids=state.stop_ids.at[slot].set(stop_ids))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
 class SamplingBatch:
+    slot: jax.Array  # [S] int32 scheduler slot of each sequence
     temperature: jax.Array  # [S] float32, 0 = greedy
     top_k: jax.Array  # [S] int32, 0 = disabled
     top_p: jax.Array  # [S] float32
     min_p: jax.Array  # [S] float32
+    presence: jax.Array  # [S] float32
+    frequency: jax.Array  # [S] float32
+    repetition: jax.Array  # [S] float32
+    use_bias: jax.Array  # [S] bool: the slot's bias row is not all zero
+    block_stop: jax.Array  # [S] bool: fewer than min_tokens generated, stop ids masked
+    want_logprobs: jax.Array  # [S] bool
     seed: jax.Array  # [S, 2] uint32: the request seed's high and low words
     sample_index: jax.Array  # [S] int32: index of the token being sampled in the sequence's output
+    token_slot: jax.Array  # [T] int32: slot of each fed token; padding -> number of slots (dropped)
+    token_is_prompt: jax.Array  # [T] bool: the fed token belongs to the prompt (else to the output)
 
     @classmethod
-    def build(cls, seqs: list[Sequence], size: int) -> "SamplingBatch":
-        """Host-side arrays for `seqs`, padded to `size` rows with greedy defaults."""
-        t = np.zeros(size, np.float32)
-        k = np.zeros(size, np.int32)
-        p = np.ones(size, np.float32)
-        m = np.zeros(size, np.float32)
-        seed = np.zeros((size, 2), np.uint32)
-        idx = np.zeros(size, np.int32)
-        for i, s in enumerate(seqs):
-            sp = s.params
-            t[i], k[i], p[i], m[i] = sp.temperature, sp.top_k, sp.top_p, sp.min_p
-            seed[i] = (s.seed >> 32) & 0xFFFFFFFF, s.seed & 0xFFFFFFFF
-            idx[i] = s.num_output_tokens
-        return cls(t, k, p, m, seed, idx)
+    def build(cls, scheduled: list[tuple[Sequence, int]], num_seqs: int, num_tokens: int, num_slots: int):
+        """Host-side arrays for one step, padded to `num_seqs` rows (greedy) and `num_tokens` tokens."""
+        f32, i32 = np.float32, np.int32
+        cols = {name: np.zeros(num_seqs, f32) for name in ("temperature", "presence", "frequency", "min_p")}
+        cols |= {"top_p": np.ones(num_seqs, f32), "repetition": np.ones(num_seqs, f32),
+                 "top_k": np.zeros(num_seqs, i32), "slot": np.zeros(num_seqs, i32),
+                 "sample_index": np.zeros(num_seqs, i32), "seed": np.zeros((num_seqs, 2), np.uint32)}
+        cols |= {name: np.zeros(num_seqs, np.bool_) for name in ("use_bias", "block_stop", "want_logprobs")}
+        token_slot = np.full(num_tokens, num_slots, i32)
+        token_is_prompt = np.zeros(num_tokens, np.bool_)
+        t = 0
+        for i, (s, n) in enumerate(scheduled):
+            p = s.params
+            cols["temperature"][i], cols["top_k"][i], cols["top_p"][i], cols["min_p"][i] = (
+                p.temperature, p.top_k, p.top_p, p.min_p)
+            cols["presence"][i], cols["frequency"][i], cols["repetition"][i] = (
+                p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+            cols["use_bias"][i] = p.needs_bias_row
+            cols["block_stop"][i] = s.num_output_tokens < p.min_tokens
+            cols["want_logprobs"][i] = p.logprobs is not None
+            cols["slot"][i] = s.slot
+            cols["seed"][i] = (s.seed >> 32) & 0xFFFFFFFF, s.seed & 0xFFFFFFFF
+            cols["sample_index"][i] = s.num_output_tokens
+            token_slot[t:t + n] = s.slot
+            token_is_prompt[t:t + n] = np.arange(s.num_computed_tokens, s.num_computed_tokens + n) < s.num_prompt_tokens
+            t += n
+        return cls(**cols, token_slot=token_slot, token_is_prompt=token_is_prompt)
+
+
+def record_tokens(state: SamplerState, token_ids, sb: SamplingBatch) -> SamplerState:
+    """Counts this step's fed output tokens [T] in their slots (prompt tokens are in `in_prompt` already)."""
+    slot = jnp.where(sb.token_is_prompt, state.counts.shape[0], sb.token_slot)
+    return dataclasses.replace(state, counts=state.counts.at[slot, token_ids].add(1, mode="drop"))
 
 
 def _row_keys(seed, sample_index):
@@ -67,20 +146,51 @@ def _top_k_top_p(logits, top_k, top_p):
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def sample(logits, sp: SamplingBatch):
-    """logits: [S, V] float32 -> token ids [S] int32."""
+def _adjust(logits, state: SamplerState, sb: SamplingBatch):
+    """min_tokens, bias rows and penalties; skipped entirely when no request in the batch uses them."""
+    stop_ids, bias = state.stop_ids[sb.slot], state.bias[sb.slot]
+    logits = jnp.where(sb.block_stop[:, None] & stop_ids, -jnp.inf, logits)
+    logits = logits + jnp.where(sb.use_bias[:, None], bias, 0.0)
+    counts, in_prompt = state.counts[sb.slot], state.in_prompt[sb.slot]
+    seen = (counts > 0) | in_prompt
+    rep = sb.repetition[:, None]
+    logits = jnp.where(seen, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return logits - sb.frequency[:, None] * counts - sb.presence[:, None] * (counts > 0)
+
+
+def _logprobs(logits, tokens):
+    """Chosen token's logprob [S] and rank [S], and the top MAX_LOGPROBS ids [S, K] with their logprobs [S, K]."""
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logp, min(MAX_LOGPROBS, logits.shape[-1]))
+    chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)
+    rank = jnp.sum(logp > chosen, axis=-1).astype(jnp.int32) + 1
+    return chosen[:, 0], rank, top_ids.astype(jnp.int32), top_lp
+
+
+def sample(logits, state: SamplerState, sb: SamplingBatch):
+    """logits: [S, V] float32 -> (tokens [S] int32, (chosen logprob [S], its rank [S], top ids [S, K],
+    top logprobs [S, K])), logprobs taken from the raw logits."""
+    raw = logits
+    needs_adjust = jnp.any(sb.block_stop | sb.use_bias | (sb.presence != 0) | (sb.frequency != 0)
+                           | (sb.repetition != 1))
+    logits = jax.lax.cond(needs_adjust, lambda x: _adjust(x, state, sb), lambda x: x, logits)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw():
-        temp = jnp.where(sp.temperature > 0, sp.temperature, 1.0)
+        temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)
         scaled = logits / temp[:, None]
         probs = jax.nn.softmax(scaled, axis=-1)
-        scaled = jnp.where(probs >= sp.min_p[:, None] * probs.max(-1, keepdims=True), scaled, -jnp.inf)
-        needs_sort = jnp.any((sp.top_k > 0) | (sp.top_p < 1))
-        scaled = jax.lax.cond(needs_sort, lambda x: _top_k_top_p(x, sp.top_k, sp.top_p), lambda x: x, scaled)
-        keys = _row_keys(sp.seed, sp.sample_index)
+        scaled = jnp.where(probs >= sb.min_p[:, None] * probs.max(-1, keepdims=True), scaled, -jnp.inf)
+        needs_sort = jnp.any((sb.top_k > 0) | (sb.top_p < 1))
+        scaled = jax.lax.cond(needs_sort, lambda x: _top_k_top_p(x, sb.top_k, sb.top_p), lambda x: x, scaled)
+        keys = _row_keys(sb.seed, sb.sample_index)
         gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
         sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
-        return jnp.where(sp.temperature > 0, sampled, greedy)
+        return jnp.where(sb.temperature > 0, sampled, greedy)
 
-    return jax.lax.cond(jnp.all(sp.temperature == 0), lambda: greedy, draw)
+    tokens = jax.lax.cond(jnp.all(sb.temperature == 0), lambda: greedy, draw)
+    s, k = logits.shape[0], min(MAX_LOGPROBS, logits.shape[-1])
+    no_logprobs = (jnp.zeros(s, jnp.float32), jnp.zeros(s, jnp.int32), jnp.zeros((s, k), jnp.int32),
+                   jnp.zeros((s, k), jnp.float32))
+    lp = jax.lax.cond(jnp.any(sb.want_logprobs), lambda: _logprobs(raw, tokens), lambda: no_logprobs)
+    return tokens, lp

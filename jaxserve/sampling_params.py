@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+MAX_LOGPROBS = 20
+
 
 @dataclasses.dataclass
 class SamplingParams:
@@ -12,6 +14,14 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 or -1 = disabled
     min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    banned_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the k most likely (k <= 20)
     seed: int | None = None
     max_tokens: int | None = 16  # None = up to the context limit
     stop: str | list[str] | None = None
@@ -25,6 +35,10 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
         self.stop_token_ids = list(self.stop_token_ids or [])
+        try:  # JSON object keys arrive as strings
+            self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()} or None
+        except (TypeError, ValueError):
+            raise ValueError("logit_bias keys must be token ids and values numbers") from None
         if self.top_k == -1:
             self.top_k = 0
         checks = [
@@ -35,6 +49,14 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be a non-negative 64-bit integer"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (0 < self.repetition_penalty <= 2, "repetition_penalty must be in (0, 2]"),
+            (self.min_tokens >= 0, "min_tokens must be non-negative"),
+            (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens must not exceed max_tokens"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
+            (all(-100 <= b <= 100 for b in (self.logit_bias or {}).values()), "logit_bias values must be in [-100, 100]"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids must not be empty"),
         ]
         for ok, message in checks:
             if not ok:
@@ -43,3 +65,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def token_ids_used(self) -> list[int]:
+        """Every token id the request names, for the engine to check against the vocabulary."""
+        return [*map(int, self.logit_bias or {}), *(self.allowed_token_ids or []), *(self.banned_token_ids or []),
+                *self.stop_token_ids]
+
+    @property
+    def needs_bias_row(self) -> bool:
+        return bool(self.logit_bias or self.allowed_token_ids is not None or self.banned_token_ids)

@@ -22,6 +22,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.free_slots = list(range(max_num_seqs))  # one sampler-state row per running sequence
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
@@ -59,6 +60,7 @@ class Scheduler:
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq, seq.num_computed_tokens + n)
+            seq.slot, seq.slot_fresh = self.free_slots.pop(), True
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.append((seq, n))
@@ -67,6 +69,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
+        self.free_slots.append(seq.slot)
         self.blocks.free(seq)
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
@@ -76,6 +79,7 @@ class Scheduler:
         """Ends a sequence wherever it is (running, waiting, or aborted) and frees its pages at once."""
         if seq.status == Status.RUNNING:
             self.running.remove(seq)
+            self.free_slots.append(seq.slot)
         elif seq.status == Status.WAITING and seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.free(seq)

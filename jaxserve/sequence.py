@@ -30,6 +30,11 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.block_table: list[int] = []
         self.page_keys: list[int] = []  # prefix-cache keys of the full pages computed so far
+        self.slot: int | None = None  # the scheduler slot (sampler-state row) while admitted
+        self.slot_fresh = False  # admitted since the last step: its sampler rows must be written
+        self.logprobs: list[tuple[float, list[int], list[float]]] = []  # per output token, when requested
+        self.num_sent_tokens = 0  # output tokens already reported in deltas
+        self.error: str | None = None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 

@@ -153,3 +153,53 @@ def test_prefix_cache_prefills_only_the_suffix(folder, llm):
     ref = uncached.generate([second], params, use_tqdm=False)[0]
     assert ref.num_cached_tokens == 0
     assert ref.outputs[0].token_ids == out.outputs[0].token_ids
+
+
+def test_logprobs_match_the_models_log_softmax(llm):
+    prompt = _prompts(llm, [9], seed=11)[0]
+    out = llm.generate([prompt], SamplingParams(max_tokens=4, logprobs=5, **GREEDY), use_tqdm=False)[0].outputs[0]
+    logits, _ = run_logits(llm.engine.model, [prompt], decode_steps=3, feed=np.array([out.token_ids]))
+    ref = logits[:, 0] - np.log(np.exp(logits[:, 0].astype(np.float64)).sum(-1, keepdims=True))
+    assert len(out.logprobs) == 4
+    for step, (token, entry) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert next(iter(entry)) == token and entry[token].rank == 1  # greedy: the chosen token is the top one
+        assert len(entry) == 5
+        top = np.argsort(-ref[step])[:5]
+        assert [t for t in entry] == top.tolist()
+        for t, lp in entry.items():
+            assert abs(lp.logprob - ref[step, t]) < 1e-4
+            assert lp.decoded_token == llm.tokenizer.decode([t])
+
+
+def test_bias_allowed_banned_and_min_tokens(llm):
+    prompt = _prompts(llm, [7], seed=12)[0]
+
+    def run(**kw):
+        return llm.generate([prompt], SamplingParams(max_tokens=8, **{**GREEDY, **kw}), use_tqdm=False)[0].outputs[0]
+
+    plain = run()
+    assert set(run(logit_bias={"42": 100}).token_ids) == {42}
+    allowed = [5, 17, 99]
+    assert set(run(allowed_token_ids=allowed, temperature=1.0, seed=3).token_ids) <= set(allowed)
+    banned = set(plain.token_ids)
+    assert not banned & set(run(banned_token_ids=sorted(banned)).token_ids)
+    engine = llm.engine
+    saved = engine.eos_token_ids
+    engine.eos_token_ids = {plain.token_ids[0]}  # the model's first greedy token now counts as EOS
+    try:
+        stopped = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)[0].outputs[0]
+        held = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, min_tokens=3,
+                                                     stop_token_ids=[plain.token_ids[0]]), use_tqdm=False)[0].outputs[0]
+    finally:
+        engine.eos_token_ids = saved
+    assert stopped.token_ids == plain.token_ids[:1]
+    assert len(held.token_ids) >= 3 and plain.token_ids[0] not in held.token_ids[:3]
+
+
+def test_penalties_discourage_repeats(llm):
+    prompt = _prompts(llm, [5], seed=13)[0]
+    plain = llm.generate([prompt], SamplingParams(max_tokens=30, **GREEDY), use_tqdm=False)[0].outputs[0].token_ids
+    assert len(set(plain)) < len(plain)  # the tiny random model repeats itself when greedy
+    penalized = llm.generate([prompt], SamplingParams(max_tokens=30, presence_penalty=2.0, frequency_penalty=2.0,
+                                                      **GREEDY), use_tqdm=False)[0].outputs[0].token_ids
+    assert len(set(penalized)) > len(set(plain))

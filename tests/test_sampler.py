@@ -1,14 +1,32 @@
-"""Sampler statistics against numpy references (enough draws for 5-sigma bounds, fixed seeds: not flaky)."""
+"""Sampler statistics and logit processing against numpy references.
+
+Frequency tests draw enough samples for 5-sigma bounds with fixed seeds, so they are not flaky.
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.sampler import SamplingBatch, sample
+from jaxserve.sampler import SamplerState, SamplingBatch, record_tokens, sample
 
 DRAWS = 6000
 LOGITS = np.log(np.array([0.30, 0.22, 0.15, 0.12, 0.09, 0.06, 0.04, 0.02], np.float32))
+V = len(LOGITS)
+
+
+def _batch(rows, **cols):
+    """A SamplingBatch of `rows` rows: greedy, no processing, slot i for row i, unless `cols` says otherwise."""
+    base = dict(slot=np.arange(rows, dtype=np.int32), temperature=np.zeros(rows, np.float32),
+                top_k=np.zeros(rows, np.int32), top_p=np.ones(rows, np.float32), min_p=np.zeros(rows, np.float32),
+                presence=np.zeros(rows, np.float32), frequency=np.zeros(rows, np.float32),
+                repetition=np.ones(rows, np.float32), use_bias=np.zeros(rows, bool), block_stop=np.zeros(rows, bool),
+                want_logprobs=np.zeros(rows, bool), seed=np.zeros((rows, 2), np.uint32),
+                sample_index=np.zeros(rows, np.int32), token_slot=np.zeros(1, np.int32),
+                token_is_prompt=np.ones(1, bool))
+    for k, v in cols.items():
+        base[k] = np.broadcast_to(np.asarray(v, base[k].dtype), base[k].shape).copy()
+    return SamplingBatch(**base)
 
 
 def _expected(temperature, top_k, top_p, min_p):
@@ -25,12 +43,10 @@ def _expected(temperature, top_k, top_p, min_p):
 
 
 def _draw(temperature, top_k, top_p, min_p, seed=7):
-    sp = SamplingBatch(
-        temperature=jnp.full(DRAWS, temperature, jnp.float32), top_k=jnp.full(DRAWS, top_k, jnp.int32),
-        top_p=jnp.full(DRAWS, top_p, jnp.float32), min_p=jnp.full(DRAWS, min_p, jnp.float32),
-        seed=jnp.tile(jnp.array([[0, seed]], jnp.uint32), (DRAWS, 1)), sample_index=jnp.arange(DRAWS, dtype=jnp.int32))
-    tokens = jax.jit(sample)(jnp.tile(jnp.asarray(LOGITS), (DRAWS, 1)), sp)
-    return np.bincount(np.asarray(tokens), minlength=len(LOGITS)) / DRAWS
+    sb = _batch(DRAWS, slot=0, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=[0, seed],
+                sample_index=np.arange(DRAWS))
+    tokens, _ = jax.jit(sample)(jnp.tile(jnp.asarray(LOGITS), (DRAWS, 1)), SamplerState.zeros(1, V), sb)
+    return np.asarray(tokens)
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p,min_p", [
@@ -39,23 +55,65 @@ def _draw(temperature, top_k, top_p, min_p, seed=7):
 ])
 def test_frequencies_match_numpy_reference(temperature, top_k, top_p, min_p):
     expected = _expected(temperature, top_k, top_p, min_p)
-    got = _draw(temperature, top_k, top_p, min_p)
+    got = np.bincount(_draw(temperature, top_k, top_p, min_p), minlength=V) / DRAWS
     sigma = np.sqrt(expected * (1 - expected) / DRAWS)
     assert np.all(np.abs(got - expected) <= 5 * sigma + 1e-9)
     assert np.all(got[expected == 0] == 0)  # filtered tokens never appear
 
 
-def test_greedy_rows_take_the_argmax_in_a_mixed_batch():
-    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32))
-    sp = SamplingBatch(temperature=jnp.array([0, 1, 0, 1], jnp.float32), top_k=jnp.zeros(4, jnp.int32),
-                       top_p=jnp.ones(4, jnp.float32), min_p=jnp.zeros(4, jnp.float32),
-                       seed=jnp.zeros((4, 2), jnp.uint32), sample_index=jnp.zeros(4, jnp.int32))
-    out = np.asarray(sample(logits, sp))
-    assert out[0] == int(logits[0].argmax()) and out[2] == int(logits[2].argmax())
-
-
 def test_stream_depends_only_on_seed_and_index():
-    a = _draw(1.0, 0, 1.0, 0.0, seed=11)
-    b = _draw(1.0, 0, 1.0, 0.0, seed=11)
-    c = _draw(1.0, 0, 1.0, 0.0, seed=12)
+    a, b, c = _draw(1.0, 0, 1.0, 0.0, seed=11), _draw(1.0, 0, 1.0, 0.0, seed=11), _draw(1.0, 0, 1.0, 0.0, seed=12)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def _state_with(counts=None, in_prompt=None, bias=None, stop_ids=None, rows=1):
+    s = SamplerState.zeros(rows, V)
+    put = lambda x, new, dtype: x if new is None else jnp.asarray(np.asarray(new, dtype).reshape(rows, V))  # noqa: E731
+    return SamplerState(put(s.counts, counts, np.int32), put(s.in_prompt, in_prompt, bool),
+                        put(s.bias, bias, np.float32), put(s.stop_ids, stop_ids, bool))
+
+
+def _greedy_logprobs(state, **cols):
+    logits = jnp.asarray(LOGITS)[None]
+    tokens, (chosen, rank, top_ids, top_lps) = sample(logits, state, _batch(1, want_logprobs=True, **cols))
+    return int(tokens[0]), float(chosen[0]), int(rank[0])
+
+
+def test_penalties_match_numpy():
+    counts = np.array([3, 0, 1, 0, 0, 0, 0, 0])
+    in_prompt = np.array([0, 1, 0, 0, 0, 0, 0, 0], bool)
+    state = _state_with(counts=counts, in_prompt=in_prompt)
+    for presence, frequency, repetition in [(1.5, 0, 1), (0, 0.4, 1), (0, 0, 1.8), (0.3, 0.2, 1.3)]:
+        ref = LOGITS.copy()
+        seen = (counts > 0) | in_prompt
+        ref = np.where(seen, np.where(ref > 0, ref / repetition, ref * repetition), ref)
+        ref = ref - frequency * counts - presence * (counts > 0)
+        greedy, _ = sample(jnp.asarray(LOGITS)[None], state, _batch(1, presence=presence, frequency=frequency,
+                                                                       repetition=repetition))
+        assert int(greedy[0]) == int(np.argmax(ref))
+
+
+def test_bias_min_tokens_and_logprobs():
+    bias = np.zeros(V)
+    bias[5] = 100.0  # logit_bias pushes token 5 to the top
+    stop = np.zeros(V, bool)
+    stop[0] = True
+    state = _state_with(bias=bias, stop_ids=stop)
+    assert _greedy_logprobs(state, use_bias=True)[0] == 5
+    assert _greedy_logprobs(state, use_bias=False)[0] == 0  # the row only applies to requests that asked
+    assert _greedy_logprobs(state, block_stop=True)[0] == 1  # EOS (0) masked before min_tokens
+    token, lp, rank = _greedy_logprobs(state)
+    ref = LOGITS - np.log(np.exp(LOGITS).sum())  # logprobs come from the raw logits
+    assert token == 0 and rank == 1 and abs(lp - ref[0]) < 1e-5
+    token, lp, rank = _greedy_logprobs(state, use_bias=True)
+    assert token == 5 and rank == 6 and abs(lp - ref[5]) < 1e-5
+
+
+def test_record_tokens_counts_output_tokens_only():
+    state = SamplerState.zeros(2, V)
+    sb = _batch(2, token_slot=[0], token_is_prompt=[True])
+    sb = SamplingBatch(**{**sb.__dict__, "token_slot": np.array([0, 0, 1, 2], np.int32),
+                          "token_is_prompt": np.array([True, False, False, False])})
+    state = record_tokens(state, jnp.array([4, 4, 6, 7]), sb)
+    counts = np.asarray(state.counts)
+    assert counts[0, 4] == 1 and counts[1, 6] == 1 and counts.sum() == 2  # padding slot 2 is dropped
