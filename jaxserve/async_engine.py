@@ -1,0 +1,176 @@
+"""The engine for concurrent callers: one background thread steps `LLMEngine`; callers stream with asyncio.
+
+Only the engine thread touches the engine. Callers send it commands (add, abort) through a queue and receive
+their request's outputs on an asyncio queue of their own event loop. When a caller stops listening (it is
+cancelled, or its client disconnected), the request is aborted and its pages are freed at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from jaxserve.engine import LLMEngine
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import SamplingParams
+
+log = logging.getLogger("jaxserve")
+
+
+class EngineOverloaded(RuntimeError):
+    """Too many requests in flight; the caller should retry later (HTTP 429/503)."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine could not finish this request (its processing raised, or the engine stopped)."""
+
+
+@dataclasses.dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+_STOP = object()
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int = 1024):
+        self.engine = engine
+        self.max_in_flight = engine.scheduler.max_num_seqs + max_waiting_requests
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, _Stream] = {}  # touched by callers (add/remove) and the thread (deliver): locked
+        self._lock = threading.Lock()
+        self._stats = engine.stats()
+        self._generated = 0
+        self._window = (time.monotonic(), 0)  # for tokens/s: (start, tokens generated at start)
+        self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
+        self._running = True
+        self._thread.start()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yields a RequestOutput each time the request gets new tokens; the last one has `finished` set.
+        Raises InvalidRequest (bad input), EngineOverloaded (queue full) or RequestFailed."""
+        if not self._running:
+            raise RequestFailed("the engine is shutting down")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            if len(self._streams) >= self.max_in_flight:
+                raise EngineOverloaded(f"the server is at capacity ({self.max_in_flight} requests in flight)")
+            self._streams[request_id] = stream
+        self._commands.put(("add", request_id, prompt, params))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if item is _STOP:
+                    raise RequestFailed("the engine stopped before the request finished")
+                if isinstance(item, BaseException):
+                    raise item
+                errors = [o.error for o in item.outputs if o.error]
+                if errors:
+                    raise RequestFailed(errors[0])
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        """The engine's counters as of its last step (safe to read from any thread)."""
+        return dict(self._stats)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._running = False
+        self._commands.put(("stop",))
+        self._thread.join(timeout)
+
+    # --- the engine thread ---------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            idle = not self.engine.has_unfinished()
+            if not self._handle_commands(block=idle):
+                break
+            if self.engine.has_unfinished():
+                self._step()
+            self._update_stats()
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _STOP)
+
+    def _handle_commands(self, block: bool) -> bool:
+        """Applies queued commands (waiting for one when idle); False once asked to stop."""
+        try:
+            cmd = self._commands.get(timeout=1.0) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return True
+        while True:
+            if cmd[0] == "stop":
+                return False
+            if cmd[0] == "add":
+                _, request_id, prompt, params = cmd
+                try:
+                    text, ids = (prompt, self.engine.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, prompt)
+                    self.engine.add_request(request_id, list(ids), params, prompt=text)
+                except Exception as e:  # invalid input: the caller gets the exception, the loop goes on
+                    self._deliver(request_id, e)
+            elif cmd[0] == "abort":
+                self.engine.abort(cmd[1])
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return True
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            # A failure of the whole batch (e.g. on the device): fail every request in flight, keep serving.
+            log.exception("engine step failed; failing %d requests", len(self.engine.requests))
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
+                self._deliver(request_id, RequestFailed(f"engine step failed: {type(e).__name__}: {e}"))
+            return
+        for out in outputs:
+            self._generated += sum(len(o.delta_token_ids) for o in out.outputs)
+            self._deliver(out.request_id, out)
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is None:  # the caller is gone: make sure the engine lets go of the request too
+            self.engine.abort(request_id)
+            return
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _update_stats(self) -> None:
+        now = time.monotonic()
+        start, base = self._window
+        stats = self.engine.stats()
+        stats["generated_tokens"] = self._generated
+        stats["generation_tokens_per_s"] = (self._generated - base) / max(now - start, 1e-9)
+        if now - start > 10:  # a sliding 10 s window
+            self._window = (now, self._generated)
+        self._stats = stats

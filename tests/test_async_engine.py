@@ -1,0 +1,130 @@
+"""AsyncEngine: concurrent streams, aborts that free pages at once, isolation of a failing request, overload."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+import tiny
+from jaxserve import SamplingParams
+from jaxserve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed
+from jaxserve.engine import EngineConfig, InvalidRequest, LLMEngine
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    folder = tiny.make_checkpoint(tmp_path_factory.mktemp("async"), "llama")
+    cfg = EngineConfig(max_model_len=256, max_num_seqs=4, max_num_batched_tokens=32, page_size=8,
+                       compile_cache_dir="")
+    llm_engine = LLMEngine(str(folder), config=cfg, progress=False)
+    eng = AsyncEngine(llm_engine, max_waiting_requests=4)
+    yield eng
+    eng.shutdown()
+
+
+async def _collect(eng, rid, prompt, params):
+    text, tokens, last = "", [], None
+    async for out in eng.generate(rid, prompt, params):
+        text += out.outputs[0].delta_text
+        tokens += out.outputs[0].delta_token_ids
+        last = out
+    return text, tokens, last
+
+
+async def _wait_idle(eng):
+    for _ in range(200):
+        s = eng.stats()
+        if s["running"] == 0 and s["waiting"] == 0 and s["kv_pages_free"] == s["kv_pages_total"]:
+            return s
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"engine did not go idle: {eng.stats()}")
+
+
+def test_concurrent_streams_concatenate_to_the_final_output(engine):
+    prompts = [f"Hello world {i} " * (i + 1) for i in range(6)]  # more than max_num_seqs: some wait
+
+    async def main():
+        params = SamplingParams(max_tokens=10, stop=["zz"], **GREEDY)
+        return await asyncio.gather(*[_collect(engine, f"c{i}", p, params) for i, p in enumerate(prompts)])
+
+    results = asyncio.run(main())
+    for text, tokens, last in results:
+        assert last.finished and text == last.outputs[0].text and tokens == last.outputs[0].token_ids
+    asyncio.run(_wait_idle(engine))
+
+
+def test_cancelled_stream_aborts_and_frees_pages(engine):
+    async def main():
+        gen = engine.generate("long", "The quick brown fox", SamplingParams(max_tokens=200, **GREEDY))
+        first = await gen.__anext__()
+        assert not first.finished
+        await gen.aclose()  # what a disconnecting HTTP client does
+        return await _wait_idle(engine)
+
+    stats = asyncio.run(main())
+    assert stats["kv_pages_free"] == stats["kv_pages_total"]
+
+
+def test_invalid_request_raises_and_the_engine_keeps_serving(engine):
+    async def main():
+        with pytest.raises(InvalidRequest, match="maximum context length"):
+            await _collect(engine, "bad", list(range(3, 300)), SamplingParams())
+        return await _collect(engine, "good", "Hello", SamplingParams(max_tokens=3, **GREEDY))
+
+    _, tokens, _ = asyncio.run(main())
+    assert len(tokens) == 3
+
+
+def test_a_failing_request_leaves_the_others_running(engine):
+    real_append = None
+
+    async def main():
+        nonlocal real_append
+        params = SamplingParams(max_tokens=8, **GREEDY)
+        good = asyncio.create_task(_collect(engine, "ok", "Hello world", params))
+        bad = engine.generate("boom", "Hello world", params)
+        with pytest.raises(RequestFailed, match="detokenizer exploded"):
+            async for _ in bad:
+                pass
+        return await good
+
+    original = LLMEngine._check_finish
+
+    def failing(self, seq, token):
+        if seq.request_id == "boom":
+            raise RuntimeError("detokenizer exploded")
+        return original(self, seq, token)
+
+    LLMEngine._check_finish = failing
+    try:
+        _, tokens, last = asyncio.run(main())
+    finally:
+        LLMEngine._check_finish = original
+    assert len(tokens) == 8 and last.finished
+    asyncio.run(_wait_idle(engine))
+
+
+def test_overload_is_refused_fast(engine):
+    async def main():
+        params = SamplingParams(max_tokens=30, **GREEDY)
+        gens = [engine.generate(f"o{i}", "Hello", params) for i in range(engine.max_in_flight)]
+        firsts = [asyncio.create_task(g.__anext__()) for g in gens]
+        await asyncio.sleep(0)  # let every generator register its stream
+        with pytest.raises(EngineOverloaded):
+            await engine.generate("one-too-many", "Hello", params).__anext__()
+        await asyncio.gather(*firsts)
+        for g in gens:
+            await g.aclose()
+        return await _wait_idle(engine)
+
+    asyncio.run(main())
+
+
+def test_stats_have_what_the_server_reports(engine):
+    s = engine.stats()
+    for key in ("running", "waiting", "kv_pages_total", "kv_pages_free", "prefix_cache_hit_rate", "compile_count",
+                "generation_tokens_per_s", "generated_tokens"):
+        assert key in s
+    assert np.isfinite(s["generation_tokens_per_s"])
