@@ -27,8 +27,9 @@ class Detokenizer:
         self.text = ""
         self.num_emitted = 0  # characters of `text` already handed out by `take_delta`
 
-    def append(self, token_id: int) -> str | None:
-        """Adds one generated token; returns the stop string if the text now contains one."""
+    def append(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Adds one generated token; returns the stop string if the text now contains one (and cuts the text
+        there). With check_stop False (before min_tokens) stop strings are let through."""
         self.ids.append(token_id)
         decode = self.tokenizer.decode
         prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
@@ -39,7 +40,7 @@ class Detokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         search_from = max(0, len(self.text) - self.hold_back)
         self.text += new
-        return self._find_stop(search_from)
+        return self._find_stop(search_from) if check_stop else None
 
     def _find_stop(self, start: int) -> str | None:
         best = None

@@ -177,7 +177,7 @@ class LLMEngine:
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
         if seq.num_output_tokens <= p.min_tokens:  # no stop of any kind before min_tokens (EOS is masked too)
-            seq.detokenizer.append(token)
+            seq.detokenizer.append(token, check_stop=False)
         elif token in self.eos_token_ids and not p.ignore_eos:
             return self.scheduler.finish(seq, "stop")
         elif token in p.stop_token_ids:

@@ -203,3 +203,24 @@ def test_penalties_discourage_repeats(llm):
     penalized = llm.generate([prompt], SamplingParams(max_tokens=30, presence_penalty=2.0, frequency_penalty=2.0,
                                                       **GREEDY), use_tqdm=False)[0].outputs[0].token_ids
     assert len(set(penalized)) > len(set(plain))
+
+
+def test_no_compilation_while_serving_200_random_requests(llm):
+    rng = np.random.default_rng(14)
+    vocab = llm.engine.model.cfg.vocab_size
+    llm.generate(["warm"], SamplingParams(max_tokens=2), use_tqdm=False)
+    before = llm.engine.stats()["compile_count"]
+    prompts, params = [], []
+    for _ in range(200):
+        prompts.append(rng.integers(3, vocab, int(rng.integers(1, 200))).tolist())
+        params.append(SamplingParams(
+            n=int(rng.choice([1, 1, 1, 2])), temperature=float(rng.choice([0.0, 0.7, 1.3])),
+            top_p=float(rng.choice([1.0, 0.9])), top_k=int(rng.choice([0, 5, 50])), min_p=float(rng.choice([0, 0.05])),
+            presence_penalty=float(rng.choice([0, 0.5])), repetition_penalty=float(rng.choice([1.0, 1.2])),
+            logit_bias={int(rng.integers(vocab)): 5.0} if rng.random() < 0.2 else None,
+            logprobs=int(rng.integers(0, 6)) if rng.random() < 0.3 else None,
+            min_tokens=int(rng.integers(0, 2)), max_tokens=int(rng.integers(2, 25)), seed=int(rng.integers(1000)),
+            stop=["ab"] if rng.random() < 0.2 else None))
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert len(outs) == 200 and all(o.finished for o in outs)
+    assert llm.engine.stats()["compile_count"] == before
