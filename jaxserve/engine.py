@@ -107,17 +107,7 @@ class LLMEngine:
                     prompt: str | None = None) -> None:
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequest("the prompt is empty")
-        if n >= self.max_model_len:
-            raise InvalidRequest(f"the prompt has {n} tokens, but this model's maximum context length is "
-                                 f"{self.max_model_len} tokens (the prompt must leave room for at least one new token)")
-        vocab = self.model.cfg.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in params.token_ids_used()):
-            raise InvalidRequest(f"token ids in logit_bias, allowed/banned or stop token ids must be in [0, {vocab})")
+        self.validate(prompt_token_ids, params)
         seqs = []
         for i in range(params.n):
             base = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -129,6 +119,20 @@ class LLMEngine:
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs)
         # Samples 1..n-1 wait until sample 0 has computed the prompt, then take its pages from the prefix cache.
         self.scheduler.add(seqs[0])
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raises InvalidRequest if the engine cannot serve this; reads only fixed configuration (thread-safe)."""
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequest("the prompt is empty")
+        if n >= self.max_model_len:
+            raise InvalidRequest(f"the prompt has {n} tokens, but this model's maximum context length is "
+                                 f"{self.max_model_len} tokens (the prompt must leave room for at least one new token)")
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.token_ids_used()):
+            raise InvalidRequest(f"token ids in logit_bias, allowed/banned or stop token ids must be in [0, {vocab})")
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)

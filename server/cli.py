@@ -1,9 +1,48 @@
-"""The `jaxserve` command line."""
+"""The `jaxserve` command line: `serve` (the OpenAI-compatible server) and `chat` (a terminal chat)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
+
+log = logging.getLogger("jaxserve")
+
+_MODEL_HELP = "a .gguf file, a transformers folder or a hub id (default: the embedded SmolLM2-135M-Instruct)"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from jaxserve.engine import EngineConfig
+    from server.app import build_app
+    from server.state import ServerConfig, ServerState
+
+    engine = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.block_size,
+                          tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                          seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
+                          kv_cache_memory_gb=args.kv_cache_memory_gb)
+    config = ServerConfig(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+                          api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
+                          chat_template=args.chat_template, dtype=args.dtype, engine=engine,
+                          max_waiting_requests=args.max_waiting_requests, drain_timeout=args.drain_timeout)
+    state = ServerState(config)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            # SIGTERM/SIGINT: refuse new requests at once (503) while uvicorn lets running ones finish.
+            state.draining = True
+            log.info("shutting down: draining running requests (up to %.0f s)", config.drain_timeout)
+            super().handle_exit(sig, frame)
+
+    server = _Server(uvicorn.Config(build_app(config, state), host=args.host, port=args.port, log_level="warning",
+                                    timeout_graceful_shutdown=config.drain_timeout))
+    log.info("starting jaxserve on http://%s:%d (the model loads and compiles; /health turns 200 when ready)",
+             args.host, args.port)
+    server.run()
+    return 1 if state.failed else 0
 
 
 def _chat(args: argparse.Namespace) -> int:
@@ -50,9 +89,32 @@ def _lines():
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference in JAX for TPU, GPU and CPU")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    serve.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require this bearer token on /v1 (also from $JAXSERVE_API_KEY)")
+    serve.add_argument("--served-model-name", help="the model name clients use (default: from the model)")
+    serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    serve.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
+    serve.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step")
+    serve.add_argument("--max-waiting-requests", type=int, default=256,
+                       help="requests allowed to wait beyond --max-num-seqs before new ones get 429")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache page")
+    serve.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    serve.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    serve.add_argument("--chat-template", help="a Jinja chat template, as a file or inline")
+    serve.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on TPU/GPU), float32, bfloat16")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--no-enable-prefix-caching", action="store_true")
+    serve.add_argument("--drain-timeout", type=float, default=30.0,
+                       help="seconds running requests get to finish after SIGTERM")
+    serve.set_defaults(func=_serve)
+
     chat = sub.add_parser("chat", help="chat with a local model in the terminal")
-    chat.add_argument("model", nargs="?", default=None,
-                      help="a .gguf file, a transformers folder or a hub id (default: embedded SmolLM2-135M-Instruct)")
+    chat.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
     chat.add_argument("--prompt", help="answer this one message and exit")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0)

@@ -1,0 +1,188 @@
+"""The FastAPI application: routes, OpenAI-style errors, API-key check, metrics, and engine start-up.
+
+The HTTP server answers from the first second: /health is 503 until the model is loaded and every step
+bucket compiled, then 200. Every error, whatever its cause, leaves as OpenAI's
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status where the input is at fault.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import logging
+import threading
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import jaxserve
+from jaxserve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed
+from jaxserve.engine import LLMEngine
+from server import protocol as p
+from server.chat import build_prompt, create_chat_completion
+from server.completions import create_completion
+from server.state import ServerConfig, ServerState, UnknownModel, UnsupportedFeature
+
+log = logging.getLogger("jaxserve")
+
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 405: "BadRequestError",
+                413: "BadRequestError", 429: "RateLimitError", 503: "ServiceUnavailableError"}
+
+
+def error(status: int, message: str, param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = p.ErrorResponse(error=p.ErrorInfo(message=message, type=_ERROR_TYPES.get(status, "InternalServerError"),
+                                             param=param, code=status))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _start_engine(state: ServerState, config: ServerConfig) -> None:
+    """Loads the model and compiles every bucket (minutes on a big model): runs in a thread, not the event loop."""
+    try:
+        engine = LLMEngine(config.model, dtype=config.dtype, config=config.engine)
+        state.attach(AsyncEngine(engine, config.max_waiting_requests), engine.model.name)
+        log.info("serving %s on http://%s:%d/v1 (OpenAI-compatible); health at /health",
+                 state.model_name, config.host, config.port)
+    except Exception:
+        log.exception("could not start the engine")
+        state.failed = True
+
+
+def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI:
+    """state: an already-started ServerState (tests, embedding); by default the engine starts with the app."""
+    state = state or ServerState(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state.engine is None:
+            threading.Thread(target=_start_engine, args=(state, config), name="jaxserve-start", daemon=True).start()
+        yield
+        state.draining = True
+        if state.engine is not None:
+            state.engine.shutdown()
+
+    app = FastAPI(title="jaxserve", version=jaxserve.__version__, lifespan=lifespan,
+                  description="OpenAI-compatible LLM serving in JAX")
+    app.state.server = state
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+        message = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
+                            for e in exc.errors()[:5])
+        return error(400, message or "invalid request", ".".join(loc) or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error(500, f"internal error: {type(exc).__name__}")
+
+    @app.middleware("http")
+    async def _gate(request: Request, call_next):
+        path = request.url.path
+        if path.startswith("/v1") or path in ("/tokenize", "/detokenize"):
+            key = config.api_key
+            if key:
+                given = request.headers.get("authorization", "")
+                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):  # constant time
+                    return _count(state, path, error(401, "Invalid or missing API key"))
+            if not state.ready:
+                status = "draining" if state.draining else "loading"
+                return _count(state, path, error(503, f"the server is {status}; retry later",
+                                                 headers={"Retry-After": "5"}))
+        return _count(state, path, await call_next(request))
+
+    async def respond(coro):
+        """Maps engine and validation exceptions onto HTTP statuses."""
+        try:
+            result = await coro
+        except (UnsupportedFeature, ValueError) as e:
+            return error(400, str(e))
+        except UnknownModel as e:
+            return error(404, str(e), "model")
+        except EngineOverloaded as e:
+            return error(429, str(e), headers={"Retry-After": "1"})
+        except RequestFailed as e:
+            return error(500, str(e))
+        if result is None:  # the client disconnected; nobody reads this
+            return Response(status_code=499)
+        if isinstance(result, p.BaseModel):
+            return JSONResponse(result.model_dump())
+        # A client that goes away cancels the streaming task; the cancellation closes the generators down to
+        # AsyncEngine.generate, which aborts the request.
+        return StreamingResponse(result, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/chat/completions", response_model=p.ChatCompletion)
+    async def chat_completions(req: p.ChatCompletionRequest, request: Request):
+        return await respond(create_chat_completion(state, req, request))
+
+    @app.post("/v1/completions", response_model=p.Completion)
+    async def completions(req: p.CompletionRequest, request: Request):
+        return await respond(create_completion(state, req, request))
+
+    @app.get("/v1/models", response_model=p.ModelList)
+    async def models():
+        return p.ModelList(data=[p.ModelCard(id=state.model_name, root=config.model or state.model_name,
+                                             max_model_len=state.max_model_len)])
+
+    @app.post("/tokenize", response_model=p.TokenizeResponse)
+    async def tokenize(req: p.TokenizeRequest):
+        async def run():
+            state.check_model(req.model)
+            tokenizer = state.engine.engine.tokenizer
+            if req.messages is not None:
+                chat = p.ChatCompletionRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt,
+                                               continue_final_message=req.continue_final_message,
+                                               chat_template=req.chat_template,
+                                               chat_template_kwargs=req.chat_template_kwargs)
+                ids = build_prompt(state, chat)
+            else:
+                ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+            return p.TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
+
+        return await respond(run())
+
+    @app.post("/detokenize", response_model=p.DetokenizeResponse)
+    async def detokenize(req: p.DetokenizeRequest):
+        async def run():
+            state.check_model(req.model)
+            vocab = state.engine.engine.model.cfg.vocab_size
+            if any(not 0 <= t < vocab for t in req.tokens):
+                raise ValueError(f"token ids must be in [0, {vocab})")
+            return p.DetokenizeResponse(prompt=state.engine.engine.tokenizer.decode(req.tokens))
+
+        return await respond(run())
+
+    @app.get("/health")
+    async def health():
+        if state.ready:
+            return Response(status_code=200)
+        return error(503, "the engine failed to start" if state.failed else
+                     "draining" if state.draining else "loading the model and compiling; not ready yet")
+
+    @app.get("/version")
+    async def version():
+        return {"version": jaxserve.__version__}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def _count(state: ServerState, path: str, response: Response) -> Response:
+    state.metrics.requests.labels(endpoint=path if path in _KNOWN_PATHS else "other",
+                                  status=str(response.status_code)).inc()
+    return response
+
+
+_KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",
+                "/version", "/metrics"}

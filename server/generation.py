@@ -1,0 +1,67 @@
+"""Running one request on the engine for an HTTP handler: disconnects abort it, outputs become wire objects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from jaxserve.outputs import Logprob, RequestOutput
+from server.protocol import PromptTokensDetails, TokenLogprob, TopLogprob, Usage
+
+
+async def final_output(outputs: AsyncIterator[RequestOutput], http_request: Request) -> RequestOutput | None:
+    """Runs a request to the end; returns None if the client disconnected first (the request is then aborted)."""
+
+    async def run():
+        last = None
+        async for out in outputs:
+            last = out
+        return last
+
+    task = asyncio.create_task(run())
+    while not task.done():
+        done, _ = await asyncio.wait({task}, timeout=0.2)
+        if not done and await http_request.is_disconnected():
+            task.cancel()  # cancelling the consumer closes engine.generate, which aborts the request
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            return None
+    return task.result()
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                 total_tokens=prompt_tokens + completion_tokens,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+def token_logprobs(entries: list[dict[int, Logprob]], top: int) -> list[TokenLogprob]:
+    """Engine logprob entries (chosen token first) -> OpenAI chat `logprobs.content` items."""
+    items = []
+    for entry in entries:
+        (chosen, lp), *_ = entry.items()
+        tops = sorted(entry.values(), key=lambda x: x.rank)[:top]
+        items.append(TokenLogprob(token=lp.decoded_token, logprob=lp.logprob, bytes=_bytes(lp.decoded_token),
+                                  top_logprobs=[TopLogprob(token=t.decoded_token, logprob=t.logprob,
+                                                           bytes=_bytes(t.decoded_token)) for t in tops]))
+    return items
+
+
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def sse(payload) -> str:
+    """One Server-Sent Events message; payload is a pydantic model or a plain string such as [DONE]."""
+    data = payload if isinstance(payload, str) else payload.model_dump_json()
+    return f"data: {data}\n\n"
+
+
+def sse_error(message: str, code: int) -> str:
+    return sse(json.dumps({"error": {"message": message, "type": "InternalServerError" if code >= 500
+                                     else "BadRequestError", "param": None, "code": code}}))

@@ -1,0 +1,115 @@
+"""What the running server knows: its configuration, the engine once it is ready, metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from collections.abc import AsyncIterator
+
+from jaxserve.async_engine import AsyncEngine
+from jaxserve.engine import EngineConfig
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import SamplingParams
+from server.metrics import Metrics
+
+log = logging.getLogger("jaxserve")
+
+
+class UnsupportedFeature(ValueError):
+    """A request field the server understands but does not implement yet (400)."""
+
+
+class UnknownModel(LookupError):
+    """The request names a model this server does not serve (404)."""
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    model: str | None = None
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    chat_template: str | None = None  # a file path or the template itself
+    dtype: str = "auto"
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    max_waiting_requests: int = 256
+    drain_timeout: float = 30.0
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template takes a file or the template text itself, as vLLM's does."""
+    if value is None:
+        return None
+    path = pathlib.Path(value).expanduser()
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:  # a long inline template can be an invalid file name
+        pass
+    return value
+
+
+class ServerState:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.chat_template = read_chat_template(config.chat_template)
+        self.engine: AsyncEngine | None = None
+        self.model_name = config.served_model_name or "loading"
+        self.fingerprint = "fp_jaxserve"
+        self.draining = False
+        self.failed = False  # the engine could not start (the log says why)
+        self.metrics = Metrics(lambda: self.engine.stats() if self.engine else {})
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and not self.draining
+
+    def attach(self, engine: AsyncEngine, loaded_name: str) -> None:
+        self.model_name = self.config.served_model_name or loaded_name
+        self.engine = engine
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def check_model(self, name: str | None) -> None:
+        if name and name != self.model_name:
+            raise UnknownModel(f"The model `{name}` does not exist. This server serves `{self.model_name}`.")
+
+    def default_max_tokens(self, prompt_len: int) -> int:
+        """Without max_tokens a chat answer may use the rest of the context (as vLLM does)."""
+        if prompt_len >= self.max_model_len:
+            raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                             f"prompt has {prompt_len} tokens. Please reduce the length of the messages.")
+        return self.max_model_len - prompt_len
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams
+                       ) -> AsyncIterator[RequestOutput]:
+        """engine.generate with metrics and the one log line per request."""
+        start = last = time.perf_counter()
+        first, generated, finish = None, 0, None
+        try:
+            async for out in self.engine.generate(request_id, prompt, params):
+                now = time.perf_counter()
+                new = sum(len(o.delta_token_ids) for o in out.outputs)
+                if new:
+                    if first is None:
+                        first = now - start
+                        self.metrics.ttft.observe(first)
+                    else:
+                        self.metrics.itl.observe((now - last) / new)
+                    last = now
+                generated += new
+                finish = ",".join(str(o.finish_reason) for o in out.outputs) if out.finished else None
+                yield out
+        finally:
+            total = time.perf_counter() - start
+            self.metrics.e2e.observe(total)
+            self.metrics.prompt_tokens.inc(len(prompt))
+            self.metrics.generation_tokens.inc(generated)
+            log.info("request %s: prompt %d tokens, completion %d tokens, ttft %s, total %.3f s, finish %s",
+                     request_id, len(prompt), generated, f"{first:.3f} s" if first is not None else "-", total,
+                     finish or "abort")
