@@ -86,11 +86,11 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, request_id: st
             cached = out.num_cached_tokens
             choices = []
             for o in out.outputs:
-                if not (o.delta_text or o.delta_token_ids or o.finish_reason):
-                    continue
                 completion_tokens += len(o.delta_token_ids)
                 logprobs = (ChoiceLogprobs(content=token_logprobs(o.delta_logprobs, req.top_logprobs or 0))
                             if req.logprobs and o.delta_logprobs else None)
+                if not (o.delta_text or logprobs or o.finish_reason):
+                    continue  # text held back (it may begin a stop string): nothing to send yet
                 choices.append(ChunkChoice(index=o.index, delta=Delta(content=o.delta_text or None),
                                            logprobs=logprobs, finish_reason=o.finish_reason, stop_reason=o.stop_reason))
             if choices:

@@ -99,9 +99,9 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
             cached += item.num_cached_tokens if item.finished else 0
             choices = []
             for o in item.outputs:
-                if not (o.delta_text or o.delta_token_ids or o.finish_reason):
-                    continue
                 completion_tokens += len(o.delta_token_ids)
+                if not (o.delta_text or o.delta_logprobs or o.finish_reason):
+                    continue
                 index = i * req.n + o.index
                 lp = None
                 if o.delta_logprobs is not None:
