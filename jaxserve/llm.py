@@ -67,14 +67,12 @@ class LLM:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of conversations."""
         if mm_processor_kwargs:
             raise ValueError("mm_processor_kwargs: multimodal inputs are not supported (text-only models)")
-        if chat_template_content_format not in ("auto", "string", "openai"):
-            raise ValueError("chat_template_content_format must be 'auto', 'string' or 'openai'")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [
             templating.encode_prompt(self.tokenizer, templating.render(
                 self.tokenizer, conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tools=tools, documents=documents,
-                chat_template_kwargs=chat_template_kwargs))
+                chat_template_kwargs=chat_template_kwargs, content_format=chat_template_content_format))
             for conv in conversations
         ]
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
