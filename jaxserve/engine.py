@@ -20,6 +20,7 @@ from jaxserve.model_runner import ModelRunner
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
+from jaxserve.structured_output import GrammarCompiler, GrammarState
 from jaxserve.sequence import Sequence, Status
 
 log = logging.getLogger("jaxserve")
@@ -93,6 +94,7 @@ class LLMEngine:
         self._next_seq_id = 0
         self.num_computed_tokens = 0  # tokens run through the model (prefix-cache hits excluded)
         self._token_text: dict[int, str] = {}
+        self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size)
         if config.warm_up:
             self.runner.warm_up(progress=progress)
         log.info("engine ready: max_model_len %d, %d KV pages of %d tokens, %d step buckets, backend %s",
@@ -114,7 +116,10 @@ class LLMEngine:
             seed = (base ^ (i * 0x9E3779B97F4A7C15)) & (2**63 - 1)  # distinct stream per sample
             detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens,
                                 params.include_stop_str_in_output)
-            seqs.append(Sequence(self._next_seq_id, request_id, i, prompt_token_ids, params, seed, detok))
+            seq = Sequence(self._next_seq_id, request_id, i, prompt_token_ids, params, seed, detok)
+            if params.structured_output is not None:
+                seq.grammar = GrammarState(self.grammars, params.structured_output)
+            seqs.append(seq)
             self._next_seq_id += 1
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs)
         # Samples 1..n-1 wait until sample 0 has computed the prompt, then take its pages from the prefix cache.
@@ -133,6 +138,8 @@ class LLMEngine:
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.token_ids_used()):
             raise InvalidRequest(f"token ids in logit_bias, allowed/banned or stop token ids must be in [0, {vocab})")
+        if params.structured_output is not None:
+            self.grammars.grammar(params.structured_output)  # raises InvalidGrammar with the reason
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)
@@ -166,6 +173,8 @@ class LLMEngine:
                 seq.logprobs.append((token, float(chosen_lp[i]), int(chosen_rank[i]), top_ids[i, :k].tolist(),
                                      top_lps[i, :k].tolist()))
             try:
+                if seq.grammar is not None:
+                    seq.grammar.accept(token)
                 self._check_finish(seq, token)
             except Exception as e:  # e.g. a tokenizer that cannot decode: fail this sequence, not the batch
                 log.exception("request %s failed while processing its output", seq.request_id)

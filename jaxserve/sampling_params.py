@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxserve.structured_output import StructuredOutput
+
 MAX_LOGPROBS = 20
 
 
@@ -22,6 +24,7 @@ class SamplingParams:
     banned_token_ids: list[int] | None = None
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the k most likely (k <= 20)
+    structured_output: StructuredOutput | None = None  # constrained decoding (JSON schema, regex, choice, grammar)
     seed: int | None = None
     max_tokens: int | None = 16  # None = up to the context limit
     stop: str | list[str] | None = None

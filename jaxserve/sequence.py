@@ -32,7 +32,8 @@ class Sequence:
         self.page_keys: list[int] = []  # prefix-cache keys of the full pages computed so far
         self.slot: int | None = None  # the scheduler slot (sampler-state row) while admitted
         self.slot_fresh = False  # admitted since the last step: its sampler rows must be written
-        self.logprobs: list[tuple[float, list[int], list[float]]] = []  # per output token, when requested
+        self.logprobs: list[tuple] = []  # per output token, when requested: (token, logprob, rank, top ids, top lps)
+        self.grammar = None  # a structured_output.GrammarState when the output is constrained
         self.num_sent_tokens = 0  # output tokens already reported in deltas
         self.error: str | None = None
         self.finish_reason: str | None = None

@@ -1,0 +1,122 @@
+"""Constrained decoding: JSON schemas, regexes, choices and grammars become per-token masks.
+
+The grammar engine is llguidance, on the host, without torch. Measured here on SmolLM2's 49k-token vocabulary
+(a 3-field JSON schema): llguidance compiles a schema in 0.85 ms and computes a mask in 48 us on average
+(1 ms worst case); xgrammar took 4.3 ms to compile and 7 us per mask, but its mask API needs torch. Schemas
+arrive with each request, so compile time matters more than a mask cost that is 0.1% of a 50 ms step.
+
+Each constrained sequence owns a matcher. Before a step that samples for it, its row of the step's bitmask
+[S, ceil(V/32)] is filled (bit t of a row allows token t); the sampler applies the rows on device. After the
+step, the sampled token advances the matcher. When the grammar is complete only EOS is allowed, so the
+sequence ends with finish_reason "stop".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+
+import numpy as np
+
+
+class InvalidGrammar(ValueError):
+    """The schema, regex or grammar cannot be compiled (the message says why): a 400 for the client."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutput:
+    """Exactly one of the fields is set (vLLM's `structured_outputs` / guided_* options)."""
+
+    json: str | None = None  # a JSON schema, serialized
+    json_object: bool = False  # any JSON object
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None  # llguidance's Lark dialect (close to EBNF)
+
+    def __post_init__(self):
+        given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
+                 self.grammar is not None]
+        if sum(given) != 1:
+            raise ValueError("structured output needs exactly one of json, json_object, regex, choice, grammar")
+        if self.choice is not None and not self.choice:
+            raise ValueError("choice needs at least one option")
+
+    @classmethod
+    def from_schema(cls, schema: dict) -> "StructuredOutput":
+        return cls(json=json.dumps(schema, sort_keys=True))
+
+    def to_grammar(self) -> str:
+        """The llguidance grammar text for this constraint."""
+        from llguidance import LLMatcher
+
+        if self.json is not None:
+            return LLMatcher.grammar_from_json_schema(json.loads(self.json))
+        if self.json_object:
+            return LLMatcher.grammar_from_json_schema({"type": "object"})
+        if self.regex is not None:
+            return LLMatcher.grammar_from_regex(self.regex)
+        if self.choice is not None:
+            return LLMatcher.grammar_from_regex("|".join(re.escape(c) for c in self.choice))
+        return LLMatcher.grammar_from_lark(self.grammar)
+
+
+class GrammarCompiler:
+    """Builds matchers for one tokenizer. The llguidance tokenizer (~0.2 s to build) is made on first use."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.words = -(-vocab_size // 32)  # int32 words per bitmask row
+
+    @functools.cached_property
+    def _lltokenizer(self):
+        import llguidance.hf
+
+        return llguidance.hf.from_tokenizer(self.tokenizer)
+
+    @functools.lru_cache(maxsize=256)
+    def grammar(self, spec: StructuredOutput) -> str:
+        """Compiles and validates; raises InvalidGrammar with the engine's reason."""
+        from llguidance import LLMatcher
+
+        try:
+            grammar = spec.to_grammar()
+        except (ValueError, TypeError) as e:
+            raise InvalidGrammar(f"invalid structured output: {e}") from None
+        error = LLMatcher.validate_grammar(grammar, self._lltokenizer)
+        if error:
+            raise InvalidGrammar(f"invalid structured output: {error.strip()}")
+        return grammar
+
+    def matcher(self, spec: StructuredOutput):
+        from llguidance import LLMatcher
+
+        return LLMatcher(self._lltokenizer, self.grammar(spec))
+
+    def fill(self, matcher, row: np.ndarray) -> None:
+        """Writes the allowed-token bits for the matcher's next token into `row` [words] int32."""
+        import llguidance.numpy
+
+        width = llguidance.numpy.get_bitmask_shape(1, self._lltokenizer.vocab_size)[1]
+        view = row[None, :width]
+        llguidance.numpy.fill_next_token_bitmask(matcher, view, 0)
+        row[width:] = 0  # ids past the tokenizer's vocabulary (padding rows of the embedding) stay banned
+
+
+class GrammarState:
+    """One sequence's position in its grammar."""
+
+    def __init__(self, compiler: GrammarCompiler, spec: StructuredOutput):
+        self.compiler = compiler
+        self.matcher = compiler.matcher(spec)
+
+    def fill(self, row: np.ndarray) -> None:
+        self.compiler.fill(self.matcher, row)
+
+    def accept(self, token: int) -> None:
+        if self.matcher.is_stopped():
+            return  # the grammar is complete; the token is EOS (or the sequence ignores EOS)
+        if not self.matcher.consume_token(token):
+            raise RuntimeError(f"token {token} broke the grammar: {self.matcher.get_error()}")
