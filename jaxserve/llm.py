@@ -8,6 +8,7 @@ from collections.abc import Sequence as Seq
 from tqdm.auto import tqdm
 
 from jaxserve import chat_template as templating
+from jaxserve import tool_parsers
 from jaxserve.engine import EngineConfig, LLMEngine
 from jaxserve.outputs import ChatMessage, ChatOutput, RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -19,12 +20,14 @@ class LLM:
     """model: None (the embedded SmolLM2-135M-Instruct), a .gguf file, a transformers folder, or a hub id.
     Engine options (max_model_len, max_num_seqs, page_size, attention_backend, ...) are keyword arguments."""
 
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", progress: bool = True, **engine_options):
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", progress: bool = True,
+                 tool_call_parser: str | None = None, **engine_options):
         unknown = set(engine_options) - _ENGINE_FIELDS
         if unknown:
             raise TypeError(f"unknown LLM options {sorted(unknown)}; engine options are {sorted(_ENGINE_FIELDS)}")
         self.engine = LLMEngine(model, dtype=dtype, config=EngineConfig(**engine_options), progress=progress)
         self.tokenizer = self.engine.tokenizer
+        self.tool_call_parser = tool_call_parser  # None: guessed from the chat template when tools are given
         self._ids = itertools.count()
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
@@ -76,8 +79,16 @@ class LLM:
             for conv in conversations
         ]
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
-        return [
-            ChatOutput(ChatMessage("assistant", o.outputs[0].text), o.outputs[0].finish_reason,
-                       o.prompt_token_ids, o.outputs[0].token_ids, o)
-            for o in outputs
-        ]
+        parser = (self.tool_call_parser or tool_parsers.parser_for_template(chat_template or self.tokenizer.chat_template)
+                  if tools else None)
+        return [self._chat_output(o, parser) for o in outputs]
+
+    @staticmethod
+    def _chat_output(out: RequestOutput, parser: str | None) -> ChatOutput:
+        first = out.outputs[0]
+        content, calls, finish = first.text, [], first.finish_reason
+        if parser is not None:
+            content, calls = tool_parsers.parse(parser, first.text)
+            finish = "tool_calls" if calls else finish
+        message = ChatMessage("assistant", content, [c.to_openai() for c in calls] or None)
+        return ChatOutput(message, finish, out.prompt_token_ids, first.token_ids, out)
