@@ -1,0 +1,106 @@
+"""From generated text to an assistant message: reasoning, content and tool calls, whole or as stream deltas.
+
+The plan is fixed per request: which reasoning parser splits off `<think>` text, and whether tool calls are
+parsed from free text (tool_choice "auto", with the server's tool-call parser) or read from an output that a
+grammar forced into shape (tool_choice "required" or a named function).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxserve import reasoning, tool_parsers
+from jaxserve.tool_choice import forced_calls, named_tool
+from jaxserve.tool_parsers import ToolCall
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatPlan:
+    tool_parser: str | None = None  # parse free text for calls ("auto")
+    forced: str | dict | None = None  # "required" or a named tool_choice: the output is constrained JSON
+    reasoning_parser: str | None = None
+    include_reasoning: bool = True
+
+
+def final_message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+    """Returns (message fields: content, reasoning_content, tool_calls), finish_reason."""
+    reasoning_text, content = None, text
+    if plan.reasoning_parser:
+        reasoning_text, content = reasoning.parse(plan.reasoning_parser, text)
+        content = content or ""
+    calls: list[ToolCall] = []
+    if plan.forced is not None:
+        calls = forced_calls(content, plan.forced)
+        content = None if calls else content
+    elif plan.tool_parser:
+        content, calls = tool_parsers.parse(plan.tool_parser, content)
+    if calls and finish_reason == "stop":
+        finish_reason = "tool_calls"
+    message = {"content": content, "tool_calls": [c.to_openai() for c in calls],
+               "reasoning_content": reasoning_text if plan.include_reasoning else None}
+    return message, finish_reason
+
+
+class StreamShaper:
+    """Turns text deltas of one choice into OpenAI delta dicts (content, reasoning_content, tool_calls)."""
+
+    def __init__(self, plan: ChatPlan):
+        self.plan = plan
+        self.reasoner = reasoning.StreamingReasoningParser(plan.reasoning_parser) if plan.reasoning_parser else None
+        self.tools = tool_parsers.StreamingToolParser(plan.tool_parser) if plan.tool_parser and not plan.forced else None
+        self.forced_text = ""
+        self.forced_name_sent = False
+        self.num_calls = 0
+
+    def feed(self, delta: str, final: bool) -> list[dict]:
+        deltas = []
+        content = delta
+        if self.reasoner is not None:
+            thought, content = self.reasoner.feed(delta, final)
+            if thought and self.plan.include_reasoning:
+                deltas.append({"reasoning_content": thought})
+        if self.plan.forced is not None:
+            return deltas + self._forced(content, final)
+        if self.tools is not None:
+            content, calls = self.tools.feed(content, final)
+            if content:
+                deltas.append({"content": content})
+            for call in calls:
+                deltas += self._call_deltas(call)
+            return deltas
+        return deltas + ([{"content": content}] if content else [])
+
+    @property
+    def made_calls(self) -> bool:
+        return self.num_calls > 0
+
+    def _call_deltas(self, call: ToolCall, arguments: str | None = None) -> list[dict]:
+        """A call's header (index, id, name), then its arguments, as OpenAI streams them."""
+        index = self.num_calls
+        self.num_calls += 1
+        head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        args = call.arguments if arguments is None else arguments
+        return [{"tool_calls": [head]}] + ([{"tool_calls": [{"index": index, "function": {"arguments": args}}]}]
+                                          if args else [])
+
+    def _forced(self, content: str, final: bool) -> list[dict]:
+        name = named_tool(self.plan.forced)
+        if name is not None:
+            # The grammar guarantees these characters are the arguments object: stream them as they come.
+            deltas = []
+            if not self.forced_name_sent:
+                self.forced_name_sent = True
+                deltas = self._call_deltas(ToolCall(name, "{}"), arguments="")
+            if content:
+                deltas.append({"tool_calls": [{"index": 0, "function": {"arguments": content}}]})
+            return deltas
+        self.forced_text += content
+        if not final:
+            return []
+        deltas = []
+        for call in forced_calls(self.forced_text, self.plan.forced):
+            deltas += self._call_deltas(call)
+        if not deltas and self.forced_text:
+            deltas.append({"content": self.forced_text})  # cut short (max_tokens): not valid JSON, sent as text
+        return deltas
+

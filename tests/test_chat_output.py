@@ -1,0 +1,71 @@
+"""Assistant messages from generated text: reasoning, tool calls (parsed or forced), and stream deltas."""
+
+import json
+
+import pytest
+
+from server.chat_output import ChatPlan, StreamShaper, final_message
+
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+PLANS = {
+    "plain": ChatPlan(),
+    "auto": ChatPlan(tool_parser="hermes"),
+    "auto_reasoning": ChatPlan(tool_parser="hermes", reasoning_parser="qwen3"),
+    "named": ChatPlan(forced={"type": "function", "function": {"name": "get_weather"}}),
+    "required": ChatPlan(forced="required"),
+    "reasoning_hidden": ChatPlan(reasoning_parser="qwen3", include_reasoning=False),
+}
+TEXTS = {
+    "plain": "Hello there.",
+    "auto": "Let me look. " + CALL,
+    "auto_reasoning": "<think>User wants weather.</think>" + CALL,
+    "named": '{"city": "Paris"}',
+    "required": '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "ping", "parameters": {}}]',
+    "reasoning_hidden": "<think>secret</think>The answer.",
+}
+
+
+def _stream(plan, text, step):
+    shaper = StreamShaper(plan)
+    pieces = [text[i:i + step] for i in range(0, len(text), step)] or [""]
+    deltas = []
+    for i, piece in enumerate(pieces):
+        deltas += shaper.feed(piece, final=i == len(pieces) - 1)
+    content = "".join(d.get("content", "") for d in deltas)
+    thought = "".join(d.get("reasoning_content", "") for d in deltas)
+    calls = {}
+    for d in deltas:
+        for tc in d.get("tool_calls", []):
+            entry = calls.setdefault(tc["index"], {"id": None, "name": None, "arguments": ""})
+            if "id" in tc:
+                assert entry["id"] is None  # id and name come once, first
+                entry["id"], entry["name"] = tc["id"], tc["function"]["name"]
+            entry["arguments"] += tc["function"].get("arguments", "")
+    return content, thought, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("case", list(PLANS))
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_stream_matches_final_message(case, step):
+    plan, text = PLANS[case], TEXTS[case]
+    message, finish = final_message(plan, text, "stop")
+    content, thought, calls = _stream(plan, text, step)
+    assert (content.strip() or None) == (message["content"].strip() if message["content"] else None)
+    assert (thought or None) == message["reasoning_content"]
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls] == [
+        (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]]
+    assert all(c["id"].startswith("call_") for c in calls)
+    assert finish == ("tool_calls" if message["tool_calls"] else "stop")
+
+
+def test_specific_shapes():
+    msg, finish = final_message(PLANS["auto"], TEXTS["auto"], "stop")
+    assert msg["content"] == "Let me look." and finish == "tool_calls"
+    assert json.loads(msg["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris"}
+    msg, _ = final_message(PLANS["required"], TEXTS["required"], "stop")
+    assert [c["function"]["name"] for c in msg["tool_calls"]] == ["get_weather", "ping"]
+    assert msg["tool_calls"][1]["function"]["arguments"] == "{}"  # a tool without parameters gets "{}"
+    msg, _ = final_message(PLANS["reasoning_hidden"], TEXTS["reasoning_hidden"], "stop")
+    assert msg["reasoning_content"] is None and msg["content"] == "The answer."
+    msg, finish = final_message(PLANS["named"], '{"city": "Par', "length")  # cut short by max_tokens
+    assert msg["tool_calls"] == [] and finish == "length"
