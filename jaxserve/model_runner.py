@@ -92,7 +92,8 @@ class ModelRunner:
         cu[len(scheduled) + 1:] = t
         batch = model_lib.Batch(token_ids, positions, slots, kv_lens, tables, cu,
                                 np.array([len(scheduled)], np.int32), last)
-        return self._place(batch, SamplingBatch.build(scheduled, num_seqs, num_tokens, self.max_num_seqs))
+        return self._place(batch, SamplingBatch.build(scheduled, num_seqs, num_tokens, self.max_num_seqs,
+                                                      -(-self.cfg.vocab_size // 32)))
 
     def _place(self, batch: model_lib.Batch, sampling: SamplingBatch):
         """Token-level arrays split over the mesh's `data` axis; per-sequence metadata replicated."""

@@ -83,20 +83,26 @@ class SamplingBatch:
     use_bias: jax.Array  # [S] bool: the slot's bias row is not all zero
     block_stop: jax.Array  # [S] bool: fewer than min_tokens generated, stop ids masked
     want_logprobs: jax.Array  # [S] bool
+    use_mask: jax.Array  # [S] bool: the row is constrained by a grammar
+    mask: jax.Array  # [S, ceil(V/32)] int32: bit t of a row allows token t (structured output)
     seed: jax.Array  # [S, 2] uint32: the request seed's high and low words
     sample_index: jax.Array  # [S] int32: index of the token being sampled in the sequence's output
     token_slot: jax.Array  # [T] int32: slot of each fed token; padding -> number of slots (dropped)
     token_is_prompt: jax.Array  # [T] bool: the fed token belongs to the prompt (else to the output)
 
     @classmethod
-    def build(cls, scheduled: list[tuple[Sequence, int]], num_seqs: int, num_tokens: int, num_slots: int):
-        """Host-side arrays for one step, padded to `num_seqs` rows (greedy) and `num_tokens` tokens."""
+    def build(cls, scheduled: list[tuple[Sequence, int]], num_seqs: int, num_tokens: int, num_slots: int,
+              mask_words: int):
+        """Host-side arrays for one step, padded to `num_seqs` rows (greedy) and `num_tokens` tokens.
+        Grammar masks are filled here, for the constrained sequences that sample in this step."""
         f32, i32 = np.float32, np.int32
         cols = {name: np.zeros(num_seqs, f32) for name in ("temperature", "presence", "frequency", "min_p")}
         cols |= {"top_p": np.ones(num_seqs, f32), "repetition": np.ones(num_seqs, f32),
                  "top_k": np.zeros(num_seqs, i32), "slot": np.zeros(num_seqs, i32),
                  "sample_index": np.zeros(num_seqs, i32), "seed": np.zeros((num_seqs, 2), np.uint32)}
-        cols |= {name: np.zeros(num_seqs, np.bool_) for name in ("use_bias", "block_stop", "want_logprobs")}
+        cols |= {name: np.zeros(num_seqs, np.bool_) for name in ("use_bias", "block_stop", "want_logprobs",
+                                                                 "use_mask")}
+        cols["mask"] = np.zeros((num_seqs, mask_words), i32)
         token_slot = np.full(num_tokens, num_slots, i32)
         token_is_prompt = np.zeros(num_tokens, np.bool_)
         t = 0
@@ -109,6 +115,9 @@ class SamplingBatch:
             cols["use_bias"][i] = p.needs_bias_row
             cols["block_stop"][i] = s.num_output_tokens < p.min_tokens
             cols["want_logprobs"][i] = p.logprobs is not None
+            if s.grammar is not None and s.num_computed_tokens + n == len(s):
+                s.grammar.fill(cols["mask"][i])
+                cols["use_mask"][i] = True
             cols["slot"][i] = s.slot
             cols["seed"][i] = (s.seed >> 32) & 0xFFFFFFFF, s.seed & 0xFFFFFFFF
             cols["sample_index"][i] = s.num_output_tokens
@@ -146,6 +155,14 @@ def _top_k_top_p(logits, top_k, top_p):
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+def _apply_mask(logits, sb: SamplingBatch):
+    """Grammar masks: tokens whose bit is clear get -inf, in constrained rows only."""
+    s, v = logits.shape
+    bits = (sb.mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, W, 32]
+    allowed = bits.reshape(s, -1)[:, :v].astype(jnp.bool_)
+    return jnp.where(sb.use_mask[:, None] & ~allowed, -jnp.inf, logits)
+
+
 def _adjust(logits, state: SamplerState, sb: SamplingBatch):
     """min_tokens, bias rows and penalties; skipped entirely when no request in the batch uses them."""
     stop_ids, bias = state.stop_ids[sb.slot], state.bias[sb.slot]
@@ -171,6 +188,7 @@ def sample(logits, state: SamplerState, sb: SamplingBatch):
     """logits: [S, V] float32 -> (tokens [S] int32, (chosen logprob [S], its rank [S], top ids [S, K],
     top logprobs [S, K])), logprobs taken from the raw logits."""
     raw = logits
+    logits = jax.lax.cond(jnp.any(sb.use_mask), lambda x: _apply_mask(x, sb), lambda x: x, logits)
     needs_adjust = jnp.any(sb.block_stop | sb.use_bias | (sb.presence != 0) | (sb.frequency != 0)
                            | (sb.repetition != 1))
     logits = jax.lax.cond(needs_adjust, lambda x: _adjust(x, state, sb), lambda x: x, logits)

@@ -1,11 +1,15 @@
 """The offline API on a tiny random model: continuous batching, chunked prefill, preemption, stops, seeds, chat."""
 
+import json
+import re
+
 import numpy as np
 import pytest
 
 import tiny
 from jaxserve import LLM, SamplingParams
 from jaxserve.engine import InvalidRequest
+from jaxserve.structured_output import StructuredOutput
 from paged import run_logits
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -224,3 +228,32 @@ def test_no_compilation_while_serving_200_random_requests(llm):
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert len(outs) == 200 and all(o.finished for o in outs)
     assert llm.engine.stats()["compile_count"] == before
+
+
+def test_chat_with_tools_returns_parsed_tool_calls(llm):
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    # A random model never calls tools by itself: a regex constraint makes it write a Hermes call.
+    call = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+    params = SamplingParams(max_tokens=200, temperature=0, structured_output=StructuredOutput(regex=re.escape(call)))
+    out = llm.chat(messages, params, tools=[weather], use_tqdm=False)[0]
+    assert out.request_output.outputs[0].text == call
+    assert out.finish_reason == "tool_calls" and out.message.content is None
+    assert out.message.tool_calls[0]["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert out.message.tool_calls[0]["id"].startswith("call_")
+    plain = llm.chat(messages, SamplingParams(max_tokens=5, temperature=0), use_tqdm=False)[0]
+    assert plain.message.tool_calls is None and plain.finish_reason == "length"
+
+
+def test_structured_output_json_schema_always_validates(llm):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["name", "n"], "additionalProperties": False}
+    params = [SamplingParams(max_tokens=60, temperature=1.0, seed=s,
+                             structured_output=StructuredOutput.from_schema(schema)) for s in range(8)]
+    outs = llm.generate(["Give me JSON"] * 8, params, use_tqdm=False)
+    for o in outs:
+        value = json.loads(o.outputs[0].text)
+        assert set(value) == {"name", "n"} and isinstance(value["n"], int) and 0 <= value["n"] <= 99
+        assert o.outputs[0].finish_reason == "stop"
