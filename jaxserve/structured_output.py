@@ -21,6 +21,11 @@ import re
 import numpy as np
 
 
+# JSON as json.dumps writes it. Free whitespace would let a weak model pad with newlines until max_tokens;
+# a schema can still ask for it with its own "x-guidance" options.
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 class InvalidGrammar(ValueError):
     """The schema, regex or grammar cannot be compiled (the message says why): a 400 for the client."""
 
@@ -52,9 +57,9 @@ class StructuredOutput:
         from llguidance import LLMatcher
 
         if self.json is not None:
-            return LLMatcher.grammar_from_json_schema(json.loads(self.json))
+            return LLMatcher.grammar_from_json_schema(json.loads(self.json), defaults=_JSON_STYLE)
         if self.json_object:
-            return LLMatcher.grammar_from_json_schema({"type": "object"})
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=_JSON_STYLE)
         if self.regex is not None:
             return LLMatcher.grammar_from_regex(self.regex)
         if self.choice is not None:
