@@ -49,8 +49,10 @@ class StructuredOutput:
             raise ValueError("choice needs at least one option")
 
     @classmethod
-    def from_schema(cls, schema: dict) -> "StructuredOutput":
-        return cls(json=json.dumps(schema, sort_keys=True))
+    def from_schema(cls, schema: dict, strict: bool = False) -> "StructuredOutput":
+        """strict: objects take no properties beyond those listed unless they say otherwise (OpenAI's strict
+        mode), so a model cannot keep inventing keys until max_tokens."""
+        return cls(json=json.dumps(close_objects(schema) if strict else schema, sort_keys=True))
 
     def to_grammar(self) -> str:
         """The llguidance grammar text for this constraint."""
@@ -65,6 +67,18 @@ class StructuredOutput:
         if self.choice is not None:
             return LLMatcher.grammar_from_regex("|".join(re.escape(c) for c in self.choice))
         return LLMatcher.grammar_from_lark(self.grammar)
+
+
+def close_objects(schema):
+    """A copy of `schema` with additionalProperties false on every object schema that does not set it."""
+    if isinstance(schema, list):
+        return [close_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: close_objects(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 class GrammarCompiler:

@@ -1,5 +1,6 @@
 """Forced tool calls: tool_choice "required" or a named function constrain the output with a JSON schema,
-so the arguments always parse and validate against the tool's parameters, whatever the model.
+so the arguments always parse and validate against the tool's parameters, whatever the model. The schemas
+are strict (no invented keys), as OpenAI's strict function calling.
 
 A named function's output is its arguments object itself. "required" produces a JSON list of
 {"name", "parameters"} items, one branch per tool (at most one item when parallel_tool_calls is false).
@@ -36,7 +37,7 @@ def forced_structure(tools: list[dict], tool_choice, parallel: bool = True) -> S
         tool = next((t for t in tools if t.get("function", t).get("name") == name), None)
         if tool is None:
             raise ValueError(f"tool_choice names {name!r}, which is not among the tools: {tool_names(tools)}")
-        return StructuredOutput.from_schema(_parameters(tool))
+        return StructuredOutput.from_schema(_parameters(tool), strict=True)
     if tool_choice != "required":
         return None
     if not tools:
@@ -47,7 +48,7 @@ def forced_structure(tools: list[dict], tool_choice, parallel: bool = True) -> S
     schema = {"type": "array", "items": item, "minItems": 1}
     if not parallel:
         schema["maxItems"] = 1
-    return StructuredOutput.from_schema(schema)
+    return StructuredOutput.from_schema(schema, strict=True)
 
 
 def forced_calls(text: str, tool_choice) -> list[ToolCall]:

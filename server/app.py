@@ -23,7 +23,7 @@ from jaxserve.engine import LLMEngine
 from server import protocol as p
 from server.chat import build_prompt, create_chat_completion
 from server.completions import create_completion
-from server.state import ServerConfig, ServerState, UnknownModel, UnsupportedFeature
+from server.state import ServerConfig, ServerState, UnknownModel
 
 log = logging.getLogger("jaxserve")
 
@@ -102,7 +102,7 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
         """Maps engine and validation exceptions onto HTTP statuses."""
         try:
             result = await coro
-        except (UnsupportedFeature, ValueError) as e:
+        except ValueError as e:  # invalid input, an unknown option, a bad schema or template
             return error(400, str(e))
         except UnknownModel as e:
             return error(404, str(e), "model")

@@ -1,4 +1,9 @@
-"""POST /v1/chat/completions: messages -> prompt -> engine -> one chat.completion or a stream of chunks."""
+"""POST /v1/chat/completions: messages -> prompt -> engine -> one chat.completion or a stream of chunks.
+
+Tools reach the chat template; with tool_choice "auto" the answer is parsed for calls by the server's
+tool-call parser, with "required" or a named function the answer is constrained to valid calls by a grammar.
+A reasoning parser, when configured, splits `<think>` text into `reasoning_content`.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,23 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from jaxserve import chat_template as templating
+from jaxserve import tool_parsers
 from jaxserve.async_engine import RequestFailed
+from jaxserve.tool_choice import forced_structure
+from server.chat_output import ChatPlan, StreamShaper, final_message
 from server.generation import final_output, sse, sse_error, token_logprobs, usage
 from server.protocol import (ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs,
                              ChunkChoice, Delta, ResponseMessage, random_id)
-from server.state import ServerState, UnsupportedFeature
+from server.state import ServerState
 
 
 def _template_messages(req: ChatCompletionRequest) -> list[dict]:
-    """Messages as chat templates expect them (transformers' conventions): text content, tool calls as dicts."""
+    """Messages as chat templates expect them (transformers' conventions); content keeps its parts so the
+    renderer can give each template the content format it reads."""
     out = []
     for m in req.messages:
-        msg = {"role": m.role, "content": m.text()}
+        msg = {"role": m.role, "content": [p.model_dump() for p in m.content] if isinstance(m.content, list)
+               else m.content}
         if m.name:
             msg["name"] = m.name
         if m.tool_calls:
@@ -30,49 +40,69 @@ def _template_messages(req: ChatCompletionRequest) -> list[dict]:
     return out
 
 
-def build_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
+def build_prompt(state: ServerState, req: ChatCompletionRequest, tools: list[dict] | None = None) -> list[int]:
     tokenizer = state.engine.engine.tokenizer
     text = templating.render(tokenizer, _template_messages(req), chat_template=req.chat_template or state.chat_template,
                              add_generation_prompt=req.add_generation_prompt,
-                             continue_final_message=req.continue_final_message, documents=req.documents,
-                             chat_template_kwargs=req.chat_template_kwargs)
+                             continue_final_message=req.continue_final_message, tools=tools,
+                             documents=req.documents, chat_template_kwargs=req.chat_template_kwargs,
+                             content_format=state.config.chat_template_content_format)
     ids = templating.encode_prompt(tokenizer, text)
     return ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else ids
 
 
+def _plan(state: ServerState, req: ChatCompletionRequest, tools, tool_choice) -> ChatPlan:
+    forced = tool_choice if tool_choice == "required" or isinstance(tool_choice, dict) else None
+    parser = None
+    if tools and tool_choice == "auto":
+        template = req.chat_template or state.chat_template or state.engine.engine.tokenizer.chat_template
+        parser = state.config.tool_call_parser or tool_parsers.parser_for_template(template)
+    return ChatPlan(tool_parser=parser, forced=forced, reasoning_parser=state.config.reasoning_parser,
+                    include_reasoning=req.include_reasoning)
+
+
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, http_request: Request):
     """Returns a ChatCompletion, an async iterator of SSE strings, or None when the client went away."""
-    feature = req.unsupported()
-    if feature:
-        raise UnsupportedFeature(f"{feature} is not supported yet")
     state.check_model(req.model)
-    prompt = build_prompt(state, req)
+    tools, tool_choice = req.effective_tools()
+    plan = _plan(state, req, tools, tool_choice)
+    prompt = build_prompt(state, req, tools if tool_choice != "none" else None)
     params = req.sampling_params(state.default_max_tokens(len(prompt)))
+    forced = forced_structure(tools or [], tool_choice, req.parallel_tool_calls is not False)
+    if forced is not None:
+        if params.structured_output is not None:
+            raise ValueError("a forced tool_choice cannot be combined with response_format or structured_outputs")
+        params.structured_output = forced
     state.engine.engine.validate(prompt, params)  # before a stream starts: errors must be a 400, not an SSE event
     request_id = random_id("chatcmpl")
     echo = req.messages[-1].text() if req.echo and req.messages[-1].role == "assistant" else ""
     if req.stream:
-        return _stream(state, req, request_id, prompt, params, echo)
+        return _stream(state, req, plan, request_id, prompt, params, echo)
     out = await final_output(state.generate(request_id, prompt, params), http_request)
     if out is None:
         return None
-    choices = [ChatChoice(index=o.index, message=ResponseMessage(content=echo + o.text), finish_reason=o.finish_reason,
-                          stop_reason=o.stop_reason,
-                          logprobs=ChoiceLogprobs(content=token_logprobs(o.logprobs, req.top_logprobs or 0))
-                          if req.logprobs else None)
-               for o in out.outputs]
+    choices = []
+    for o in out.outputs:
+        message, finish = final_message(plan, o.text, o.finish_reason)
+        if echo and message["content"] is not None:
+            message["content"] = echo + message["content"]
+        choices.append(ChatChoice(
+            index=o.index, message=ResponseMessage(**message), finish_reason=finish, stop_reason=o.stop_reason,
+            logprobs=ChoiceLogprobs(content=token_logprobs(o.logprobs, req.top_logprobs or 0)) if req.logprobs
+            else None))
     completion_tokens = sum(len(o.token_ids) for o in out.outputs)
     return ChatCompletion(id=request_id, model=state.model_name, choices=choices,
                           usage=usage(len(prompt), completion_tokens, out.num_cached_tokens),
                           system_fingerprint=state.fingerprint)
 
 
-async def _stream(state: ServerState, req: ChatCompletionRequest, request_id: str, prompt: list[int], params,
-                  echo: str) -> AsyncIterator[str]:
+async def _stream(state: ServerState, req: ChatCompletionRequest, plan: ChatPlan, request_id: str, prompt: list[int],
+                  params, echo: str) -> AsyncIterator[str]:
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     completion_tokens = 0
+    shapers = [StreamShaper(plan) for _ in range(req.n)]
 
     def chunk(choices, usage_=None):
         return sse(ChatCompletionChunk(id=request_id, created=created, model=state.model_name, choices=choices,
@@ -87,14 +117,18 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, request_id: st
             choices = []
             for o in out.outputs:
                 completion_tokens += len(o.delta_token_ids)
-                logprobs = (ChoiceLogprobs(content=token_logprobs(o.delta_logprobs, req.top_logprobs or 0))
-                            if req.logprobs and o.delta_logprobs else None)
-                if not (o.delta_text or logprobs or o.finish_reason):
-                    continue  # text held back (it may begin a stop string): nothing to send yet
-                choices.append(ChunkChoice(index=o.index, delta=Delta(content=o.delta_text or None),
-                                           logprobs=logprobs, finish_reason=o.finish_reason, stop_reason=o.stop_reason))
-            if choices:
-                yield chunk(choices, usage(len(prompt), completion_tokens, cached) if continuous else None)
+                shaper = shapers[o.index]
+                deltas = shaper.feed(o.delta_text, final=o.finish_reason is not None)
+                if req.logprobs and o.delta_logprobs:
+                    lp = ChoiceLogprobs(content=token_logprobs(o.delta_logprobs, req.top_logprobs or 0))
+                    choices.append(ChunkChoice(index=o.index, delta=Delta(), logprobs=lp))
+                choices += [ChunkChoice(index=o.index, delta=Delta(**d)) for d in deltas]
+                if o.finish_reason:
+                    finish = "tool_calls" if shaper.made_calls and o.finish_reason == "stop" else o.finish_reason
+                    choices.append(ChunkChoice(index=o.index, delta=Delta(), finish_reason=finish,
+                                               stop_reason=o.stop_reason))
+            for c in choices:  # one entry per chunk, as OpenAI streams
+                yield chunk([c], usage(len(prompt), completion_tokens, cached) if continuous else None)
     except RequestFailed as e:  # headers are sent already: report in the stream, as OpenAI does
         yield sse_error(str(e), 500)
         return

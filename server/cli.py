@@ -27,6 +27,8 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServerConfig(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
                           api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
                           chat_template=args.chat_template, dtype=args.dtype, engine=engine,
+                          chat_template_content_format=args.chat_template_content_format,
+                          tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
                           max_waiting_requests=args.max_waiting_requests, drain_timeout=args.drain_timeout)
     state = ServerState(config)
 
@@ -106,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     serve.add_argument("--data-parallel-size", "-dp", type=int, default=1)
     serve.add_argument("--chat-template", help="a Jinja chat template, as a file or inline")
+    serve.add_argument("--chat-template-content-format", default="auto", choices=["auto", "string", "openai"])
+    serve.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral", "pythonic"],
+                       help="how tool calls are read from the model's text (default: guessed from the chat template)")
+    serve.add_argument("--enable-auto-tool-choice", action="store_true",
+                       help="accepted for vLLM compatibility; tool_choice auto is always on")
+    serve.add_argument("--reasoning-parser", choices=["deepseek_r1", "qwen3"],
+                       help="split <think> reasoning into reasoning_content")
     serve.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on TPU/GPU), float32, bfloat16")
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--no-enable-prefix-caching", action="store_true")

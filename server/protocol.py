@@ -7,6 +7,7 @@ documentation; `to_sampling_params` is the one mapping from a request to the eng
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -14,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxserve.structured_output import StructuredOutput
 
 
 def random_id(prefix: str) -> str:
@@ -90,6 +92,49 @@ class _SamplingFields(_Request):
     truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
     request_id: str | None = None
     echo: bool = False
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def structured(self) -> StructuredOutput | None:
+        """The output constraint from response_format, structured_outputs or the guided_* extras."""
+        found = []
+        rf = self.response_format or {}
+        if rf.get("type") == "json_object":
+            found.append(StructuredOutput(json_object=True))
+        elif rf.get("type") == "json_schema":
+            spec = rf.get("json_schema") or {}
+            if not isinstance(spec.get("schema"), dict):
+                raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
+            found.append(StructuredOutput.from_schema(spec["schema"], strict=bool(spec.get("strict"))))
+        elif rf.get("type", "text") != "text":
+            raise ValueError(f"response_format type {rf.get('type')!r} is not one of text, json_object, json_schema")
+        so = dict(self.structured_outputs or {})
+        legacy = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        so.update({k: v for k, v in legacy.items() if v is not None})
+        for key, value in so.items():
+            if value is None or value is False:
+                continue
+            if key == "json":
+                schema = json.loads(value) if isinstance(value, str) else value
+                found.append(StructuredOutput.from_schema(schema))
+            elif key == "json_object":
+                found.append(StructuredOutput(json_object=True))
+            elif key == "regex":
+                found.append(StructuredOutput(regex=value))
+            elif key == "choice":
+                found.append(StructuredOutput(choice=tuple(value)))
+            elif key == "grammar":
+                found.append(StructuredOutput(grammar=value))
+            else:
+                raise ValueError(f"unknown structured_outputs option {key!r}")
+        if len(found) > 1:
+            raise ValueError("give one output constraint: response_format, structured_outputs or one guided_* field")
+        return found[0] if found else None
 
     def to_sampling_params(self, max_tokens: int | None, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         if self.bad_words:
@@ -104,6 +149,7 @@ class _SamplingFields(_Request):
             logprobs=logprobs, seed=seed, max_tokens=max_tokens or default_max_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
+            structured_output=self.structured(),
         )
 
 
@@ -117,13 +163,13 @@ class ChatCompletionRequest(_SamplingFields):
     store: bool | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None
     # vLLM extras
+    include_reasoning: bool = True
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
@@ -138,15 +184,16 @@ class ChatCompletionRequest(_SamplingFields):
             raise ValueError("continue_final_message cannot be used with add_generation_prompt (set it to false)")
         return self
 
-    def unsupported(self) -> str | None:
-        """Names a field that the server accepts but cannot honour yet (tools and structured output)."""
-        if self.tools or self.functions:
-            return "tools / functions (tool calling)"
-        if self.tool_choice not in (None, "none") or self.function_call not in (None, "none"):
-            return "tool_choice / function_call"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return f"response_format {self.response_format.get('type')!r} (structured output)"
-        return None
+    def effective_tools(self) -> tuple[list[dict] | None, str | dict | None]:
+        """(tools, tool_choice) with the deprecated functions / function_call mapped onto them."""
+        tools, choice = self.tools, self.tool_choice
+        if self.functions and not tools:
+            tools = [{"type": "function", "function": f} for f in self.functions]
+            fc = self.function_call
+            choice = {"type": "function", "function": {"name": fc["name"]}} if isinstance(fc, dict) else fc
+        if tools and choice is None:
+            choice = "auto"
+        return tools, choice or "none"
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
@@ -233,6 +280,7 @@ class ChoiceLogprobs(BaseModel):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
@@ -257,6 +305,8 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # {index, id?, type?, function: {name?, arguments}}
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler):

@@ -17,10 +17,6 @@ from server.metrics import Metrics
 log = logging.getLogger("jaxserve")
 
 
-class UnsupportedFeature(ValueError):
-    """A request field the server understands but does not implement yet (400)."""
-
-
 class UnknownModel(LookupError):
     """The request names a model this server does not serve (404)."""
 
@@ -33,6 +29,9 @@ class ServerConfig:
     port: int = 8000
     api_key: str | None = None
     chat_template: str | None = None  # a file path or the template itself
+    chat_template_content_format: str = "auto"
+    tool_call_parser: str | None = None  # None: guessed from the chat template
+    reasoning_parser: str | None = None
     dtype: str = "auto"
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     max_waiting_requests: int = 256

@@ -90,3 +90,13 @@ def test_required_tool_choice(compiler):
     _walk(compiler, tok, spec, text)
     assert [(x.name, x.arguments) for x in forced_calls(text, "required")] == [("ping", "{}")]
     assert forced_structure([WEATHER], "auto") is None and forced_structure([WEATHER], "none") is None
+
+
+def test_strict_schemas_close_objects():
+    from jaxserve.structured_output import close_objects
+
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {}},
+                                               "b": {"type": "object", "additionalProperties": True}}}
+    closed = close_objects(schema)
+    assert closed["additionalProperties"] is False and closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["b"]["additionalProperties"] is True and "additionalProperties" not in schema
