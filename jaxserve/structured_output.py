@@ -39,6 +39,8 @@ class StructuredOutput:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None  # llguidance's Lark dialect (close to EBNF)
+    # With a reasoning model: free text up to this marker (e.g. "</think>") comes first, then the constraint.
+    reasoning_end: str | None = None
 
     def __post_init__(self):
         given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
@@ -58,6 +60,8 @@ class StructuredOutput:
         """The llguidance grammar text for this constraint."""
         from llguidance import LLMatcher
 
+        if self.reasoning_end is not None and self.grammar is None:
+            return LLMatcher.grammar_from_lark(self._after_reasoning())
         if self.json is not None:
             return LLMatcher.grammar_from_json_schema(json.loads(self.json), defaults=_JSON_STYLE)
         if self.json_object:
@@ -67,6 +71,17 @@ class StructuredOutput:
         if self.choice is not None:
             return LLMatcher.grammar_from_regex("|".join(re.escape(c) for c in self.choice))
         return LLMatcher.grammar_from_lark(self.grammar)
+
+    def _after_reasoning(self) -> str:
+        """Lark: free text through the reasoning end marker (matched lazily), then the constrained answer."""
+        if self.json is not None or self.json_object:
+            schema = json.loads(self.json) if self.json is not None else {"type": "object"}
+            body = "%json " + json.dumps({"x-guidance": _JSON_STYLE, **schema})
+        else:
+            pattern = self.regex if self.regex is not None else "|".join(re.escape(c) for c in self.choice)
+            body = "/" + pattern.replace("/", "\\/") + "/"
+        end = re.escape(self.reasoning_end).replace("/", "\\/")
+        return f"start: think sep answer\nthink[lazy]: /(?s:.*){end}/\nsep: /[ \\n]*/\nanswer: {body}\n"
 
 
 def close_objects(schema):

@@ -7,6 +7,7 @@ A reasoning parser, when configured, splits `<think>` text into `reasoning_conte
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -73,6 +74,9 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         if params.structured_output is not None:
             raise ValueError("a forced tool_choice cannot be combined with response_format or structured_outputs")
         params.structured_output = forced
+    if params.structured_output is not None and plan.reasoning_parser:
+        # A reasoning model thinks freely first; the constraint applies to the answer after </think>.
+        params.structured_output = dataclasses.replace(params.structured_output, reasoning_end="</think>")
     state.engine.engine.validate(prompt, params)  # before a stream starts: errors must be a 400, not an SSE event
     request_id = random_id("chatcmpl")
     echo = req.messages[-1].text() if req.echo and req.messages[-1].role == "assistant" else ""

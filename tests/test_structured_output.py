@@ -100,3 +100,14 @@ def test_strict_schemas_close_objects():
     closed = close_objects(schema)
     assert closed["additionalProperties"] is False and closed["properties"]["a"]["additionalProperties"] is False
     assert closed["properties"]["b"]["additionalProperties"] is True and "additionalProperties" not in schema
+
+
+def test_constraint_starts_after_the_reasoning(compiler):
+    c, tok = compiler
+    spec = StructuredOutput(json=json.dumps(WEATHER["function"]["parameters"]), reasoning_end="</think>")
+    state, allowed = _walk(compiler, tok, spec, 'Let me think: a city.</think>\n{"city": "Paris"}')
+    assert allowed == {tok.eos_token_id} and state.matcher.is_accepting()
+    state = GrammarState(c, spec)  # after the marker, only the schema is allowed
+    with pytest.raises(RuntimeError, match="broke the grammar"):
+        for t in tok.encode("thinking</think>\nnot json", add_special_tokens=False):
+            state.accept(t)
