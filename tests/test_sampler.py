@@ -21,7 +21,8 @@ def _batch(rows, **cols):
                 top_k=np.zeros(rows, np.int32), top_p=np.ones(rows, np.float32), min_p=np.zeros(rows, np.float32),
                 presence=np.zeros(rows, np.float32), frequency=np.zeros(rows, np.float32),
                 repetition=np.ones(rows, np.float32), use_bias=np.zeros(rows, bool), block_stop=np.zeros(rows, bool),
-                want_logprobs=np.zeros(rows, bool), seed=np.zeros((rows, 2), np.uint32),
+                want_logprobs=np.zeros(rows, bool), use_mask=np.zeros(rows, bool),
+                mask=np.zeros((rows, -(-V // 32)), np.int32), seed=np.zeros((rows, 2), np.uint32),
                 sample_index=np.zeros(rows, np.int32), token_slot=np.zeros(1, np.int32),
                 token_is_prompt=np.ones(1, bool))
     for k, v in cols.items():
@@ -107,6 +108,14 @@ def test_bias_min_tokens_and_logprobs():
     assert token == 0 and rank == 1 and abs(lp - ref[0]) < 1e-5
     token, lp, rank = _greedy_logprobs(state, use_bias=True)
     assert token == 5 and rank == 6 and abs(lp - ref[5]) < 1e-5
+
+
+def test_grammar_mask_applies_to_constrained_rows_only():
+    mask = np.zeros((2, 1), np.int32)
+    mask[:, 0] = (1 << 3) | (1 << 6)  # tokens 3 and 6 allowed
+    sb = _batch(2, use_mask=[True, False], mask=mask)
+    tokens, _ = sample(jnp.tile(jnp.asarray(LOGITS), (2, 1)), SamplerState.zeros(2, V), sb)
+    assert np.asarray(tokens).tolist() == [3, 0]  # the best allowed token; the unconstrained row is untouched
 
 
 def test_record_tokens_counts_output_tokens_only():
