@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from collections.abc import Sequence as Seq
 
 from tqdm.auto import tqdm
@@ -71,17 +72,36 @@ class LLM:
         if mm_processor_kwargs:
             raise ValueError("mm_processor_kwargs: multimodal inputs are not supported (text-only models)")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [
-            templating.encode_prompt(self.tokenizer, templating.render(
-                self.tokenizer, conv, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, tools=tools, documents=documents,
-                chat_template_kwargs=chat_template_kwargs, content_format=chat_template_content_format))
-            for conv in conversations
-        ]
+        options = dict(chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                       continue_final_message=continue_final_message, tools=tools, documents=documents,
+                       chat_template_kwargs=chat_template_kwargs, content_format=chat_template_content_format)
+        prompts = [self._encode_chat(conv, **options) for conv in conversations]
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
         parser = (self.tool_call_parser or tool_parsers.parser_for_template(chat_template or self.tokenizer.chat_template)
                   if tools else None)
         return [self._chat_output(o, parser) for o in outputs]
+
+    def _encode_chat(self, conversation: list[dict], **options) -> list[int]:
+        return templating.encode_prompt(self.tokenizer, templating.render(self.tokenizer, conversation, **options))
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yields the text of one request as it is generated. prompt: text, token ids, or a conversation
+        (a list of {"role", "content"} dicts, rendered with the model's chat template)."""
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            prompt = self._encode_chat(prompt)
+        text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
+        rid = f"offline-{next(self._ids)}"
+        self.engine.add_request(rid, ids, sampling_params or SamplingParams(), prompt=text)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        if out.outputs[0].delta_text:
+                            yield out.outputs[0].delta_text
+                        if out.finished:
+                            return
+        finally:
+            self.engine.abort(rid)  # a consumer that stops early frees the request's pages
 
     @staticmethod
     def _chat_output(out: RequestOutput, parser: str | None) -> ChatOutput:

@@ -257,3 +257,15 @@ def test_structured_output_json_schema_always_validates(llm):
         value = json.loads(o.outputs[0].text)
         assert set(value) == {"name", "n"} and isinstance(value["n"], int) and 0 <= value["n"] <= 99
         assert o.outputs[0].finish_reason == "stop"
+
+
+def test_stream_yields_the_same_text_as_generate(llm):
+    params = SamplingParams(max_tokens=12, stop=["zz"], **GREEDY)
+    messages = [{"role": "user", "content": "Hello world!"}]
+    whole = llm.chat(messages, params, use_tqdm=False)[0].message.content
+    pieces = list(llm.stream(messages, params))
+    assert "".join(pieces) == whole and len(pieces) > 1
+    gen = llm.stream("The quick brown fox", SamplingParams(max_tokens=100, **GREEDY))
+    next(gen)
+    gen.close()  # stopping early aborts the request and frees its pages
+    assert not llm.engine.requests and llm.engine.block_manager.num_free == llm.engine.block_manager.num_pages
