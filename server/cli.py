@@ -48,22 +48,23 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from jaxserve import LLM, SamplingParams
-
-    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    """A terminal chat, streamed: against a running server (--url) or a model loaded here."""
     history: list[dict] = []
+    reply = _remote_replier(args) if args.url else _local_replier(args)
 
-    def answer(text: str) -> str:
+    def answer(text: str) -> None:
         history.append({"role": "user", "content": text})
-        reply = llm.chat(history, params, use_tqdm=False)[0].message.content
-        history.append({"role": "assistant", "content": reply})
-        return reply
+        pieces = []
+        for piece in reply(history):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+        print(flush=True)
+        history.append({"role": "assistant", "content": "".join(pieces)})
 
     if args.prompt is not None:
-        print(answer(args.prompt))
+        answer(args.prompt)
         return 0
-    print("Chatting with the model. /reset clears the conversation, /exit quits.")
+    print("Chatting with the model. /reset clears the conversation, /exit quits.", flush=True)
     for line in _lines():
         line = line.strip()
         if line == "/exit":
@@ -72,8 +73,40 @@ def _chat(args: argparse.Namespace) -> int:
             history.clear()
             continue
         if line:
-            print(answer(line), flush=True)
+            answer(line)
     return 0
+
+
+def _local_replier(args: argparse.Namespace):
+    from jaxserve import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    return lambda history: llm.stream(history, params)
+
+
+def _remote_replier(args: argparse.Namespace):
+    import json
+
+    import httpx
+
+    url = args.url.rstrip("/") + "/chat/completions"
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+
+    def reply(history):
+        body = {"messages": history, "stream": True, "temperature": args.temperature, "max_tokens": args.max_tokens}
+        if args.model:
+            body["model"] = args.model
+        with httpx.stream("POST", url, json=body, headers=headers, timeout=None) as r:
+            if r.status_code != 200:
+                r.read()
+                raise SystemExit(f"error {r.status_code}: {r.text}")
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    for choice in json.loads(line[6:]).get("choices", []):
+                        yield choice.get("delta", {}).get("content") or ""
+
+    return reply
 
 
 def _lines():
@@ -122,8 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds running requests get to finish after SIGTERM")
     serve.set_defaults(func=_serve)
 
-    chat = sub.add_parser("chat", help="chat with a local model in the terminal")
-    chat.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
+    chat = sub.add_parser("chat", help="chat in the terminal with a running server (--url) or a local model")
+    chat.add_argument("model", nargs="?", default=None,
+                      help=_MODEL_HELP + "; with --url, the served model name (optional)")
+    chat.add_argument("--url", help="a running server's base URL, e.g. http://127.0.0.1:8000/v1")
+    chat.add_argument("--api-key", default=os.environ.get("JAXSERVE_API_KEY"))
     chat.add_argument("--prompt", help="answer this one message and exit")
     chat.add_argument("--max-tokens", type=int, default=256)
     chat.add_argument("--temperature", type=float, default=0.0)
