@@ -133,6 +133,10 @@ class LLMEngine:
         if n >= self.max_model_len:
             raise InvalidRequest(f"the prompt has {n} tokens, but this model's maximum context length is "
                                  f"{self.max_model_len} tokens (the prompt must leave room for at least one new token)")
+        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
+            raise InvalidRequest(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                                 f"requested {n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} "
+                                 "for the completion). Please reduce the prompt or max_tokens.")
         vocab = self.model.cfg.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")

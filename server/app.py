@@ -65,6 +65,7 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
     app = FastAPI(title="jaxserve", version=jaxserve.__version__, lifespan=lifespan,
                   description="OpenAI-compatible LLM serving in JAX")
     app.state.server = state
+    app.add_middleware(BodyLimit, limit=config.max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -80,6 +81,8 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        if isinstance(exc, RecursionError):  # only input can nest this deep (JSON parsing, schemas)
+            return error(400, "the request is nested too deeply")
         log.exception("unhandled error on %s", request.url.path)
         return error(500, f"internal error: {type(exc).__name__}")
 
@@ -176,6 +179,36 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
+
+
+class BodyLimit:
+    """ASGI middleware: refuses bodies over `limit` bytes with 413, by Content-Length or while streaming in,
+    so a huge upload is never held in memory."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await error(413, self._message())(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise StarletteHTTPException(413, self._message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self) -> str:
+        return f"the request body is larger than the server's limit of {self.limit} bytes (--max-request-bytes)"
 
 
 def _count(state: ServerState, path: str, response: Response) -> Response:

@@ -35,6 +35,7 @@ class ServerConfig:
     dtype: str = "auto"
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     max_waiting_requests: int = 256
+    max_request_bytes: int = 4 * 2**20  # larger bodies get 413 before they are read
     drain_timeout: float = 30.0
 
 
