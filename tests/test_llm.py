@@ -23,7 +23,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llm(folder):
     # A token budget of 32 forces prompts over 32 tokens into several prefill chunks.
-    return LLM(str(folder), max_model_len=512, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
+    return LLM(str(folder), max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=32, page_size=8,
                compile_cache_dir="", progress=False)
 
 
@@ -129,8 +129,8 @@ def test_bad_requests_are_rejected_and_leave_no_trace(llm):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
-    with pytest.raises(InvalidRequest, match="maximum context length is 512"):
-        llm.generate([[5] * 600], use_tqdm=False)
+    with pytest.raises(InvalidRequest, match="maximum context length is 1024"):
+        llm.generate([[5] * 1100], use_tqdm=False)
     with pytest.raises(InvalidRequest, match="token ids"):
         llm.generate([[10**6]], use_tqdm=False)
     with pytest.raises(ValueError, match="continue_final_message"):
