@@ -115,6 +115,7 @@ class AsyncEngine:
             self._update_stats()
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
+        self.engine.close()
         with self._lock:
             streams = list(self._streams.values())
         for stream in streams:

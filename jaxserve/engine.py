@@ -14,6 +14,7 @@ import jax
 from jaxserve import attention, compilation, sharding
 from jaxserve.block_manager import BlockManager
 from jaxserve.detokenizer import Detokenizer
+from jaxserve.distributed import Cluster
 from jaxserve.loader import LoadedModel, load_model
 from jaxserve.model import init_cache
 from jaxserve.model_runner import ModelRunner
@@ -57,7 +58,9 @@ class InvalidRequest(ValueError):
 
 class LLMEngine:
     def __init__(self, model: str | LoadedModel | None = None, *, dtype: str = "auto",
-                 config: EngineConfig = EngineConfig(), progress: bool = True):
+                 config: EngineConfig = EngineConfig(), progress: bool = True, cluster: Cluster | None = None):
+        """cluster: this process's place among several (already initialized); followers only mirror device calls
+        (see `follow`), the leader schedules."""
         from jaxserve.default_model import cache_dir
 
         compilation.install_counter()
@@ -95,7 +98,10 @@ class LLMEngine:
         self.num_computed_tokens = 0  # tokens run through the model (prefix-cache hits excluded)
         self._token_text: dict[int, str] = {}
         self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size)
-        if config.warm_up:
+        self.cluster = cluster
+        if cluster is not None and cluster.is_leader:
+            self.runner.peers = cluster.leader_channel()
+        if config.warm_up and (cluster is None or cluster.is_leader):
             self.runner.warm_up(progress=progress)
         log.info("engine ready: max_model_len %d, %d KV pages of %d tokens, %d step buckets, backend %s",
                  self.max_model_len, num_pages, config.page_size, len(self.runner.buckets), backend.kernel)
@@ -231,6 +237,15 @@ class LLMEngine:
         if text is None:
             text = self._token_text[token_id] = self.tokenizer.decode([token_id])
         return text
+
+    def follow(self) -> None:
+        """On a follower process: run the leader's device calls until it stops."""
+        self.runner.follow(self.cluster.follower_channel())
+
+    def close(self) -> None:
+        if self.runner.peers is not None:
+            self.runner.peers.close()
+            self.runner.peers = None
 
     def stats(self) -> dict:
         return {

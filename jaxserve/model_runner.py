@@ -60,6 +60,7 @@ class ModelRunner:
         self._step = jax.jit(functools.partial(_step, cfg=cfg, backend=backend), donate_argnums=(1, 2),
                              out_shardings=(rep, rep, *state_shardings))
         self._init_slot = jax.jit(init_slot, donate_argnums=(0,), out_shardings=state_shardings[1])
+        self.peers = None  # with several processes, the leader's channel to the followers (distributed.py)
 
     def _sizes(self, num_tokens: int) -> tuple[int, int]:
         tokens = next(b for b in self.buckets if b >= num_tokens)
@@ -92,20 +93,45 @@ class ModelRunner:
         cu[len(scheduled) + 1:] = t
         batch = model_lib.Batch(token_ids, positions, slots, kv_lens, tables, cu,
                                 np.array([len(scheduled)], np.int32), last)
-        return self._place(batch, SamplingBatch.build(scheduled, num_seqs, num_tokens, self.max_num_seqs,
-                                                      -(-self.cfg.vocab_size // 32)))
+        return batch, SamplingBatch.build(scheduled, num_seqs, num_tokens, self.max_num_seqs,
+                                          -(-self.cfg.vocab_size // 32))
 
     def _place(self, batch: model_lib.Batch, sampling: SamplingBatch):
-        """Token-level arrays split over the mesh's `data` axis; per-sequence metadata replicated."""
+        """Token-level arrays split over the mesh's `data` axis; per-sequence metadata replicated. Built shard by
+        shard from the host arrays, which every process holds, so it also works across processes."""
         tok = sharding.sharding_for(self.mesh, ("tokens",), batch.token_ids.shape)
         rep = sharding.replicated(self.mesh)
         shardings = model_lib.Batch(tok, tok, tok, rep, rep, rep, rep, rep)
         tok_sampling = dataclasses.replace(jax.tree.map(lambda _: rep, sampling), token_slot=tok, token_is_prompt=tok)
-        return jax.device_put(batch, shardings), jax.device_put(sampling, tok_sampling)
+        return jax.tree.map(sharding.put, batch, shardings), jax.tree.map(sharding.put, sampling, tok_sampling)
+
+    # --- the only two places that launch device work; with several processes the followers mirror them ---
+
+    def _device_step(self, batch: model_lib.Batch, sampling: SamplingBatch):
+        if self.peers is not None:
+            self.peers.send(("step", batch, sampling))
+        placed_batch, placed_sampling = self._place(batch, sampling)
+        tokens, logprobs, self.cache, self.sampler_state = self._step(
+            self.params, self.cache, self.sampler_state, placed_batch, placed_sampling)
+        return tokens, logprobs
+
+    def _device_init_slot(self, slot: int, rows: tuple[np.ndarray, ...]) -> None:
+        if self.peers is not None:
+            self.peers.send(("init_slot", slot, rows))
+        rep = sharding.replicated(self.mesh)
+        args = [sharding.put(np.asarray(x), rep) for x in (np.int32(slot), *rows)]
+        self.sampler_state = self._init_slot(self.sampler_state, *args)
+
+    def follow(self, channel) -> None:
+        """Follower processes: make the leader's device calls, in its order, until it says stop."""
+        while True:
+            message = channel.recv()
+            if message[0] == "stop":
+                return
+            getattr(self, "_device_" + message[0])(*message[1:])
 
     def init_slot(self, seq: Sequence) -> None:
-        rows = slot_rows(seq, self.cfg.vocab_size, self.eos_token_ids)
-        self.sampler_state = self._init_slot(self.sampler_state, np.int32(seq.slot), *rows)
+        self._device_init_slot(seq.slot, slot_rows(seq, self.cfg.vocab_size, self.eos_token_ids))
 
     def run(self, scheduled: list[tuple[Sequence, int]]):
         """Runs one step. Returns, for each scheduled sequence in order, its sampled token [n], and the logprobs
@@ -114,20 +140,15 @@ class ModelRunner:
             if seq.slot_fresh:
                 self.init_slot(seq)
                 seq.slot_fresh = False
-        batch, sampling = self.build_batch(scheduled)
-        tokens, logprobs, self.cache, self.sampler_state = self._step(
-            self.params, self.cache, self.sampler_state, batch, sampling)
+        tokens, logprobs = self._device_step(*self.build_batch(scheduled))
         n = len(scheduled)
-        return np.asarray(tokens)[:n], tuple(np.asarray(x)[:n] for x in logprobs)
+        return sharding.host(tokens)[:n], tuple(sharding.host(x)[:n] for x in logprobs)
 
     def warm_up(self, progress: bool = True) -> None:
         """Compiles every bucket with an all-padding batch (it writes nothing and reads nothing)."""
         for size in tqdm(self.buckets, desc="Compiling step buckets", unit="bucket", disable=not progress):
-            batch, sampling = self.build_batch([], pad_to=size)
-            tokens, _, self.cache, self.sampler_state = self._step(
-                self.params, self.cache, self.sampler_state, batch, sampling)
+            tokens, _ = self._device_step(*self.build_batch([], pad_to=size))
             jax.block_until_ready(tokens)
         vocab = self.cfg.vocab_size
-        rows = (np.zeros(vocab, np.int32), np.zeros(vocab, np.bool_), np.zeros(vocab, np.float32),
-                np.zeros(vocab, np.bool_))
-        self.sampler_state = self._init_slot(self.sampler_state, np.int32(0), *rows)
+        self._device_init_slot(0, (np.zeros(vocab, np.int32), np.zeros(vocab, np.bool_), np.zeros(vocab, np.float32),
+                                   np.zeros(vocab, np.bool_)))

@@ -81,10 +81,10 @@ def sharding_for(mesh: Mesh, axes: tuple, shape: tuple, cfg: ModelConfig | None 
 def param_put(mesh: Mesh, cfg: ModelConfig):
     """A `put(array, field_name)` for `weights.params_from_hf` that shards each field by PARAM_AXES."""
 
-    def put(array, name):
-        return jax.device_put(array, sharding_for(mesh, PARAM_AXES[name], array.shape, cfg))
+    def place(array, name):
+        return put(np.asarray(array), sharding_for(mesh, PARAM_AXES[name], array.shape, cfg))
 
-    return put
+    return place
 
 
 def cache_sharding(mesh: Mesh, cfg: ModelConfig, shape: tuple) -> NamedSharding:
@@ -93,6 +93,16 @@ def cache_sharding(mesh: Mesh, cfg: ModelConfig, shape: tuple) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Host array -> a global array, each process filling only its own devices (works across processes)."""
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def host(array: jax.Array) -> np.ndarray:
+    """A replicated global array's value, read from this process's own copy."""
+    return np.asarray(array.addressable_shards[0].data)
 
 
 def shard_params(params, mesh: Mesh, cfg: ModelConfig):

@@ -40,7 +40,7 @@ def error(status: int, message: str, param: str | None = None, headers: dict | N
 def _start_engine(state: ServerState, config: ServerConfig) -> None:
     """Loads the model and compiles every bucket (minutes on a big model): runs in a thread, not the event loop."""
     try:
-        engine = LLMEngine(config.model, dtype=config.dtype, config=config.engine)
+        engine = LLMEngine(config.model, dtype=config.dtype, config=config.engine, cluster=config.cluster)
         state.attach(AsyncEngine(engine, config.max_waiting_requests), engine.model.name)
         log.info("serving %s on http://%s:%d/v1 (OpenAI-compatible); health at /health",
                  state.model_name, config.host, config.port)

@@ -15,7 +15,8 @@ _MODEL_HELP = "a .gguf file, a transformers folder or a hub id (default: the emb
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from jaxserve.engine import EngineConfig
+    from jaxserve.distributed import Cluster
+    from jaxserve.engine import EngineConfig, LLMEngine
     from server.app import build_app
     from server.state import ServerConfig, ServerState
 
@@ -24,7 +25,15 @@ def _serve(args: argparse.Namespace) -> int:
                           tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
                           seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
                           kv_cache_memory_gb=args.kv_cache_memory_gb)
-    config = ServerConfig(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+    cluster = Cluster.from_args(args.distributed_coordinator, args.num_processes, args.process_id)
+    if cluster is not None:
+        cluster.initialize()
+        if not cluster.is_leader:  # only process 0 serves HTTP; the others step the same batches
+            LLMEngine(args.model, dtype=args.dtype, config=engine, cluster=cluster).follow()
+            log.info("process %d: the leader stopped; exiting", cluster.process_id)
+            cluster.shutdown()
+            return 0
+    config = ServerConfig(model=args.model, cluster=cluster, served_model_name=args.served_model_name, host=args.host, port=args.port,
                           api_key=args.api_key or os.environ.get("JAXSERVE_API_KEY") or None,
                           chat_template=args.chat_template, dtype=args.dtype, engine=engine,
                           chat_template_content_format=args.chat_template_content_format,
@@ -39,12 +48,17 @@ def _serve(args: argparse.Namespace) -> int:
             state.draining = True
             log.info("shutting down: draining running requests (up to %.0f s)", config.drain_timeout)
             super().handle_exit(sig, frame)
+            # uvicorn would re-raise the signal after shutting down (exit status "killed by SIGTERM"); a drained
+            # shutdown is a normal one, so the process exits 0.
+            self._captured_signals.clear()
 
     server = _Server(uvicorn.Config(build_app(config, state), host=args.host, port=args.port, log_level="warning",
                                     timeout_graceful_shutdown=config.drain_timeout))
     log.info("starting jaxserve on http://%s:%d (the model loads and compiles; /health turns 200 when ready)",
              args.host, args.port)
     server.run()
+    if cluster is not None:
+        cluster.shutdown()
     return 1 if state.failed else 0
 
 
@@ -152,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split <think> reasoning into reasoning_content")
     serve.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on TPU/GPU), float32, bfloat16")
     serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--distributed-coordinator", help="host:port of process 0, for several processes (hosts); "
+                       "the default comes from JAX_COORDINATOR_ADDRESS")
+    serve.add_argument("--num-processes", type=int, help="processes in all (default: $JAX_NUM_PROCESSES or 1)")
+    serve.add_argument("--process-id", type=int, help="this process's rank (default: $JAX_PROCESS_ID or 0)")
     serve.add_argument("--no-enable-prefix-caching", action="store_true")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish after SIGTERM")

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 from jaxserve.async_engine import AsyncEngine
+from jaxserve.distributed import Cluster
 from jaxserve.engine import EngineConfig
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
@@ -36,6 +37,7 @@ class ServerConfig:
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     max_waiting_requests: int = 256
     max_request_bytes: int = 4 * 2**20  # larger bodies get 413 before they are read
+    cluster: Cluster | None = None  # several processes: this one is the leader (process 0)
     drain_timeout: float = 30.0
 
 
