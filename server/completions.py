@@ -65,6 +65,7 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
                   ) -> AsyncIterator[str]:
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     queue: asyncio.Queue = asyncio.Queue()
     offsets = {}
 
@@ -110,7 +111,7 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
                 choices.append(CompletionChoice(index=index, text=o.delta_text, logprobs=lp,
                                                 finish_reason=o.finish_reason, stop_reason=o.stop_reason))
             if choices:
-                yield chunk(choices)
+                yield chunk(choices, usage(sum(map(len, prompts)), completion_tokens, cached) if continuous else None)
         if include_usage:
             yield chunk([], usage(sum(map(len, prompts)), completion_tokens, cached))
         yield sse("[DONE]")
