@@ -1,4 +1,8 @@
-"""Turns a scheduled step into one jitted call: pad to a bucket, run model + sampler, return token ids.
+"""Turns a scheduled step into device work: pad to a bucket, run the model, then the sampler; return token ids.
+
+A step is two jitted calls. The model's forward pass is dispatched first and runs while the host fills the
+grammar masks of constrained requests (llguidance, on the host); then the sampler runs on the logits, which stay
+on the device.
 
 Shapes come from a fixed ladder of token-count buckets (8, 16, 32, ... up to the token budget); the
 sequence count is tied to the token bucket (min(tokens, max_num_seqs)) so there is one compile per rung,
@@ -20,7 +24,8 @@ from jaxserve import model as model_lib
 from jaxserve import sharding
 from jaxserve.attention import Backend
 from jaxserve.config import ModelConfig
-from jaxserve.sampler import SamplerState, SamplingBatch, init_slot, record_tokens, sample, slot_rows
+from jaxserve.sampler import (SamplerState, SamplingBatch, fill_grammar_masks, init_slot, record_tokens, sample,
+                              slot_rows)
 from jaxserve.sequence import Sequence
 
 # The smallest step: measured with SmolLM2 on 2 CPU cores, single-stream decode runs at 33 tok/s padded to 8
@@ -36,11 +41,11 @@ def token_buckets(max_num_batched_tokens: int) -> list[int]:
     return buckets + [max_num_batched_tokens]
 
 
-def _step(params, cache, sampler_state, batch, sampling, *, cfg: ModelConfig, backend: Backend):
-    logits, cache = model_lib.forward(params, cache, batch, cfg, backend)
-    sampler_state = record_tokens(sampler_state, batch.token_ids, sampling)
+def _sample(logits, sampler_state, token_ids, sampling):
+    """logits: [S, V]; token_ids: [T], this step's fed tokens (counted for penalties before sampling)."""
+    sampler_state = record_tokens(sampler_state, token_ids, sampling)
     tokens, logprobs = sample(logits, sampler_state, sampling)
-    return tokens, logprobs, cache, sampler_state
+    return tokens, logprobs, sampler_state
 
 
 class ModelRunner:
@@ -59,8 +64,10 @@ class ModelRunner:
         # Pinning the state's output shardings to its input shardings keeps every step on one compiled program.
         state_shardings = (jax.tree.map(lambda x: x.sharding, cache), jax.tree.map(lambda x: x.sharding,
                                                                                     self.sampler_state))
-        self._step = jax.jit(functools.partial(_step, cfg=cfg, backend=backend), donate_argnums=(1, 2),
-                             out_shardings=(rep, rep, *state_shardings))
+        self._forward = jax.jit(functools.partial(model_lib.forward, cfg=cfg, backend=backend), donate_argnums=(1,),
+                                out_shardings=(rep, state_shardings[0]))
+        self._sample = jax.jit(_sample, donate_argnums=(1,), out_shardings=(rep, rep, state_shardings[1]))
+        self._pending = None  # (logits, placed token ids) between a step's forward and sample calls
         self._init_slot = jax.jit(init_slot, donate_argnums=(0,), out_shardings=state_shardings[1])
         self.peers = None  # with several processes, the leader's channel to the followers (distributed.py)
 
@@ -98,23 +105,35 @@ class ModelRunner:
         return batch, SamplingBatch.build(scheduled, num_seqs, num_tokens, self.max_num_seqs,
                                           -(-self.cfg.vocab_size // 32))
 
-    def _place(self, batch: model_lib.Batch, sampling: SamplingBatch):
-        """Token-level arrays split over the mesh's `data` axis; per-sequence metadata replicated. Built shard by
-        shard from the host arrays, which every process holds, so it also works across processes."""
+    def _place_batch(self, batch: model_lib.Batch) -> model_lib.Batch:
+        """Token-level arrays split over the mesh's `data` axis, per-sequence metadata replicated; built shard by
+        shard from host arrays that every process holds, so it also works across processes."""
         tok = sharding.sharding_for(self.mesh, ("tokens",), batch.token_ids.shape)
         rep = sharding.replicated(self.mesh)
-        shardings = model_lib.Batch(tok, tok, tok, rep, rep, rep, rep, rep)
-        tok_sampling = dataclasses.replace(jax.tree.map(lambda _: rep, sampling), token_slot=tok, token_is_prompt=tok)
-        return jax.tree.map(sharding.put, batch, shardings), jax.tree.map(sharding.put, sampling, tok_sampling)
+        return jax.tree.map(sharding.put, batch, model_lib.Batch(tok, tok, tok, rep, rep, rep, rep, rep))
 
-    # --- the only two places that launch device work; with several processes the followers mirror them ---
+    def _place_sampling(self, sampling: SamplingBatch) -> SamplingBatch:
+        tok = sharding.sharding_for(self.mesh, ("tokens",), sampling.token_slot.shape)
+        rep = sharding.replicated(self.mesh)
+        shardings = dataclasses.replace(jax.tree.map(lambda _: rep, sampling), token_slot=tok, token_is_prompt=tok)
+        return jax.tree.map(sharding.put, sampling, shardings)
 
-    def _device_step(self, batch: model_lib.Batch, sampling: SamplingBatch):
+    # --- the only places that launch device work; with several processes the followers mirror them ---
+
+    def _device_forward(self, batch: model_lib.Batch) -> None:
         if self.peers is not None:
-            self.peers.send(("step", batch, sampling))
-        placed_batch, placed_sampling = self._place(batch, sampling)
-        tokens, logprobs, self.cache, self.sampler_state = self._step(
-            self.params, self.cache, self.sampler_state, placed_batch, placed_sampling)
+            self.peers.send(("forward", batch))
+        placed = self._place_batch(batch)
+        logits, self.cache = self._forward(self.params, self.cache, placed)
+        self._pending = (logits, placed.token_ids)
+
+    def _device_sample(self, sampling: SamplingBatch):
+        if self.peers is not None:
+            self.peers.send(("sample", sampling))
+        logits, token_ids = self._pending
+        self._pending = None
+        tokens, logprobs, self.sampler_state = self._sample(logits, self.sampler_state, token_ids,
+                                                            self._place_sampling(sampling))
         return tokens, logprobs
 
     def _device_init_slot(self, slot: int, rows: tuple[np.ndarray, ...]) -> None:
@@ -142,14 +161,19 @@ class ModelRunner:
             if seq.slot_fresh:
                 self.init_slot(seq)
                 seq.slot_fresh = False
-        tokens, logprobs = self._device_step(*self.build_batch(scheduled))
+        batch, sampling = self.build_batch(scheduled)
+        self._device_forward(batch)  # asynchronous: the masks below are computed while it runs
+        fill_grammar_masks(sampling, scheduled)
+        tokens, logprobs = self._device_sample(sampling)
         n = len(scheduled)
         return sharding.host(tokens)[:n], tuple(sharding.host(x)[:n] for x in logprobs)
 
     def warm_up(self, progress: bool = True) -> None:
         """Compiles every bucket with an all-padding batch (it writes nothing and reads nothing)."""
         for size in tqdm(self.buckets, desc="Compiling step buckets", unit="bucket", disable=not progress):
-            tokens, _ = self._device_step(*self.build_batch([], pad_to=size))
+            batch, sampling = self.build_batch([], pad_to=size)
+            self._device_forward(batch)
+            tokens, _ = self._device_sample(sampling)
             jax.block_until_ready(tokens)
         vocab = self.cfg.vocab_size
         self._device_init_slot(0, (np.zeros(vocab, np.int32), np.zeros(vocab, np.bool_), np.zeros(vocab, np.float32),

@@ -94,7 +94,7 @@ class SamplingBatch:
     def build(cls, scheduled: list[tuple[Sequence, int]], num_seqs: int, num_tokens: int, num_slots: int,
               mask_words: int):
         """Host-side arrays for one step, padded to `num_seqs` rows (greedy) and `num_tokens` tokens.
-        Grammar masks are filled here, for the constrained sequences that sample in this step."""
+        Grammar masks start empty: `fill_grammar_masks` writes them while the model runs."""
         f32, i32 = np.float32, np.int32
         cols = {name: np.zeros(num_seqs, f32) for name in ("temperature", "presence", "frequency", "min_p")}
         cols |= {"top_p": np.ones(num_seqs, f32), "repetition": np.ones(num_seqs, f32),
@@ -115,9 +115,6 @@ class SamplingBatch:
             cols["use_bias"][i] = p.needs_bias_row
             cols["block_stop"][i] = s.num_output_tokens < p.min_tokens
             cols["want_logprobs"][i] = p.logprobs is not None
-            if s.grammar is not None and s.num_computed_tokens + n == len(s):
-                s.grammar.fill(cols["mask"][i])
-                cols["use_mask"][i] = True
             cols["slot"][i] = s.slot
             cols["seed"][i] = (s.seed >> 32) & 0xFFFFFFFF, s.seed & 0xFFFFFFFF
             cols["sample_index"][i] = s.num_output_tokens
@@ -125,6 +122,14 @@ class SamplingBatch:
             token_is_prompt[t:t + n] = np.arange(s.num_computed_tokens, s.num_computed_tokens + n) < s.num_prompt_tokens
             t += n
         return cls(**cols, token_slot=token_slot, token_is_prompt=token_is_prompt)
+
+
+def fill_grammar_masks(sb: SamplingBatch, scheduled: list[tuple[Sequence, int]]) -> None:
+    """Host: the allowed-token rows of constrained sequences that sample in this step (in place)."""
+    for i, (s, n) in enumerate(scheduled):
+        if s.grammar is not None and s.num_computed_tokens + n == len(s):
+            s.grammar.fill(sb.mask[i])
+            sb.use_mask[i] = True
 
 
 def record_tokens(state: SamplerState, token_ids, sb: SamplingBatch) -> SamplerState:

@@ -59,7 +59,7 @@ def _plan(state: ServerState, req: ChatCompletionRequest, tools, tool_choice) ->
         template = req.chat_template or state.chat_template or state.engine.engine.tokenizer.chat_template
         parser = state.config.tool_call_parser or tool_parsers.parser_for_template(template)
     return ChatPlan(tool_parser=parser, forced=forced, reasoning_parser=state.config.reasoning_parser,
-                    include_reasoning=req.include_reasoning)
+                    include_reasoning=req.include_reasoning, parallel_tool_calls=req.parallel_tool_calls is not False)
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, http_request: Request):

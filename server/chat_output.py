@@ -20,6 +20,7 @@ class ChatPlan:
     forced: str | dict | None = None  # "required" or a named tool_choice: the output is constrained JSON
     reasoning_parser: str | None = None
     include_reasoning: bool = True
+    parallel_tool_calls: bool = True  # False: at most one call is returned
 
 
 def final_message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
@@ -34,6 +35,8 @@ def final_message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple
         content = None if calls else content
     elif plan.tool_parser:
         content, calls = tool_parsers.parse(plan.tool_parser, content)
+    if not plan.parallel_tool_calls:
+        calls = calls[:1]
     if calls and finish_reason == "stop":
         finish_reason = "tool_calls"
     message = {"content": content, "tool_calls": [c.to_openai() for c in calls],
@@ -65,6 +68,8 @@ class StreamShaper:
             content, calls = self.tools.feed(content, final)
             if content:
                 deltas.append({"content": content})
+            if not self.plan.parallel_tool_calls:
+                calls = calls[: max(0, 1 - self.num_calls)]
             for call in calls:
                 deltas += self._call_deltas(call)
             return deltas

@@ -58,6 +58,16 @@ def test_stream_matches_final_message(case, step):
     assert finish == ("tool_calls" if message["tool_calls"] else "stop")
 
 
+@pytest.mark.parametrize("step", [1, 1000])
+def test_parallel_tool_calls_false_keeps_one_call(step):
+    plan = ChatPlan(tool_parser="hermes", parallel_tool_calls=False)
+    text = CALL + '<tool_call>{"name": "ping", "arguments": {}}</tool_call>'
+    message, finish = final_message(plan, text, "stop")
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"] and finish == "tool_calls"
+    _, _, calls = _stream(plan, text, step)
+    assert [c["name"] for c in calls] == ["get_weather"]
+
+
 def test_specific_shapes():
     msg, finish = final_message(PLANS["auto"], TEXTS["auto"], "stop")
     assert msg["content"] == "Let me look." and finish == "tool_calls"

@@ -274,7 +274,15 @@ console.log(JSON.stringify({ plain: r.choices[0].message.content, streamed: text
 def test_sigterm_drains_then_exits_zero(tmp_path):
     folder = tiny.make_checkpoint(tmp_path / "m", "llama")
     s = Server(str(folder), "--max-model-len", "1024", "--max-num-batched-tokens", "32", "--drain-timeout", "20",
-               log_path=tmp_path / "drain.log").wait_ready()
+               log_path=tmp_path / "drain.log")
+    first = None
+    while first is None:  # the HTTP server is up before the model: its first answers are "not ready yet"
+        try:
+            first = httpx.get(s.url + "/health", timeout=2)
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    assert first.status_code == 503 and "not ready" in first.json()["error"]["message"]
+    s.wait_ready()
     results = {}
 
     def long_request():
