@@ -172,6 +172,11 @@ class AsyncEngine:
         stats = self.engine.stats()
         stats["generated_tokens"] = self._generated
         stats["generation_tokens_per_s"] = (self._generated - base) / max(now - start, 1e-9)
-        if now - start > 10:  # a sliding 10 s window
+        if now - start > 10:  # a 10 s window; at its end, a status line like vLLM's while there is work
+            if self._generated > base or stats["running"] or stats["waiting"]:
+                log.info("generation throughput: %.1f tokens/s, running: %d, waiting: %d, KV cache usage: %.1f%%, "
+                         "prefix cache hit rate: %.1f%%", stats["generation_tokens_per_s"], stats["running"],
+                         stats["waiting"], 100 * (1 - stats["kv_pages_free"] / stats["kv_pages_total"]),
+                         100 * stats["prefix_cache_hit_rate"])
             self._window = (now, self._generated)
         self._stats = stats

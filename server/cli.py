@@ -124,6 +124,17 @@ def _remote_replier(args: argparse.Namespace):
     return reply
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """A thin entry to the repository's bench/ scripts (they live beside the package, not inside it)."""
+    import pathlib
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{args.which}.py"
+    if not script.is_file():
+        raise SystemExit(f"{script} not found: `jaxserve bench` runs from a checkout of the jaxserve repository")
+    return subprocess.call([sys.executable, str(script), *args.bench_args])
+
+
 def _lines():
     """Input lines: prompted when a person types, plain when piped."""
     if not sys.stdin.isatty():
@@ -186,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-model-len", type=int, default=2048)
     chat.add_argument("--dtype", default="auto")
     chat.set_defaults(func=_chat)
+
+    bench = sub.add_parser("bench", help="run a benchmark from bench/ (throughput, latency, attention)",
+                           description="Extra arguments go to the script; see `jaxserve bench throughput --help`.")
+    bench.add_argument("which", choices=["throughput", "latency", "attention"])
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -16,3 +16,9 @@ def test_chat_command_answers_and_keeps_history(tmp_path):
     answers = piped.stdout.splitlines()[1:]
     # After /reset the same message gets the same greedy answer as the first time; /exit stops reading.
     assert len(answers) == 2 and answers[0] == answers[1] == one.stdout.strip()
+
+
+def test_bench_entry_runs_the_bench_scripts():
+    r = subprocess.run([sys.executable, "-m", "server.cli", "bench", "throughput", "--help"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and "--concurrency" in r.stdout and "--constrained" in r.stdout
