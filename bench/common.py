@@ -22,7 +22,7 @@ PERSON_SCHEMA = {"type": "object", "properties": {
 
 @dataclasses.dataclass
 class Request:
-    prompt: list[int]
+    prompt: list[int] | str  # token ids, or text for servers that take only text
     max_tokens: int
     constrained: bool = False
 
@@ -100,9 +100,11 @@ class EngineSender:
 class HttpSender:
     """Streams /v1/completions with token-id prompts from a running server."""
 
-    def __init__(self, args):
+    def __init__(self, args, ban_token: int | None = None):
+        """ban_token: an EOS id to forbid through logit_bias, for servers that have no ignore_eos."""
         import httpx
 
+        self.ban_token = ban_token
         self.url = args.url.rstrip("/")
         self.client = httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1024))
         self.temperature = args.temperature
@@ -120,8 +122,12 @@ class HttpSender:
 
     async def send(self, req: Request):
         body = {"model": self.model, "prompt": req.prompt, "max_tokens": req.max_tokens, "stream": True,
-                "temperature": self.temperature, "ignore_eos": not req.constrained,
-                "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+                "temperature": self.temperature, "stream_options": {"include_usage": True,
+                                                                    "continuous_usage_stats": True}}
+        if self.ban_token is not None:
+            body["logit_bias"] = {str(self.ban_token): -100}
+        else:
+            body["ignore_eos"] = not req.constrained
         if req.constrained:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON_SCHEMA}}
         seen = 0

@@ -6,13 +6,13 @@ GPU and is not done. Prints one line per case and exits non-zero if any case fai
 """
 import itertools
 import sys
-import traceback
 
 import jax
 import jax.numpy as jnp
 from jax import export
 
 from . import gpu
+from .check_runner import run_cases
 from .check_tpu import BATCHES, DTYPES, HEADS, PAGE_SIZES, PAGES_PER_SEQ
 
 # The Triton kernel is a custom call that jax.export does not know to be stable; we accept that.
@@ -49,17 +49,7 @@ def cases():
 
 
 def main():
-    failures = 0
-    for name, run in cases():
-        try:
-            run()
-            print(f"ok   {name}", flush=True)
-        except Exception:                                   # report every failing case, then exit 1
-            failures += 1
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-    print(f"{failures} failed" if failures else "all GPU kernels lowered for cuda")
-    return 1 if failures else 0
-
+    return run_cases(cases(), "all GPU kernels lowered for cuda")
 
 if __name__ == "__main__":
     sys.exit(main())

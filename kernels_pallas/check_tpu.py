@@ -7,13 +7,13 @@ Prints one line per case and exits non-zero if any case fails. `--quick` runs on
 """
 import itertools
 import sys
-import traceback
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import topologies
 
 from . import tpu
+from .check_runner import run_cases
 
 TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
 DTYPES = (jnp.float32, jnp.bfloat16)
@@ -56,17 +56,7 @@ def cases(quick):
 
 
 def main(argv):
-    failures = 0
-    for name, run in cases("--quick" in argv):
-        try:
-            run()
-            print(f"ok   {name}", flush=True)
-        except Exception:                                   # report every failing case, then exit 1
-            failures += 1
-            print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
-    print(f"{failures} failed" if failures else "all TPU kernels compiled")
-    return 1 if failures else 0
-
+    return run_cases(cases("--quick" in argv), "all TPU kernels compiled")
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
