@@ -110,13 +110,13 @@ class ModelRunner:
         shard from host arrays that every process holds, so it also works across processes."""
         tok = sharding.sharding_for(self.mesh, ("tokens",), batch.token_ids.shape)
         rep = sharding.replicated(self.mesh)
-        return jax.tree.map(sharding.put, batch, model_lib.Batch(tok, tok, tok, rep, rep, rep, rep, rep))
+        return sharding.put_tree(batch, model_lib.Batch(tok, tok, tok, rep, rep, rep, rep, rep))
 
     def _place_sampling(self, sampling: SamplingBatch) -> SamplingBatch:
         tok = sharding.sharding_for(self.mesh, ("tokens",), sampling.token_slot.shape)
         rep = sharding.replicated(self.mesh)
         shardings = dataclasses.replace(jax.tree.map(lambda _: rep, sampling), token_slot=tok, token_is_prompt=tok)
-        return jax.tree.map(sharding.put, sampling, shardings)
+        return sharding.put_tree(sampling, shardings)
 
     # --- the only places that launch device work; with several processes the followers mirror them ---
 

@@ -100,6 +100,14 @@ def put(array: np.ndarray, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+def put_tree(tree, shardings):
+    """`put` over a pytree. In a single process one batched device_put does the same, faster (it is on every
+    step's path)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(put, tree, shardings)
+
+
 def host(array: jax.Array) -> np.ndarray:
     """A replicated global array's value, read from this process's own copy."""
     return np.asarray(array.addressable_shards[0].data)
