@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import queue
 import threading
 import time
@@ -148,10 +149,17 @@ class AsyncEngine:
         try:
             outputs = self.engine.step()
         except Exception as e:
-            # A failure of the whole batch (e.g. on the device): fail every request in flight, keep serving.
-            log.exception("engine step failed; failing %d requests", len(self.engine.requests))
-            for request_id in list(self.engine.requests):
-                self.engine.abort(request_id)
+            # A failure of the whole batch (e.g. on the device): fail every request in flight, rebuild the device
+            # state and keep serving; if even that fails, exit non-zero rather than hang.
+            log.exception("engine step failed; failing %d requests and resetting the KV cache",
+                          len(self.engine.requests))
+            failed = list(self.engine.requests)
+            try:
+                self.engine.recover()
+            except Exception:
+                log.critical("could not recover from a failed step; exiting", exc_info=True)
+                os._exit(1)
+            for request_id in failed:
                 self._deliver(request_id, RequestFailed(f"engine step failed: {type(e).__name__}: {e}"))
             return
         for out in outputs:

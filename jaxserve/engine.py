@@ -238,6 +238,16 @@ class LLMEngine:
             text = self._token_text[token_id] = self.tokenizer.decode([token_id])
         return text
 
+    def recover(self) -> None:
+        """After a failed step: every request is dropped and the device state rebuilt. A step that failed after
+        its buffers were donated leaves the KV cache unusable, and with it every cached prefix."""
+        for request_id in list(self.requests):
+            self.abort(request_id)
+        self.block_manager = BlockManager(self.block_manager.num_pages, self.block_manager.page_size,
+                                          self.block_manager.enable_prefix_caching)
+        self.scheduler.blocks = self.block_manager
+        self.runner.reset_device_state()
+
     def follow(self) -> None:
         """On a follower process: run the leader's device calls until it stops."""
         self.runner.follow(self.cluster.follower_channel())

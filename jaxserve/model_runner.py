@@ -15,6 +15,7 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -68,6 +69,9 @@ class ModelRunner:
                                 out_shardings=(rep, state_shardings[0]))
         self._sample = jax.jit(_sample, donate_argnums=(1,), out_shardings=(rep, rep, state_shardings[1]))
         self._pending = None  # (logits, placed token ids) between a step's forward and sample calls
+        # Shapes and shardings of the device state, to rebuild it after a failed step (donated buffers are gone).
+        self._shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                    (cache, self.sampler_state))
         self._init_slot = jax.jit(init_slot, donate_argnums=(0,), out_shardings=state_shardings[1])
         self.peers = None  # with several processes, the leader's channel to the followers (distributed.py)
 
@@ -150,6 +154,12 @@ class ModelRunner:
             if message[0] == "stop":
                 return
             getattr(self, "_device_" + message[0])(*message[1:])
+
+    def reset_device_state(self) -> None:
+        """Fresh (zeroed) KV cache and sampler state with the same shapes and placement."""
+        self.cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self._shapes[0])
+        self.sampler_state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self._shapes[1])
+        self._pending = None
 
     def init_slot(self, seq: Sequence) -> None:
         self._device_init_slot(seq.slot, slot_rows(seq, self.cfg.vocab_size, self.eos_token_ids))

@@ -128,3 +128,31 @@ def test_stats_have_what_the_server_reports(engine):
                 "generation_tokens_per_s", "generated_tokens"):
         assert key in s
     assert np.isfinite(s["generation_tokens_per_s"])
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine):
+    runner = engine.engine.runner
+    real_forward = runner._forward
+    calls = {"n": 0}
+
+    def failing_forward(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # fail mid-generation, after a couple of good steps
+            raise RuntimeError("simulated device failure")
+        return real_forward(*args)
+
+    async def main():
+        params = SamplingParams(max_tokens=20, **GREEDY)
+        results = await asyncio.gather(*[_collect(engine, f"f{i}", "Hello world", params) for i in range(3)],
+                                       return_exceptions=True)
+        assert all(isinstance(r, RequestFailed) and "simulated device failure" in str(r) for r in results)
+        runner._forward = real_forward
+        return await _collect(engine, "after", "Hello world", params)
+
+    runner._forward = failing_forward
+    try:
+        _, tokens, last = asyncio.run(main())
+    finally:
+        runner._forward = real_forward
+    assert len(tokens) == 20 and last.finished
+    asyncio.run(_wait_idle(engine))
