@@ -14,7 +14,7 @@ import threading
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import jaxserve
@@ -163,7 +163,7 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
 
         return await respond(run())
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={200: {"content": {}, "description": "ready"}})
     async def health():
         if state.ready:
             return Response(status_code=200)
@@ -174,7 +174,7 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
     async def version():
         return {"version": jaxserve.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
