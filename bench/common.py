@@ -13,6 +13,7 @@ import itertools
 import json
 import time
 
+import httpx
 import numpy as np
 
 PERSON_SCHEMA = {"type": "object", "properties": {
@@ -102,11 +103,8 @@ class HttpSender:
 
     def __init__(self, args, ban_token: int | None = None):
         """ban_token: an EOS id to forbid through logit_bias, for servers that have no ignore_eos."""
-        import httpx
-
         self.ban_token = ban_token
         self.url = args.url.rstrip("/")
-        self.client = httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=1024))
         self.temperature = args.temperature
         models = httpx.get(self.url + "/models").json()["data"]
         self.model = models[0]["id"]
@@ -114,8 +112,6 @@ class HttpSender:
         self.start_s = float("nan")
 
     def compile_count(self) -> int:
-        import httpx
-
         text = httpx.get(self.url.rsplit("/v1", 1)[0] + "/metrics").text
         line = next((x for x in text.splitlines() if x.startswith("jaxserve_compile_count ")), None)
         return int(float(line.split()[1])) if line else -1
@@ -131,7 +127,9 @@ class HttpSender:
         if req.constrained:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON_SCHEMA}}
         seen = 0
-        async with self.client.stream("POST", self.url + "/completions", json=body) as r:
+        # A client per request: each benchmark phase runs in its own event loop (a connection costs ~0.1 ms here).
+        async with httpx.AsyncClient(timeout=None) as client, client.stream("POST", self.url + "/completions",
+                                                                            json=body) as r:
             r.raise_for_status()
             async for line in r.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":

@@ -61,7 +61,7 @@ def _serve_and_measure(name, cmd, health, base_url, cores, env, levels, prompts,
         asyncio.run(run_load(sender.send, [Request(prompts[0], 4)]))  # untimed warm-up request
         rows = {}
         for level in levels:
-            reqs = [Request(p, output_len) for p in prompts[: max(level, min(2 * level, len(prompts)))]]
+            reqs = [Request(p, output_len) for p in prompts[: max(level, 2)]]  # every client sends one request
             results, duration = asyncio.run(run_load(sender.send, reqs, concurrency=level))
             rows[level] = summarize(results, duration)
             print(f"{name:>10} c={level:<3} {rows[level]['output_tok_s']:8.1f} tok/s", flush=True)
@@ -118,7 +118,9 @@ def main() -> None:
     if importlib.util.find_spec("llama_cpp") is not None:
         table["llama.cpp"] = _serve_and_measure(
             "llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(lport),
-                          "--n_threads", str(args.threads), "--n_ctx", "8192"],
+                          "--n_threads", str(args.threads), "--n_ctx", "8192",
+                          # By default a new request interrupts the running one; queue them instead.
+                          "--interrupt_requests", "False"],
             f"http://127.0.0.1:{lport}/v1/models", f"http://127.0.0.1:{lport}/v1", cores, {}, args.levels, prompts,
             args.output_len)
     else:

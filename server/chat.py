@@ -74,6 +74,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         if params.structured_output is not None:
             raise ValueError("a forced tool_choice cannot be combined with response_format or structured_outputs")
         params.structured_output = forced
+    state.check_grammar_size(params.structured_output)
     if params.structured_output is not None and plan.reasoning_parser:
         # A reasoning model thinks freely first; the constraint applies to the answer after </think>.
         params.structured_output = dataclasses.replace(params.structured_output, reasoning_end="</think>")

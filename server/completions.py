@@ -40,6 +40,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, http_req
         prompts.append(ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else ids)
     params = [req.sampling_params(state.default_max_tokens(len(ids))) for ids in prompts]
     for ids, p in zip(prompts, params):
+        state.check_grammar_size(p.structured_output)
         state.engine.engine.validate(ids, p)  # before a stream starts: errors must be a 400, not an SSE event
     request_id = random_id("cmpl")
     echoes = [tokenizer.decode(ids) if req.echo else "" for ids in prompts]

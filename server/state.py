@@ -37,6 +37,7 @@ class ServerConfig:
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     max_waiting_requests: int = 256
     max_request_bytes: int = 4 * 2**20  # larger bodies get 413 before they are read
+    max_grammar_bytes: int = 64 * 2**10  # larger schemas, regexes and grammars get 400 before compiling
     cluster: Cluster | None = None  # several processes: this one is the leader (process 0)
     drain_timeout: float = 30.0
 
@@ -80,6 +81,15 @@ class ServerState:
     def check_model(self, name: str | None) -> None:
         if name and name != self.model_name:
             raise UnknownModel(f"The model `{name}` does not exist. This server serves `{self.model_name}`.")
+
+    def check_grammar_size(self, spec) -> None:
+        """Bounds the text a grammar is compiled from, so compile time stays bounded too."""
+        if spec is None:
+            return
+        size = sum(len(x.encode()) for x in (spec.json, spec.regex, spec.grammar, *(spec.choice or ())) if x)
+        if size > self.config.max_grammar_bytes:
+            raise ValueError(f"the output constraint is {size} bytes; this server accepts at most "
+                             f"{self.config.max_grammar_bytes} (--max-grammar-bytes)")
 
     def default_max_tokens(self, prompt_len: int) -> int:
         """Without max_tokens a chat answer may use the rest of the context (as vLLM does)."""
