@@ -14,6 +14,7 @@ import threading
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -66,6 +67,9 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
                   description="OpenAI-compatible LLM serving in JAX")
     app.state.server = state
     app.add_middleware(BodyLimit, limit=config.max_request_bytes)
+    if config.allowed_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):

@@ -39,7 +39,8 @@ def _serve(args: argparse.Namespace) -> int:
                           chat_template_content_format=args.chat_template_content_format,
                           tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
                           max_waiting_requests=args.max_waiting_requests, drain_timeout=args.drain_timeout,
-                          max_request_bytes=args.max_request_bytes, max_grammar_bytes=args.max_grammar_bytes)
+                          max_request_bytes=args.max_request_bytes, max_grammar_bytes=args.max_grammar_bytes,
+                          allowed_origins=tuple(args.allowed_origins or ()))
     state = ServerState(config)
 
     class _Server(uvicorn.Server):
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting-requests", type=int, default=256,
                        help="requests allowed to wait beyond --max-num-seqs before new ones get 429")
     serve.add_argument("--max-request-bytes", type=int, default=4 * 2**20, help="larger request bodies get 413")
+    serve.add_argument("--allowed-origins", nargs="*", help="enable CORS for these origins (off by default)")
     serve.add_argument("--max-grammar-bytes", type=int, default=64 * 2**10,
                        help="larger JSON schemas, regexes or grammars get 400")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache page")

@@ -38,6 +38,7 @@ class ServerConfig:
     max_waiting_requests: int = 256
     max_request_bytes: int = 4 * 2**20  # larger bodies get 413 before they are read
     max_grammar_bytes: int = 64 * 2**10  # larger schemas, regexes and grammars get 400 before compiling
+    allowed_origins: tuple[str, ...] = ()  # CORS stays off unless origins are given
     cluster: Cluster | None = None  # several processes: this one is the leader (process 0)
     drain_timeout: float = 30.0
 

@@ -63,3 +63,21 @@ def test_two_processes_serve_the_same_tokens_as_one(folder, tmp_path):
     outs = single.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
     expected = [[single.engine.token_text(t) for t in o.outputs[0].token_ids] for o in outs]
     assert served == expected
+
+
+def test_server_with_tensor_and_data_parallel_on_four_devices(folder, tmp_path):
+    from serving import Server
+
+    s = Server(str(folder), "--max-model-len", "256", "--max-num-batched-tokens", "32", "--max-num-seqs", "4",
+               "--tensor-parallel-size", "2", "--data-parallel-size", "2", log_path=tmp_path / "tpdp.log",
+               env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}).wait_ready()
+    try:
+        served = [httpx.post(s.url + "/v1/completions", timeout=120, json={
+            "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "logprobs": 1}).json()
+            ["choices"][0]["logprobs"]["tokens"] for p in PROMPTS]
+    finally:
+        assert s.stop() == 0
+    single = LLM(str(folder), max_model_len=256, max_num_batched_tokens=32, max_num_seqs=4, compile_cache_dir="",
+                 progress=False, warm_up=False)
+    outs = single.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
+    assert served == [[single.engine.token_text(t) for t in o.outputs[0].token_ids] for o in outs]

@@ -241,6 +241,20 @@ def test_metrics(server):
     assert re.search(r'jaxserve_requests_total\{endpoint="/v1/chat/completions",status="401"\} [1-9]', text)
 
 
+def test_no_key_or_prompt_text_in_the_log(server, client):
+    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "my secret zebra"}],
+                                   max_tokens=2)
+    log = server.log()
+    assert "request chatcmpl-" in log  # the INFO request lines are there...
+    assert KEY not in log and "zebra" not in log  # ...without the key or any prompt text
+
+
+def test_cors_is_off_by_default(server):
+    r = httpx.options(server.url + "/v1/models", headers={"Origin": "http://evil.example",
+                                                           "Access-Control-Request-Method": "GET"})
+    assert "access-control-allow-origin" not in r.headers
+
+
 def test_chat_command_against_the_server(server):
     r = subprocess.run([sys.executable, "-m", "server.cli", "chat", "--url", server.url + "/v1", "--api-key", KEY,
                         "--max-tokens", "4"], input="Hello\n/exit\n", capture_output=True, text=True, timeout=60)
