@@ -48,7 +48,7 @@ class SamplingParams:
             (self.n >= 1, "n must be at least 1"),
             (self.temperature >= 0, "temperature must be non-negative"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be -1 (disabled), 0 (disabled) or positive"),
+            (0 <= self.top_k < 2**31, "top_k must be -1 (disabled), 0 (disabled) or a positive 32-bit integer"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be a non-negative 64-bit integer"),

@@ -64,3 +64,12 @@ def test_hostile_request_gets_a_clear_4xx_fast(server, name):
     assert httpx.get(server.url + "/health").status_code == 200
     ok = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_out_of_range_integers_found_by_fuzzing(server):
+    # The full fuzzing run once reached the device with top_k = 10**20 (a 500); every integer field is bounded now.
+    for field, value in [("top_k", 10**20), ("min_tokens", 10**20), ("seed", 10**30), ("truncate_prompt_tokens", 10**20)]:
+        r = httpx.post(server.url + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 2, field: value},
+                       timeout=30)
+        assert r.status_code in (200, 400), (field, r.text)
+    assert httpx.get(server.url + "/health").status_code == 200
