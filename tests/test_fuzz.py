@@ -21,8 +21,9 @@ CHECKS = [not_a_server_error, response_schema_conformance]
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):
     folder = tiny.make_checkpoint(tmp_path_factory.mktemp("fuzz"), "llama")
-    # Short outputs keep each generated request fast; the limits are the server's own.
-    engine = LLMEngine(str(folder), config=EngineConfig(max_model_len=512, max_num_seqs=8, max_num_batched_tokens=64,
+    # A 128-token context bounds every generated request (n <= 128 samples of at most 128 tokens), so each one
+    # finishes in seconds and "no hung request" is a meaningful check.
+    engine = LLMEngine(str(folder), config=EngineConfig(max_model_len=128, max_num_seqs=16, max_num_batched_tokens=64,
                                                         compile_cache_dir=""), progress=False)
     config = ServerConfig(model=str(folder), served_model_name="tiny", max_waiting_requests=64)
     state = ServerState(config)
