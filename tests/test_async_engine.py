@@ -77,19 +77,7 @@ def test_invalid_request_raises_and_the_engine_keeps_serving(engine):
     assert len(tokens) == 3
 
 
-def test_a_failing_request_leaves_the_others_running(engine):
-    real_append = None
-
-    async def main():
-        nonlocal real_append
-        params = SamplingParams(max_tokens=8, **GREEDY)
-        good = asyncio.create_task(_collect(engine, "ok", "Hello world", params))
-        bad = engine.generate("boom", "Hello world", params)
-        with pytest.raises(RequestFailed, match="detokenizer exploded"):
-            async for _ in bad:
-                pass
-        return await good
-
+def test_a_failing_request_leaves_the_others_running(engine, monkeypatch):
     original = LLMEngine._check_finish
 
     def failing(self, seq, token):
@@ -97,11 +85,17 @@ def test_a_failing_request_leaves_the_others_running(engine):
             raise RuntimeError("detokenizer exploded")
         return original(self, seq, token)
 
-    LLMEngine._check_finish = failing
-    try:
-        _, tokens, last = asyncio.run(main())
-    finally:
-        LLMEngine._check_finish = original
+    monkeypatch.setattr(LLMEngine, "_check_finish", failing)
+
+    async def main():
+        params = SamplingParams(max_tokens=8, **GREEDY)
+        good = asyncio.create_task(_collect(engine, "ok", "Hello world", params))
+        with pytest.raises(RequestFailed, match="detokenizer exploded"):
+            async for _ in engine.generate("boom", "Hello world", params):
+                pass
+        return await good
+
+    _, tokens, last = asyncio.run(main())
     assert len(tokens) == 8 and last.finished
     asyncio.run(_wait_idle(engine))
 
@@ -130,7 +124,7 @@ def test_stats_have_what_the_server_reports(engine):
     assert np.isfinite(s["generation_tokens_per_s"])
 
 
-def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine):
+def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine, monkeypatch):
     runner = engine.engine.runner
     real_forward = runner._forward
     calls = {"n": 0}
@@ -141,18 +135,16 @@ def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine):
             raise RuntimeError("simulated device failure")
         return real_forward(*args)
 
+    monkeypatch.setattr(runner, "_forward", failing_forward)
+
     async def main():
         params = SamplingParams(max_tokens=20, **GREEDY)
         results = await asyncio.gather(*[_collect(engine, f"f{i}", "Hello world", params) for i in range(3)],
                                        return_exceptions=True)
         assert all(isinstance(r, RequestFailed) and "simulated device failure" in str(r) for r in results)
-        runner._forward = real_forward
+        monkeypatch.undo()
         return await _collect(engine, "after", "Hello world", params)
 
-    runner._forward = failing_forward
-    try:
-        _, tokens, last = asyncio.run(main())
-    finally:
-        runner._forward = real_forward
+    _, tokens, last = asyncio.run(main())
     assert len(tokens) == 20 and last.finished
     asyncio.run(_wait_idle(engine))
