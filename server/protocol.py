@@ -58,6 +58,30 @@ class Message(_Request):
         return self.content or ""
 
 
+# --- tools -----------------------------------------------------------------------------------------------------
+
+
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionName
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -163,11 +187,11 @@ class ChatCompletionRequest(_SamplingFields):
     store: bool | None = None
     service_tier: str | None = None
     reasoning_effort: str | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | FunctionName | None = None
     # vLLM extras
     include_reasoning: bool = True
     add_generation_prompt: bool = True
@@ -185,12 +209,16 @@ class ChatCompletionRequest(_SamplingFields):
         return self
 
     def effective_tools(self) -> tuple[list[dict] | None, str | dict | None]:
-        """(tools, tool_choice) with the deprecated functions / function_call mapped onto them."""
+        """(tools, tool_choice) as the plain dicts templates and the engine take, with the deprecated
+        functions / function_call mapped onto them."""
         tools, choice = self.tools, self.tool_choice
         if self.functions and not tools:
-            tools = [{"type": "function", "function": f} for f in self.functions]
+            tools = [Tool(function=f) for f in self.functions]
             fc = self.function_call
-            choice = {"type": "function", "function": {"name": fc["name"]}} if isinstance(fc, dict) else fc
+            choice = NamedToolChoice(function=fc) if isinstance(fc, FunctionName) else fc
+        tools = [t.model_dump(exclude_none=True) for t in tools] if tools else None
+        if isinstance(choice, BaseModel):
+            choice = choice.model_dump()
         if tools and choice is None:
             choice = "auto"
         return tools, choice or "none"

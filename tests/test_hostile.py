@@ -46,6 +46,10 @@ CASES = {
         "name": "f", "parameters": {"type": "objectx"}}}], "tool_choice": "required"}).encode(), 400),
     "tool_choice naming no tool": (json.dumps({"messages": MSG, "tools": [], "tool_choice": {
         "type": "function", "function": {"name": "nope"}}}).encode(), 400),
+    # Found by the full fuzzing run: a function_call object without a name was a KeyError (500).
+    "function_call without a name": (json.dumps({"messages": MSG, "functions": [{"name": "f"}],
+                                                 "function_call": {}}).encode(), 400),
+    "tool without a function": (json.dumps({"messages": MSG, "tools": [{"type": "function"}]}).encode(), 400),
     "not JSON at all": (b"\x00\x01\x02 definitely not json", 400),
 }
 
