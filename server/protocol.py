@@ -82,6 +82,38 @@ class NamedToolChoice(_Request):
     function: FunctionName
 
 
+# --- structured output -----------------------------------------------------------------------------------------
+
+
+class JsonSchemaFormat(_Request):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")  # "schema" would shadow a pydantic method
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs; an unknown option is an error rather than silently unconstrained output."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: str | dict[str, Any] | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
     continuous_usage_stats: bool = False
@@ -116,8 +148,8 @@ class _SamplingFields(_Request):
     truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
     request_id: str | None = None
     echo: bool = False
-    response_format: dict[str, Any] | None = None
-    structured_outputs: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     guided_json: str | dict[str, Any] | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -126,17 +158,12 @@ class _SamplingFields(_Request):
     def structured(self) -> StructuredOutput | None:
         """The output constraint from response_format, structured_outputs or the guided_* extras."""
         found = []
-        rf = self.response_format or {}
-        if rf.get("type") == "json_object":
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
             found.append(StructuredOutput(json_object=True))
-        elif rf.get("type") == "json_schema":
-            spec = rf.get("json_schema") or {}
-            if not isinstance(spec.get("schema"), dict):
-                raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
-            found.append(StructuredOutput.from_schema(spec["schema"], strict=bool(spec.get("strict"))))
-        elif rf.get("type", "text") != "text":
-            raise ValueError(f"response_format type {rf.get('type')!r} is not one of text, json_object, json_schema")
-        so = dict(self.structured_outputs or {})
+        elif rf is not None and rf.type == "json_schema":
+            found.append(StructuredOutput.from_schema(rf.json_schema.schema_, strict=bool(rf.json_schema.strict)))
+        so = self.structured_outputs.model_dump(by_alias=True) if self.structured_outputs else {}
         legacy = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
                   "grammar": self.guided_grammar}
         so.update({k: v for k, v in legacy.items() if v is not None})
@@ -145,6 +172,8 @@ class _SamplingFields(_Request):
                 continue
             if key == "json":
                 schema = json.loads(value) if isinstance(value, str) else value
+                if not isinstance(schema, dict):
+                    raise ValueError("a guided / structured_outputs json schema must be a JSON object")
                 found.append(StructuredOutput.from_schema(schema))
             elif key == "json_object":
                 found.append(StructuredOutput(json_object=True))
@@ -152,10 +181,8 @@ class _SamplingFields(_Request):
                 found.append(StructuredOutput(regex=value))
             elif key == "choice":
                 found.append(StructuredOutput(choice=tuple(value)))
-            elif key == "grammar":
-                found.append(StructuredOutput(grammar=value))
             else:
-                raise ValueError(f"unknown structured_outputs option {key!r}")
+                found.append(StructuredOutput(grammar=value))
         if len(found) > 1:
             raise ValueError("give one output constraint: response_format, structured_outputs or one guided_* field")
         return found[0] if found else None

@@ -50,6 +50,10 @@ CASES = {
     "function_call without a name": (json.dumps({"messages": MSG, "functions": [{"name": "f"}],
                                                  "function_call": {}}).encode(), 400),
     "tool without a function": (json.dumps({"messages": MSG, "tools": [{"type": "function"}]}).encode(), 400),
+    "json_schema that is not an object": (json.dumps({"messages": MSG, "response_format": {
+        "type": "json_schema", "json_schema": "anything"}}).encode(), 400),
+    "unknown structured_outputs option": (json.dumps({"messages": MSG, "structured_outputs": {
+        "xml": "<a/>"}}).encode(), 400),
     "not JSON at all": (b"\x00\x01\x02 definitely not json", 400),
 }
 
