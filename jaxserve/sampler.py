@@ -202,8 +202,10 @@ def sample(logits, state: SamplerState, sb: SamplingBatch):
     def draw():
         temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)
         scaled = logits / temp[:, None]
-        probs = jax.nn.softmax(scaled, axis=-1)
-        scaled = jnp.where(probs >= sb.min_p[:, None] * probs.max(-1, keepdims=True), scaled, -jnp.inf)
+        # min_p in logit space (p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p)): a softmax here turned NaN
+        # on rows that are -inf almost everywhere (a grammar mask) at tiny temperatures, as XLA fuses it.
+        floor = scaled.max(-1, keepdims=True) + jnp.log(sb.min_p)[:, None]
+        scaled = jnp.where(scaled >= floor, scaled, -jnp.inf)
         needs_sort = jnp.any((sb.top_k > 0) | (sb.top_p < 1))
         scaled = jax.lax.cond(needs_sort, lambda x: _top_k_top_p(x, sb.top_k, sb.top_p), lambda x: x, scaled)
         keys = _row_keys(sb.seed, sb.sample_index)

@@ -259,6 +259,16 @@ def test_structured_output_json_schema_always_validates(llm):
         assert o.outputs[0].finish_reason == "stop"
 
 
+def test_tiny_temperatures_keep_to_the_grammar(llm):
+    # Found by fuzzing: at temperature 1e-9, a row with one allowed token turned NaN in the draw and id 0 broke
+    # the grammar.
+    prompt = "<|im_start|>tool\n<|im_end|>\n<|im_start|>assistant\n"
+    params = [SamplingParams(max_tokens=20, temperature=t, seed=1, structured_output=StructuredOutput(regex="%H:%M:%S"))
+              for t in (1e-9, 1e-20, 1e-6, 0.7)]
+    outs = llm.generate([prompt] * 4, params, use_tqdm=False)
+    assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outs] == [("%H:%M:%S", "stop")] * 4
+
+
 def test_stream_yields_the_same_text_as_generate(llm):
     params = SamplingParams(max_tokens=12, stop=["zz"], **GREEDY)
     messages = [{"role": "user", "content": "Hello world!"}]
