@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 
-from jaxserve.engine import LLMEngine
+from jaxserve.engine import InvalidRequest, LLMEngine
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -79,9 +79,9 @@ class AsyncEngine:
                     raise RequestFailed("the engine stopped before the request finished")
                 if isinstance(item, BaseException):
                     raise item
-                errors = [o.error for o in item.outputs if o.error]
-                if errors:
-                    raise RequestFailed(errors[0])
+                failed = [o for o in item.outputs if o.error]
+                if failed:
+                    raise (InvalidRequest if failed[0].error_invalid else RequestFailed)(failed[0].error)
                 finished = item.finished
                 yield item
                 if finished:

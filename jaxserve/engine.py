@@ -19,6 +19,7 @@ from jaxserve.loader import LoadedModel, load_model
 from jaxserve.model import init_cache
 from jaxserve.model_runner import ModelRunner
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
+from jaxserve.sampler import NO_TOKEN
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.scheduler import Scheduler
 from jaxserve.structured_output import GrammarCompiler, GrammarState
@@ -177,6 +178,13 @@ class LLMEngine:
                 for sibling in self.requests[seq.request_id].seqs[1:]:
                     self.scheduler.add(sibling)
             token = int(tokens[i])
+            touched[seq.request_id] = self.requests[seq.request_id]
+            if token == NO_TOKEN:
+                seq.error = ("no token satisfies all of the request's constraints at once (its structured output, "
+                             "allowed or banned token ids, or min_tokens blocking the end of a finished grammar)")
+                seq.error_invalid = True
+                self.scheduler.finish(seq, "error")
+                continue
             seq.token_ids.append(token)  # its K/V is written by the step that feeds it back
             k = seq.params.logprobs
             if k is not None:
@@ -190,7 +198,6 @@ class LLMEngine:
                 log.exception("request %s failed while processing its output", seq.request_id)
                 seq.error = f"{type(e).__name__}: {e}"
                 self.scheduler.finish(seq, "error")
-            touched[seq.request_id] = self.requests[seq.request_id]
         outputs = [self._output(r) for r in touched.values()]
         for out in outputs:
             if out.finished:
@@ -219,7 +226,8 @@ class LLMEngine:
             outs.append(CompletionOutput(
                 s.index, s.detokenizer.text, list(s.output_token_ids), s.finish_reason, s.stop_reason, logprobs,
                 delta_text=s.detokenizer.take_delta(s.finished), delta_token_ids=s.output_token_ids[sent:],
-                delta_logprobs=logprobs[sent:] if logprobs is not None else None, error=s.error))
+                delta_logprobs=logprobs[sent:] if logprobs is not None else None, error=s.error,
+                error_invalid=s.error_invalid))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              finished=all(s.finished for s in req.seqs),
                              num_cached_tokens=req.seqs[0].num_cached_tokens)

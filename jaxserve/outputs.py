@@ -26,6 +26,7 @@ class CompletionOutput:
     delta_token_ids: list[int] = dataclasses.field(default_factory=list)
     delta_logprobs: list[dict[int, Logprob]] | None = None
     error: str | None = None
+    error_invalid: bool = False  # the error is the request's own (its constraints allow no token)
 
 
 @dataclasses.dataclass

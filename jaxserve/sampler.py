@@ -189,6 +189,9 @@ def _logprobs(logits, tokens):
     return chosen[:, 0], rank, top_ids.astype(jnp.int32), top_lp
 
 
+NO_TOKEN = -1  # sampled for a row where every token was masked out
+
+
 def sample(logits, state: SamplerState, sb: SamplingBatch):
     """logits: [S, V] float32 -> (tokens [S] int32, (chosen logprob [S], its rank [S], top ids [S, K],
     top logprobs [S, K])), logprobs taken from the raw logits."""
@@ -214,6 +217,9 @@ def sample(logits, state: SamplerState, sb: SamplingBatch):
         return jnp.where(sb.temperature > 0, sampled, greedy)
 
     tokens = jax.lax.cond(jnp.all(sb.temperature == 0), lambda: greedy, draw)
+    # A row the constraints left without a candidate (a grammar and allowed_token_ids that do not meet, or a
+    # finished grammar that only allows EOS while min_tokens blocks it) has no token to draw.
+    tokens = jnp.where(jnp.isfinite(jnp.max(logits, axis=-1)), tokens, NO_TOKEN)
     s, k = logits.shape[0], min(MAX_LOGPROBS, logits.shape[-1])
     no_logprobs = (jnp.zeros(s, jnp.float32), jnp.zeros(s, jnp.int32), jnp.zeros((s, k), jnp.int32),
                    jnp.zeros((s, k), jnp.float32))

@@ -36,6 +36,7 @@ class Sequence:
         self.grammar = None  # a structured_output.GrammarState when the output is constrained
         self.num_sent_tokens = 0  # output tokens already reported in deltas
         self.error: str | None = None
+        self.error_invalid = False  # the request contradicted itself (a client error), not an engine fault
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 

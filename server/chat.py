@@ -16,6 +16,7 @@ from fastapi import Request
 from jaxserve import chat_template as templating
 from jaxserve import tool_parsers
 from jaxserve.async_engine import RequestFailed
+from jaxserve.engine import InvalidRequest
 from jaxserve.tool_choice import forced_structure
 from server.chat_output import ChatPlan, StreamShaper, final_message
 from server.generation import final_output, sse, sse_error, token_logprobs, usage
@@ -134,8 +135,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, plan: ChatPlan
                                                stop_reason=o.stop_reason))
             for c in choices:  # one entry per chunk, as OpenAI streams
                 yield chunk([c], usage(len(prompt), completion_tokens, cached) if continuous else None)
-    except RequestFailed as e:  # headers are sent already: report in the stream, as OpenAI does
-        yield sse_error(str(e), 500)
+    except (RequestFailed, InvalidRequest) as e:  # headers are sent already: report in the stream, as OpenAI does
+        yield sse_error(str(e), 400 if isinstance(e, InvalidRequest) else 500)
         return
     if include_usage:
         yield chunk([], usage(len(prompt), completion_tokens, cached))

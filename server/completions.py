@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from jaxserve.async_engine import RequestFailed
+from jaxserve.engine import InvalidRequest
 from jaxserve.outputs import CompletionOutput
 from server.generation import final_output, sse, sse_error, usage
 from server.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, random_id
@@ -74,7 +75,7 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
         try:
             async for out in state.generate(f"{request_id}-{i}", prompts[i], params[i]):
                 await queue.put((i, out))
-        except RequestFailed as e:
+        except (RequestFailed, InvalidRequest) as e:
             await queue.put((i, e))
         finally:
             await queue.put((i, None))
@@ -96,7 +97,7 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
                 open_streams -= 1
                 continue
             if isinstance(item, Exception):
-                yield sse_error(str(item), 500)
+                yield sse_error(str(item), 400 if isinstance(item, InvalidRequest) else 500)
                 return
             cached += item.num_cached_tokens if item.finished else 0
             choices = []

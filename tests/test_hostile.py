@@ -54,6 +54,9 @@ CASES = {
         "type": "json_schema", "json_schema": "anything"}}).encode(), 400),
     "unknown structured_outputs option": (json.dumps({"messages": MSG, "structured_outputs": {
         "xml": "<a/>"}}).encode(), 400),
+    # Found by the full fuzzing run: a grammar and allowed_token_ids with nothing in common left no token to draw.
+    "constraints that allow no token": (json.dumps({"messages": MSG, "allowed_token_ids": [0],
+                                                    "guided_regex": "ChatOutput"}).encode(), 400),
     "not JSON at all": (b"\x00\x01\x02 definitely not json", 400),
 }
 

@@ -269,6 +269,21 @@ def test_tiny_temperatures_keep_to_the_grammar(llm):
     assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outs] == [("%H:%M:%S", "stop")] * 4
 
 
+def test_constraints_that_allow_no_token_fail_clearly(llm):
+    none_in_common = SamplingParams(max_tokens=10, temperature=0, allowed_token_ids=[0],
+                                    structured_output=StructuredOutput(regex="ChatOutput"))
+    # Once "yes" or "no" is written the grammar only allows EOS, which min_tokens still blocks.
+    min_tokens_past_the_grammar = SamplingParams(max_tokens=30, temperature=0.7, min_tokens=25,
+                                                 structured_output=StructuredOutput(choice=("yes", "no")))
+    fine = SamplingParams(max_tokens=5, **GREEDY)
+    outs = llm.generate(["hello"] * 3, [none_in_common, min_tokens_past_the_grammar, fine], use_tqdm=False)
+    for o in outs[:2]:
+        assert o.outputs[0].finish_reason == "error" and "no token satisfies" in o.outputs[0].error
+    assert outs[1].outputs[0].text in ("yes", "no")
+    assert outs[2].outputs[0].finish_reason == "length" and len(outs[2].outputs[0].token_ids) == 5
+    assert llm.engine.block_manager.num_free == llm.engine.block_manager.num_pages
+
+
 def test_stream_yields_the_same_text_as_generate(llm):
     params = SamplingParams(max_tokens=12, stop=["zz"], **GREEDY)
     messages = [{"role": "user", "content": "Hello world!"}]
