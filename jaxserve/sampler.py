@@ -153,9 +153,12 @@ def _top_k_top_p(logits, top_k, top_p):
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
     ranks = jnp.arange(vocab)[None, :]
     ordered = jnp.where(ranks < k[:, None], ordered, -jnp.inf)
-    probs = jax.nn.softmax(ordered, axis=-1)
+    # Normalized by the row's maximum, which sorting put first (the same NaN-prone fused softmax as min_p avoided).
+    weights = jnp.exp(ordered - ordered[:, :1])
+    probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < top_p[:, None]) & (ranks < k[:, None])
+    # The most likely token is always kept: a top_p that rounds to 0 in float32 (5e-324) must not empty the row.
+    keep = ((mass_before < top_p[:, None]) | (ranks == 0)) & (ranks < k[:, None])
     threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 

@@ -118,6 +118,15 @@ def test_grammar_mask_applies_to_constrained_rows_only():
     assert np.asarray(tokens).tolist() == [3, 0]  # the best allowed token; the unconstrained row is untouched
 
 
+@pytest.mark.parametrize("temperature", [1.0, 1e-9])
+def test_a_vanishing_top_p_keeps_the_most_likely_token(temperature):
+    # Found by fuzzing: top_p=5e-324 is 0 in float32 and emptied the row, so the draw returned id 0.
+    logits = jnp.tile(jnp.asarray(LOGITS[::-1].copy()), (4, 1))  # the most likely token is the last one
+    sb = _batch(4, temperature=temperature, top_p=5e-324, seed=[0, 3], sample_index=np.arange(4))
+    tokens, _ = jax.jit(sample)(logits, SamplerState.zeros(4, V), sb)
+    assert np.asarray(tokens).tolist() == [V - 1] * 4
+
+
 def test_record_tokens_counts_output_tokens_only():
     state = SamplerState.zeros(2, V)
     sb = _batch(2, token_slot=[0], token_is_prompt=[True])
