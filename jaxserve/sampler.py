@@ -26,6 +26,8 @@ import numpy as np
 from jaxserve.sampling_params import MAX_LOGPROBS
 from jaxserve.sequence import Sequence
 
+GREEDY_BELOW = 1e-5  # temperatures under this sample greedily, as in vLLM
+NO_TOKEN = -1  # sampled for a row where every token was masked out
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -108,8 +110,10 @@ class SamplingBatch:
         t = 0
         for i, (s, n) in enumerate(scheduled):
             p = s.params
+            # Below GREEDY_BELOW a draw is greedy anyway, and logits / 1e-40 overflow float32 to inf.
+            temperature = p.temperature if p.temperature >= GREEDY_BELOW else 0.0
             cols["temperature"][i], cols["top_k"][i], cols["top_p"][i], cols["min_p"][i] = (
-                p.temperature, p.top_k, p.top_p, p.min_p)
+                temperature, p.top_k, p.top_p, p.min_p)
             cols["presence"][i], cols["frequency"][i], cols["repetition"][i] = (
                 p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
             cols["use_bias"][i] = p.needs_bias_row
@@ -190,9 +194,6 @@ def _logprobs(logits, tokens):
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)
     rank = jnp.sum(logp > chosen, axis=-1).astype(jnp.int32) + 1
     return chosen[:, 0], rank, top_ids.astype(jnp.int32), top_lp
-
-
-NO_TOKEN = -1  # sampled for a row where every token was masked out
 
 
 def sample(logits, state: SamplerState, sb: SamplingBatch):

@@ -264,9 +264,9 @@ def test_tiny_temperatures_keep_to_the_grammar(llm):
     # the grammar.
     prompt = "<|im_start|>tool\n<|im_end|>\n<|im_start|>assistant\n"
     params = [SamplingParams(max_tokens=20, temperature=t, seed=1, structured_output=StructuredOutput(regex="%H:%M:%S"))
-              for t in (1e-9, 1e-20, 1e-6, 0.7)]
-    outs = llm.generate([prompt] * 4, params, use_tqdm=False)
-    assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outs] == [("%H:%M:%S", "stop")] * 4
+              for t in (1e-40, 1e-9, 1e-5, 1e-3, 0.7)]
+    outs = llm.generate([prompt] * 5, params, use_tqdm=False)
+    assert [(o.outputs[0].text, o.outputs[0].finish_reason) for o in outs] == [("%H:%M:%S", "stop")] * 5
 
 
 def test_constraints_that_allow_no_token_fail_clearly(llm):
