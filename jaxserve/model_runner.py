@@ -4,7 +4,7 @@ A step is two jitted calls. The model's forward pass is dispatched first and run
 grammar masks of constrained requests (llguidance, on the host); then the sampler runs on the logits, which stay
 on the device.
 
-Shapes come from a fixed ladder of token-count buckets (8, 16, 32, ... up to the token budget); the
+Shapes come from a fixed ladder of token-count buckets (1, 8, 16, 32, ... up to the token budget); the
 sequence count is tied to the token bucket (min(tokens, max_num_seqs)) so there is one compile per rung,
 all done by `warm_up` before serving. The KV cache is donated to each step so XLA updates it in place.
 """
@@ -29,13 +29,16 @@ from jaxserve.sampler import (SamplerState, SamplingBatch, fill_grammar_masks, i
                               slot_rows)
 from jaxserve.sequence import Sequence
 
-# The smallest step: measured with SmolLM2 on 2 CPU cores, single-stream decode runs at 33 tok/s padded to 8
-# tokens and 22 tok/s padded to 16; smaller buckets would add compile time at start for little gain.
-MIN_BUCKET = 8
+# Measured with SmolLM2 on 2 CPU cores: XLA's CPU dot is a bandwidth-bound matrix-vector product for one row
+# but much less efficient for a few rows, so a lone decode step takes 43 ms as one token and 84 ms padded to 8
+# (2026-12-01; hosts differ: on 2026-11-24 the 8-token step took 30 ms), while 2-7 rows cost about what 8 do.
+# Hence a bucket of 1 for single-stream decode, then 8, 16, 32, ...
+SMALL_BUCKETS = (1, 8)
 
 
 def token_buckets(max_num_batched_tokens: int) -> list[int]:
-    buckets, b = [], MIN_BUCKET
+    buckets = [b for b in SMALL_BUCKETS if b < max_num_batched_tokens]
+    b = SMALL_BUCKETS[-1] * 2
     while b < max_num_batched_tokens:
         buckets.append(b)
         b *= 2
