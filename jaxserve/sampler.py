@@ -29,6 +29,7 @@ from jaxserve.sequence import Sequence
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily, as in vLLM
 NO_TOKEN = -1  # sampled for a row where every token was masked out
 
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplerState:

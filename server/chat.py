@@ -19,7 +19,7 @@ from jaxserve.async_engine import RequestFailed
 from jaxserve.engine import InvalidRequest
 from jaxserve.tool_choice import forced_structure
 from server.chat_output import ChatPlan, StreamShaper, final_message
-from server.generation import final_output, sse, sse_error, token_logprobs, usage
+from server.generation import final_output, sse, sse_failure, token_logprobs, usage
 from server.protocol import (ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs,
                              ChunkChoice, Delta, ResponseMessage, random_id)
 from server.state import ServerState
@@ -136,7 +136,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, plan: ChatPlan
             for c in choices:  # one entry per chunk, as OpenAI streams
                 yield chunk([c], usage(len(prompt), completion_tokens, cached) if continuous else None)
     except (RequestFailed, InvalidRequest) as e:  # headers are sent already: report in the stream, as OpenAI does
-        yield sse_error(str(e), 400 if isinstance(e, InvalidRequest) else 500)
+        yield sse_failure(e)
         return
     if include_usage:
         yield chunk([], usage(len(prompt), completion_tokens, cached))

@@ -11,7 +11,7 @@ from fastapi import Request
 from jaxserve.async_engine import RequestFailed
 from jaxserve.engine import InvalidRequest
 from jaxserve.outputs import CompletionOutput
-from server.generation import final_output, sse, sse_error, usage
+from server.generation import final_output, sse, sse_failure, usage
 from server.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, random_id
 from server.state import ServerState
 
@@ -97,7 +97,7 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
                 open_streams -= 1
                 continue
             if isinstance(item, Exception):
-                yield sse_error(str(item), 400 if isinstance(item, InvalidRequest) else 500)
+                yield sse_failure(item)
                 return
             cached += item.num_cached_tokens if item.finished else 0
             choices = []

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
+from jaxserve.async_engine import RequestFailed
+from jaxserve.engine import InvalidRequest
 from jaxserve.outputs import Logprob, RequestOutput
 from server.protocol import PromptTokensDetails, TokenLogprob, TopLogprob, Usage
 
@@ -60,6 +62,11 @@ def sse(payload) -> str:
     """One Server-Sent Events message; payload is a pydantic model or a plain string such as [DONE]."""
     data = payload if isinstance(payload, str) else payload.model_dump_json()
     return f"data: {data}\n\n"
+
+
+def sse_failure(e: RequestFailed | InvalidRequest) -> str:
+    """A request that failed after its stream began: 400 when its own constraints were at fault, else 500."""
+    return sse_error(str(e), 400 if isinstance(e, InvalidRequest) else 500)
 
 
 def sse_error(message: str, code: int) -> str:
