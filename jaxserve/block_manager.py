@@ -1,7 +1,9 @@
 """Page allocator for the paged KV cache: free list, reference counts, block tables and the prefix cache.
 
-Prefix cache: a page whose tokens are all computed is keyed by a hash chained over (previous page's key,
-its token ids), so a key names the whole prefix up to that page. A new sequence reuses the cached pages of
+Prefix cache: a page whose tokens are all computed is keyed by a blake2b digest chained over (previous page's
+digest, its token ids), so a key names the whole prefix up to that page; a collision would need a collision of
+the digest (Python's `hash` of tuples can be made to collide on purpose). The chain starts from the request's
+`cache_salt`: requests with different salts share nothing, and unsalted requests never share with salted ones. A new sequence reuses the cached pages of
 its longest matching prefix (reference count + 1) and computes only the rest. A page whose count drops to
 zero keeps its contents and key, and waits in the free list in least-recently-freed order: allocation takes
 the oldest first, which evicts it from the cache. Only full pages are shared, and a sequence only writes
@@ -10,6 +12,7 @@ past its computed tokens, so a shared page is never written.
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 
 import numpy as np
@@ -24,9 +27,8 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.free_pages: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_pages))  # LRU first
         self.refs = np.zeros(num_pages, np.int32)
-        self.cached: dict[int, int] = {}  # prefix key -> page
-        self.page_key: dict[int, int] = {}  # page -> prefix key (pages whose contents are reusable)
-        self.page_tokens: dict[int, tuple[int, ...]] = {}  # page -> its tokens, to rule out hash collisions
+        self.cached: dict[bytes, int] = {}  # prefix key -> page
+        self.page_key: dict[int, bytes] = {}  # page -> prefix key (pages whose contents are reusable)
         self.hit_tokens = 0
         self.queried_tokens = 0
 
@@ -50,7 +52,6 @@ class BlockManager:
             key = self.page_key.pop(page, None)  # evict its old contents from the cache
             if key is not None:
                 del self.cached[key]
-                del self.page_tokens[page]
             self.refs[page] = 1
             seq.block_table.append(page)
 
@@ -76,12 +77,11 @@ class BlockManager:
         ps = self.page_size
         usable = (len(seq) - 1) // ps
         self.queried_tokens += usable * ps
-        key = 0
+        key = root_key(seq.params.cache_salt)
         for i in range(usable):
-            tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
-            key = hash((key, tokens))
+            key = page_key(key, seq.token_ids[i * ps:(i + 1) * ps])
             page = self.cached.get(key)
-            if page is None or self.page_tokens[page] != tokens:
+            if page is None:
                 break
             if self.refs[page] == 0:
                 del self.free_pages[page]
@@ -97,15 +97,28 @@ class BlockManager:
             return
         ps = self.page_size
         for i in range(len(seq.page_keys), seq.num_computed_tokens // ps):
-            tokens = tuple(seq.token_ids[i * ps:(i + 1) * ps])
-            key = hash((seq.page_keys[-1] if seq.page_keys else 0, tokens))
+            parent = seq.page_keys[-1] if seq.page_keys else root_key(seq.params.cache_salt)
+            key = page_key(parent, seq.token_ids[i * ps:(i + 1) * ps])
             seq.page_keys.append(key)
             page = seq.block_table[i]
             if key not in self.cached:
                 self.cached[key] = page
                 self.page_key[page] = key
-                self.page_tokens[page] = tokens
 
     @property
     def hit_rate(self) -> float:
         return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
+def root_key(cache_salt: str | None) -> bytes:
+    """The chain's start: one value for unsalted requests, a digest of the salt (a distinct length) otherwise."""
+    if cache_salt is None:
+        return b""
+    return hashlib.blake2b(b"salt\0" + cache_salt.encode("utf-8"), digest_size=32).digest()
+
+
+def page_key(parent: bytes, tokens: list[int]) -> bytes:
+    """The key of a full page: a digest of its parent's key and its token ids (int64 little-endian bytes)."""
+    h = hashlib.blake2b(parent, digest_size=32)
+    h.update(np.asarray(tokens, "<i8").tobytes())
+    return h.digest()

@@ -32,6 +32,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    cache_salt: str | None = None  # prefix-cache isolation: only requests with the same salt share cached pages
 
     def __post_init__(self):
         if isinstance(self.stop, str):

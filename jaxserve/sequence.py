@@ -29,7 +29,7 @@ class Sequence:
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
         self.block_table: list[int] = []
-        self.page_keys: list[int] = []  # prefix-cache keys of the full pages computed so far
+        self.page_keys: list[bytes] = []  # prefix-cache keys of the full pages computed so far
         self.slot: int | None = None  # the scheduler slot (sampler-state row) while admitted
         self.slot_fresh = False  # admitted since the last step: its sampler rows must be written
         self.logprobs: list[tuple] = []  # per output token, when requested: (token, logprob, rank, top ids, top lps)

@@ -5,14 +5,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxserve.block_manager import BlockManager
+from jaxserve.sampling_params import SamplingParams
 from jaxserve.sequence import Sequence
 
 PAGE = 4
 NUM_PAGES = 24
 
 
-def _seq(i, tokens):
-    return Sequence(i, str(i), 0, tokens, params=None, seed=0, detokenizer=None)
+def _seq(i, tokens, cache_salt=None):
+    return Sequence(i, str(i), 0, tokens, params=SamplingParams(cache_salt=cache_salt), seed=0, detokenizer=None)
 
 
 def _check_invariants(bm: BlockManager, live: list[Sequence]):
@@ -92,3 +93,41 @@ def test_prefix_reuse_and_lru_eviction():
     d = _seq(3, list(range(10)))
     bm.match_prefix(d)
     assert d.num_cached_tokens == 0 and not bm.cached
+
+
+def _computed(bm, seq):
+    """Admits `seq` and computes it whole, so its full pages enter the prefix cache."""
+    bm.match_prefix(seq)
+    bm.allocate(seq, len(seq))
+    seq.num_computed_tokens = len(seq)
+    bm.register_full_pages(seq)
+    return seq
+
+
+def test_cache_salt_isolates_prefixes():
+    bm = BlockManager(32, PAGE)
+    prompt = list(range(13))  # three full pages, one token left to compute
+    _computed(bm, _seq(0, prompt, cache_salt="tenant-a"))
+    cached = {}
+    for i, salt in enumerate(["tenant-a", "tenant-b", None, "", "tenant-a"], start=1):
+        seq = _seq(i, prompt, cache_salt=salt)
+        bm.match_prefix(seq)
+        cached[salt if i < 5 else "again"] = seq.num_cached_tokens
+        bm.free(seq)
+    # Only the same salt shares; no salt and the empty salt are different from each other and from "tenant-a".
+    assert cached == {"tenant-a": 12, "tenant-b": 0, None: 0, "": 0, "again": 12}
+    _computed(bm, _seq(9, prompt))
+    seq = _seq(10, prompt)
+    bm.match_prefix(seq)
+    assert seq.num_cached_tokens == 12  # unsalted requests share among themselves
+
+
+def test_key_covers_the_whole_prefix():
+    """Two prompts whose last full page is the same but whose earlier pages differ share nothing: the key of a
+    page is chained over every page before it, not just its own tokens."""
+    bm = BlockManager(32, PAGE)
+    a = _computed(bm, _seq(0, [1, 1, 1, 1, 5, 6, 7, 8, 0]))
+    b = _seq(1, [2, 2, 2, 2, 5, 6, 7, 8, 0])
+    bm.match_prefix(b)
+    assert b.num_cached_tokens == 0
+    assert len(set(a.page_keys)) == 2 and all(len(k) == 32 for k in a.page_keys)
