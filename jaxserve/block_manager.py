@@ -76,7 +76,7 @@ class BlockManager:
             return
         ps = self.page_size
         usable = (len(seq) - 1) // ps
-        self.queried_tokens += usable * ps
+        self.queried_tokens += len(seq)  # vLLM's unit: a lookup queries every token of the sequence
         key = root_key(seq.params.cache_salt)
         for i in range(usable):
             key = page_key(key, seq.token_ids[i * ps:(i + 1) * ps])

@@ -274,6 +274,7 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "prefix_cache_hit_rate": self.block_manager.hit_rate,
             "prefix_cache_hit_tokens": self.block_manager.hit_tokens,
+            "prefix_cache_queried_tokens": self.block_manager.queried_tokens,
             "computed_tokens": self.num_computed_tokens,
             "compile_count": compilation.compile_count(),
             "devices": len(jax.devices()),
