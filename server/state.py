@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import pathlib
-import time
 from collections.abc import AsyncIterator
 
 from jaxserve.async_engine import AsyncEngine
@@ -73,6 +72,7 @@ class ServerState:
 
     def attach(self, engine: AsyncEngine, loaded_name: str) -> None:
         self.model_name = self.config.served_model_name or loaded_name
+        self.metrics.serve(self.model_name)
         self.engine = engine
 
     @property
@@ -102,27 +102,17 @@ class ServerState:
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams
                        ) -> AsyncIterator[RequestOutput]:
         """engine.generate with metrics and the one log line per request."""
-        start = last = time.perf_counter()
-        first, generated, finish = None, 0, None
+        timer = self.metrics.request(len(prompt), params.n)
+        error = None
         try:
             async for out in self.engine.generate(request_id, prompt, params):
-                now = time.perf_counter()
-                new = sum(len(o.delta_token_ids) for o in out.outputs)
-                if new:
-                    if first is None:
-                        first = now - start
-                        self.metrics.ttft.observe(first)
-                    else:
-                        self.metrics.itl.observe((now - last) / new)
-                    last = now
-                generated += new
-                finish = ",".join(str(o.finish_reason) for o in out.outputs) if out.finished else None
+                timer.record(out)
                 yield out
+        except BaseException as e:  # refused, failed or cut off: the metrics count each differently
+            error = e
+            raise
         finally:
-            total = time.perf_counter() - start
-            self.metrics.e2e.observe(total)
-            self.metrics.prompt_tokens.inc(len(prompt))
-            self.metrics.generation_tokens.inc(generated)
+            total = timer.end(error)
             log.info("request %s: prompt %d tokens, completion %d tokens, ttft %s, total %.3f s, finish %s",
-                     request_id, len(prompt), generated, f"{first:.3f} s" if first is not None else "-", total,
-                     finish or "abort")
+                     request_id, len(prompt), timer.generated, "-" if timer.ttft is None else f"{timer.ttft:.3f} s",
+                     total, timer.finish_reasons)
