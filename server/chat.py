@@ -109,6 +109,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, plan: ChatPlan
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     completion_tokens = 0
     shapers = [StreamShaper(plan) for _ in range(req.n)]
+    finished: set[int] = set()  # choices whose finish chunk is sent
 
     def chunk(choices, usage_=None):
         return sse(ChatCompletionChunk(id=request_id, created=created, model=state.model_name, choices=choices,
@@ -122,6 +123,8 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, plan: ChatPlan
             cached = out.num_cached_tokens
             choices = []
             for o in out.outputs:
+                if o.index in finished:  # the engine reports every sample each step; a finished one only once here
+                    continue
                 completion_tokens += len(o.delta_token_ids)
                 shaper = shapers[o.index]
                 deltas = shaper.feed(o.delta_text, final=o.finish_reason is not None)
@@ -130,6 +133,7 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, plan: ChatPlan
                     choices.append(ChunkChoice(index=o.index, delta=Delta(), logprobs=lp))
                 choices += [ChunkChoice(index=o.index, delta=Delta(**d)) for d in deltas]
                 if o.finish_reason:
+                    finished.add(o.index)
                     finish = "tool_calls" if shaper.made_calls and o.finish_reason == "stop" else o.finish_reason
                     choices.append(ChunkChoice(index=o.index, delta=Delta(), finish_reason=finish,
                                                stop_reason=o.stop_reason))

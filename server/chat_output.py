@@ -24,7 +24,7 @@ class ChatPlan:
 
 
 def final_message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-    """Returns (message fields: content, reasoning_content, tool_calls), finish_reason."""
+    """Returns (message fields: content, reasoning, reasoning_content, tool_calls), finish_reason."""
     reasoning_text, content = None, text
     if plan.reasoning_parser:
         reasoning_text, content = reasoning.parse(plan.reasoning_parser, text)
@@ -39,8 +39,9 @@ def final_message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple
         calls = calls[:1]
     if calls and finish_reason == "stop":
         finish_reason = "tool_calls"
-    message = {"content": content, "tool_calls": [c.to_openai() for c in calls],
-               "reasoning_content": reasoning_text if plan.include_reasoning else None}
+    shown = reasoning_text if plan.include_reasoning else None
+    message = {"content": content, "tool_calls": [c.to_openai() for c in calls], "reasoning": shown,
+               "reasoning_content": shown}
     return message, finish_reason
 
 
@@ -61,7 +62,7 @@ class StreamShaper:
         if self.reasoner is not None:
             thought, content = self.reasoner.feed(delta, final)
             if thought and self.plan.include_reasoning:
-                deltas.append({"reasoning_content": thought})
+                deltas.append({"reasoning": thought, "reasoning_content": thought})
         if self.plan.forced is not None:
             return deltas + self._forced(content, final)
         if self.tools is not None:

@@ -70,6 +70,7 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
     continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
     queue: asyncio.Queue = asyncio.Queue()
     offsets = {}
+    finished: set[int] = set()  # choice indices whose finish chunk is sent
 
     async def pump(i):
         try:
@@ -88,9 +89,9 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
                               system_fingerprint=state.fingerprint))
 
     try:
-        if req.echo:
-            yield chunk([CompletionChoice(index=i * req.n + k, text=echoes[i], finish_reason=None)
-                         for i in range(len(prompts)) for k in range(req.n)])
+        for i in range(len(prompts)) if req.echo else ():
+            for k in range(req.n):
+                yield chunk([CompletionChoice(index=i * req.n + k, text=echoes[i], finish_reason=None)])
         while open_streams:
             i, item = await queue.get()
             if item is None:
@@ -100,20 +101,23 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
                 yield sse_failure(item)
                 return
             cached += item.num_cached_tokens if item.finished else 0
-            choices = []
             for o in item.outputs:
+                index = i * req.n + o.index
+                if index in finished:  # the engine reports every sample each step; a finished one only once here
+                    continue
                 completion_tokens += len(o.delta_token_ids)
                 if not (o.delta_text or o.delta_logprobs or o.finish_reason):
                     continue
-                index = i * req.n + o.index
+                if o.finish_reason:
+                    finished.add(index)
                 lp = None
                 if o.delta_logprobs is not None:
                     lp = _logprobs(o, o.delta_logprobs, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp.tokens)
-                choices.append(CompletionChoice(index=index, text=o.delta_text, logprobs=lp,
-                                                finish_reason=o.finish_reason, stop_reason=o.stop_reason))
-            if choices:
-                yield chunk(choices, usage(sum(map(len, prompts)), completion_tokens, cached) if continuous else None)
+                choice = CompletionChoice(index=index, text=o.delta_text, logprobs=lp, finish_reason=o.finish_reason,
+                                          stop_reason=o.stop_reason)
+                # One choice per chunk, as OpenAI streams.
+                yield chunk([choice], usage(sum(map(len, prompts)), completion_tokens, cached) if continuous else None)
         if include_usage:
             yield chunk([], usage(sum(map(len, prompts)), completion_tokens, cached))
         yield sse("[DONE]")

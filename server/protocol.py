@@ -335,6 +335,7 @@ class ChoiceLogprobs(BaseModel):
 class ResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning: str | None = None  # vLLM's current name; reasoning_content is the older one, still read by clients
     reasoning_content: str | None = None
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
@@ -360,6 +361,7 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning: str | None = None  # the same text as reasoning_content, under vLLM's current name
     reasoning_content: str | None = None
     tool_calls: list[dict[str, Any]] | None = None  # {index, id?, type?, function: {name?, arguments}}
 

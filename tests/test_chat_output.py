@@ -79,3 +79,14 @@ def test_specific_shapes():
     assert msg["reasoning_content"] is None and msg["content"] == "The answer."
     msg, finish = final_message(PLANS["named"], '{"city": "Par', "length")  # cut short by max_tokens
     assert msg["tool_calls"] == [] and finish == "length"
+
+
+def test_reasoning_sent_under_both_names():
+    msg, _ = final_message(ChatPlan(reasoning_parser="qwen3"), "<think>hmm</think>Yes.", "stop")
+    assert msg == {"content": "Yes.", "tool_calls": [], "reasoning": "hmm", "reasoning_content": "hmm"}
+    shaper = StreamShaper(ChatPlan(reasoning_parser="qwen3"))
+    deltas = shaper.feed("<think>hmm</think>", final=False) + shaper.feed("Yes.", final=True)
+    thought = [d for d in deltas if "content" not in d]
+    assert thought and all(list(d) == ["reasoning", "reasoning_content"] and d["reasoning"] == d["reasoning_content"]
+                           for d in thought)
+    assert "".join(d["reasoning"] for d in thought) == "hmm"

@@ -1,0 +1,101 @@
+"""Stream shape with n > 1: each choice gets its deltas once, one finish chunk, nothing after it.
+
+The engine reports every sample of a request on each step, finished ones included; the stream handlers are
+driven here by a scripted engine so the finishing steps are exact.
+"""
+
+import asyncio
+import json
+import types
+
+from jaxserve.outputs import CompletionOutput, RequestOutput
+from jaxserve.sampling_params import SamplingParams
+from server import chat, completions
+from server.chat_output import ChatPlan
+from server.protocol import ChatCompletionRequest, CompletionRequest
+
+
+def _script(texts: list[list[str]]) -> list[RequestOutput]:
+    """texts[i]: sample i's text per step; a sample stops after its last piece (length) and keeps being
+    reported, with its finish_reason and no new text, as the engine does."""
+    steps = max(map(len, texts))
+    outs = []
+    for step in range(steps):
+        choices = []
+        for i, pieces in enumerate(texts):
+            done = step >= len(pieces) - 1
+            new = pieces[step] if step < len(pieces) else ""
+            choices.append(CompletionOutput(i, "".join(pieces[:step + 1]), [], "length" if done else None,
+                                            delta_text=new, delta_token_ids=[0] if new else []))
+        outs.append(RequestOutput("r", None, [1], choices, finished=step == steps - 1))
+    return outs
+
+
+def _state(script):
+    async def generate(request_id, prompt, params):
+        for out in script:
+            yield out
+
+    return types.SimpleNamespace(generate=generate, model_name="m", fingerprint="fp")
+
+
+def _collect(stream) -> list[dict]:
+    async def run():
+        return [item async for item in stream]
+
+    lines = asyncio.run(run())
+    assert lines[-1] == "data: [DONE]\n\n"
+    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+
+
+TEXTS = [["a", "b", "c", "d"], ["x"], ["p", "q"]]  # three samples finishing at steps 4, 1 and 2
+
+
+def test_chat_n3_each_choice_finishes_once():
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=3, stream=True)
+    chunks = _collect(chat._stream(_state(_script(TEXTS)), req, ChatPlan(), "id", [1], SamplingParams(n=3), ""))
+    assert all(len(c["choices"]) == 1 for c in chunks)
+    per_choice = {}
+    for c in chunks:
+        (ch,) = c["choices"]
+        per_choice.setdefault(ch["index"], []).append((ch["delta"], ch["finish_reason"]))
+    role = ({"role": "assistant", "content": ""}, None)
+    assert per_choice == {
+        0: [role, ({"content": "a"}, None), ({"content": "b"}, None), ({"content": "c"}, None),
+            ({"content": "d"}, None), ({}, "length")],
+        1: [role, ({"content": "x"}, None), ({}, "length")],
+        2: [role, ({"content": "p"}, None), ({"content": "q"}, None), ({}, "length")],
+    }
+
+
+def test_chat_required_tool_n2_each_call_once():
+    plan = ChatPlan(forced="required")
+    texts = [['[{"name": "f", ', '"parameters": {}}]'], ['[{"name": "f", "parameters": {}}]']]
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}], n=2, stream=True)
+    chunks = _collect(chat._stream(_state(_script(texts)), req, plan, "id", [1], SamplingParams(n=2), ""))
+    calls = {}
+    finishes = {}
+    for c in chunks:
+        (ch,) = c["choices"]
+        for tc in ch["delta"].get("tool_calls", []):
+            calls.setdefault(ch["index"], []).append(tc)
+        if ch["finish_reason"]:
+            finishes.setdefault(ch["index"], []).append(ch["finish_reason"])
+    assert sorted(calls) == [0, 1]
+    for index, deltas in calls.items():
+        head, = [d for d in deltas if "id" in d]  # one call, one id
+        assert head["function"] == {"name": "f", "arguments": ""} and head["index"] == 0
+        assert "".join(d["function"].get("arguments", "") for d in deltas) == "{}"
+    assert finishes == {0: ["length"], 1: ["length"]}
+
+
+def test_completions_n3_one_choice_per_chunk_and_one_finish():
+    req = CompletionRequest(prompt="hi", n=3, stream=True)
+    state = _state(_script(TEXTS))
+    chunks = _collect(completions._stream(state, req, "id", [[1]], [SamplingParams(n=3)], [""]))
+    assert [[(ch["index"], ch["text"], ch["finish_reason"]) for ch in c["choices"]] for c in chunks] == [
+        [(0, "a", None)], [(1, "x", "length")], [(2, "p", None)],
+        [(0, "b", None)], [(2, "q", "length")],
+        [(0, "c", None)],
+        [(0, "d", "length")],
+    ]
