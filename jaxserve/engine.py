@@ -129,7 +129,8 @@ class LLMEngine:
             seqs.append(seq)
             self._next_seq_id += 1
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs)
-        # Samples 1..n-1 wait until sample 0 has computed the prompt, then take its pages from the prefix cache.
+        # Samples 1..n-1 wait until sample 0 has computed the prompt, then take its pages from the prefix cache
+        # (they join the head of the queue then, see step).
         self.scheduler.add(seqs[0])
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -175,8 +176,9 @@ class LLMEngine:
             if seq.num_computed_tokens < len(seq):
                 continue  # a prefill chunk that does not reach the prompt's end samples nothing
             if seq.index == 0 and seq.num_output_tokens == 0:
-                for sibling in self.requests[seq.request_id].seqs[1:]:
-                    self.scheduler.add(sibling)
+                # At the head of the queue, not its tail: a request's samples are admitted together, in the step
+                # after sample 0's prefill, ahead of requests that arrived later.
+                self.scheduler.waiting.extendleft(reversed(self.requests[seq.request_id].seqs[1:]))
             token = int(tokens[i])
             touched[seq.request_id] = self.requests[seq.request_id]
             if token == NO_TOKEN:

@@ -47,9 +47,13 @@ async def create_completion(state: ServerState, req: CompletionRequest, http_req
     echoes = [tokenizer.decode(ids) if req.echo else "" for ids in prompts]
     if req.stream:
         return _stream(state, req, request_id, prompts, params, echoes)
-    outs = await asyncio.gather(*[
-        final_output(state.generate(f"{request_id}-{i}", ids, p), http_request)
-        for i, (ids, p) in enumerate(zip(prompts, params))])
+    tasks = [asyncio.create_task(final_output(state.generate(f"{request_id}-{i}", ids, p), http_request))
+             for i, (ids, p) in enumerate(zip(prompts, params))]
+    try:
+        outs = await asyncio.gather(*tasks)
+    finally:  # one prompt failed (or the handler was cancelled): the others are aborted, not left to run
+        for t in tasks:
+            t.cancel()
     if any(o is None for o in outs):
         return None
     choices = []

@@ -99,3 +99,30 @@ def test_completions_n3_one_choice_per_chunk_and_one_finish():
         [(0, "c", None)],
         [(0, "d", "length")],
     ]
+
+
+def test_samples_are_admitted_with_sample_0(tmp_path):
+    """Samples 1..n-1 join the queue's head once sample 0 has computed the prompt, ahead of later requests."""
+    import tiny
+    from jaxserve.engine import EngineConfig, LLMEngine
+
+    folder = tiny.make_checkpoint(tmp_path, "llama")
+    engine = LLMEngine(str(folder), config=EngineConfig(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
+                                                        page_size=8, num_kv_pages=64, compile_cache_dir="",
+                                                        warm_up=False), progress=False)
+    prompt = list(range(10, 30))  # 20 tokens: two full pages for the siblings to share, four to compute each
+    greedy = SamplingParams(n=3, temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("A", prompt, greedy)
+    for name in "BCD":
+        engine.add_request(name, [t + 1 for t in prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    engine.step()  # A0's prompt (20) and the first 12 tokens of B's
+    engine.step()
+    # Right behind the sequences already running, before C and D, which waited since before the siblings.
+    assert [(s.request_id, s.index) for s in engine.scheduler.running] == [
+        ("A", 0), ("B", 0), ("A", 1), ("A", 2), ("C", 0), ("D", 0)]
+    outs = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs[out.request_id] = out
+    texts = [o.token_ids for o in outs["A"].outputs]
+    assert texts[0] == texts[1] == texts[2] and len(texts[0]) == 4
