@@ -8,6 +8,8 @@ grammar forced into shape (tool_choice "required" or a named function).
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 
 from jaxserve import reasoning, tool_parsers
 from jaxserve.tool_choice import forced_calls, named_tool
@@ -31,8 +33,8 @@ def final_message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple
         content = content or ""
     calls: list[ToolCall] = []
     if plan.forced is not None:
-        calls = forced_calls(content, plan.forced)
-        content = None if calls else content
+        calls = forced_calls(content, plan.forced) or cut_off_calls(content, plan.forced)
+        content = None  # the grammar made the output calls, never prose, even when it was cut off early
     elif plan.tool_parser:
         content, calls = tool_parsers.parse(plan.tool_parser, content)
     if not plan.parallel_tool_calls:
@@ -104,9 +106,33 @@ class StreamShaper:
         if not final:
             return []
         deltas = []
-        for call in forced_calls(self.forced_text, self.plan.forced):
+        for call in forced_calls(self.forced_text, self.plan.forced) or cut_off_calls(self.forced_text,
+                                                                                      self.plan.forced):
             deltas += self._call_deltas(call)
-        if not deltas and self.forced_text:
-            deltas.append({"content": self.forced_text})  # cut short (max_tokens): not valid JSON, sent as text
         return deltas
+
+
+# One item of a "required" call list as the grammar writes it (json.dumps style), possibly cut off inside.
+_ITEM_HEAD = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), "parameters": ')
+
+
+def cut_off_calls(text: str, tool_choice) -> list[ToolCall]:
+    """The calls of a forced output that stopped early (max_tokens), with the arguments produced so far, as vLLM
+    reports them; the grammar guarantees the text is a prefix of valid calls."""
+    name = named_tool(tool_choice)
+    if name is not None:
+        return [ToolCall(name, text)] if text else []
+    calls, at, decoder = [], 1, json.JSONDecoder()
+    while at < len(text):
+        at += len(text[at:]) - len(text[at:].lstrip(", "))
+        try:
+            item, end = decoder.raw_decode(text, at)
+        except json.JSONDecodeError:
+            head = _ITEM_HEAD.match(text, at)
+            if head:
+                calls.append(ToolCall(json.loads(head.group(1)), text[head.end():]))
+            break
+        calls.append(ToolCall(item["name"], json.dumps(item["parameters"], ensure_ascii=False)))
+        at = end
+    return calls
 

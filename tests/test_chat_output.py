@@ -78,7 +78,21 @@ def test_specific_shapes():
     msg, _ = final_message(PLANS["reasoning_hidden"], TEXTS["reasoning_hidden"], "stop")
     assert msg["reasoning_content"] is None and msg["content"] == "The answer."
     msg, finish = final_message(PLANS["named"], '{"city": "Par', "length")  # cut short by max_tokens
-    assert msg["tool_calls"] == [] and finish == "length"
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]] == [
+        ("get_weather", '{"city": "Par')] and msg["content"] is None and finish == "length"
+
+
+@pytest.mark.parametrize("step", [1, 1000])
+def test_required_call_cut_off_by_max_tokens_keeps_the_arguments_so_far(step):
+    text = '[{"name": "ping", "parameters": {}}, {"name": "get_weather", "parameters": {"city": "Pa'
+    msg, finish = final_message(PLANS["required"], text, "length")
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]] == [
+        ("ping", "{}"), ("get_weather", '{"city": "Pa')] and msg["content"] is None and finish == "length"
+    content, _, calls = _stream(PLANS["required"], text, step)
+    assert content == "" and [(c["name"], c["arguments"]) for c in calls] == [
+        ("ping", "{}"), ("get_weather", '{"city": "Pa')]
+    msg, _ = final_message(PLANS["required"], "[", "length")  # cut before the first call's name
+    assert msg["tool_calls"] == [] and msg["content"] is None
 
 
 def test_reasoning_sent_under_both_names():
