@@ -72,7 +72,8 @@ class BlockManager:
         At least one token is left to compute, since its logits are needed.
         """
         assert not seq.block_table and seq.num_computed_tokens == 0
-        if not self.enable_prefix_caching:
+        # Cached pages have no logits: a request that wants prompt logprobs computes its whole prompt (as vLLM).
+        if not self.enable_prefix_caching or seq.needs_prompt_logprobs:
             return
         ps = self.page_size
         usable = (len(seq) - 1) // ps

@@ -20,7 +20,7 @@ from jaxserve.model import init_cache
 from jaxserve.model_runner import ModelRunner
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.sampler import NO_TOKEN
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 from jaxserve.scheduler import Scheduler
 from jaxserve.structured_output import GrammarCompiler, GrammarState
 from jaxserve.sequence import Sequence, Status
@@ -51,6 +51,7 @@ class _Request:
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
+    prompt_logprobs: list | None = None  # filled by position as sample 0's prompt is computed (None first)
 
 
 class InvalidRequest(ValueError):
@@ -128,7 +129,8 @@ class LLMEngine:
                 seq.grammar = GrammarState(self.grammars, params.structured_output)
             seqs.append(seq)
             self._next_seq_id += 1
-        self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs)
+        self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs,
+                                             None if params.prompt_logprobs is None else [None] * len(prompt_token_ids))
         # Samples 1..n-1 wait until sample 0 has computed the prompt, then take its pages from the prefix cache
         # (they join the head of the queue then, see step).
         self.scheduler.add(seqs[0])
@@ -146,6 +148,9 @@ class LLMEngine:
                                  f"requested {n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} "
                                  "for the completion). Please reduce the prompt or max_tokens.")
         vocab = self.model.cfg.vocab_size
+        if params.prompt_logprobs == -1:  # vLLM's whole-vocabulary request, refused past its limit as vLLM does
+            raise InvalidRequest(f"Requested prompt logprobs of {vocab}, which is greater than max allowed: "
+                                 f"{MAX_LOGPROBS}")
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.token_ids_used()):
@@ -167,10 +172,12 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        tokens, (chosen_lp, chosen_rank, top_ids, top_lps) = self.runner.run(scheduled)
+        tokens, (chosen_lp, chosen_rank, top_ids, top_lps), prompt_rows = self.runner.run(scheduled)
         self.num_computed_tokens += sum(n for _, n in scheduled)
         touched: dict[str, _Request] = {}
         for i, (seq, n) in enumerate(scheduled):
+            if prompt_rows is not None and prompt_rows[i] is not None:
+                self._record_prompt_logprobs(seq, prompt_rows[i])
             seq.num_computed_tokens += n
             self.block_manager.register_full_pages(seq)
             if seq.num_computed_tokens < len(seq):
@@ -206,6 +213,17 @@ class LLMEngine:
                 del self.requests[out.request_id]
         return outputs
 
+    def _record_prompt_logprobs(self, seq: Sequence, rows) -> None:
+        """rows: logprobs over this step's fed tokens; row j scores prompt token start + j + 1."""
+        chosen, rank, ids, lps = rows
+        entries = self.requests[seq.request_id].prompt_logprobs
+        k = seq.params.prompt_logprobs
+        start = seq.num_computed_tokens
+        for j in range(min(len(chosen), seq.num_prompt_tokens - 1 - start)):
+            p = start + j + 1
+            entries[p] = self._logprob_entry((seq.token_ids[p], float(chosen[j]), int(rank[j]), ids[j, :k].tolist(),
+                                              lps[j, :k].tolist()))
+
     def _check_finish(self, seq: Sequence, token: int) -> None:
         p = seq.params
         if seq.num_output_tokens <= p.min_tokens:  # no stop of any kind before min_tokens (EOS is masked too)
@@ -232,7 +250,7 @@ class LLMEngine:
                 error_invalid=s.error_invalid))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              finished=all(s.finished for s in req.seqs),
-                             num_cached_tokens=req.seqs[0].num_cached_tokens)
+                             num_cached_tokens=req.seqs[0].num_cached_tokens, prompt_logprobs=req.prompt_logprobs)
 
     def _logprob_entry(self, entry) -> dict[int, Logprob]:
         """{token id: Logprob} for the chosen token (first) and the top-k, as vLLM reports them."""

@@ -128,6 +128,12 @@ def _mlp_block(layer: Layer, x, cfg: ModelConfig):
 
 def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
     """Returns (logits [S, vocab] float32 for each sequence's `logits_indices` token, updated cache)."""
+    x, cache = hidden_states(params, cache, batch, cfg, backend)
+    return final_logits(params, x[batch.logits_indices], cfg), cache
+
+
+def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
+    """Returns (the last layer's output [T, hidden] for every token, before the final norm; updated cache)."""
     x = params.embed[batch.token_ids]  # [T, hidden]
     angles = batch.positions[:, None].astype(jnp.float32) * jnp.asarray(cfg.inv_freq())[None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
@@ -137,7 +143,11 @@ def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, back
         x = _mlp_block(layer, x, cfg)
         ks.append(k_pages)
         vs.append(v_pages)
-    x = rms_norm(x[batch.logits_indices], params.final_norm, cfg.rms_norm_eps)
+    return x, KVCache(k=tuple(ks), v=tuple(vs))
+
+
+def final_logits(params: Params, x, cfg: ModelConfig):
+    """x: [N, hidden] last-layer outputs -> logits [N, vocab] float32."""
+    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     head = params.embed.T if params.lm_head is None else params.lm_head
-    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
-    return logits, KVCache(k=tuple(ks), v=tuple(vs))
+    return jnp.dot(x, head, preferred_element_type=jnp.float32)

@@ -25,8 +25,8 @@ from jaxserve import model as model_lib
 from jaxserve import sharding
 from jaxserve.attention import Backend
 from jaxserve.config import ModelConfig
-from jaxserve.sampler import (SamplerState, SamplingBatch, fill_grammar_masks, init_slot, record_tokens, sample,
-                              slot_rows)
+from jaxserve.sampler import (SamplerState, SamplingBatch, fill_grammar_masks, init_slot, logprobs_of, record_tokens,
+                              sample, slot_rows)
 from jaxserve.sequence import Sequence
 
 # Measured with SmolLM2 on 2 CPU cores: XLA's CPU dot is a bandwidth-bound matrix-vector product for one row
@@ -43,6 +43,52 @@ def token_buckets(max_num_batched_tokens: int) -> list[int]:
         buckets.append(b)
         b *= 2
     return buckets + [max_num_batched_tokens]
+
+
+# Prompt logprobs take the LM head over every token of a step; rows go through it this many at a time, so the
+# [rows, vocab] logits stay small (64 x 152k float32 is 39 MB) whatever the bucket.
+PROMPT_LOGPROB_ROWS = 64
+
+
+def _forward(params, cache, batch, cfg, backend):
+    """The model step. Also returns the last layer's output of every token [T, hidden]: it stays on the device,
+    read only by `_prompt_logprobs` in steps where a request asked for them."""
+    hidden, cache = model_lib.hidden_states(params, cache, batch, cfg, backend)
+    return model_lib.final_logits(params, hidden[batch.logits_indices], cfg), cache, hidden
+
+
+def _prompt_logprobs(params, hidden, targets, cfg):
+    """hidden [T, hidden], targets [T] (the prompt token that follows each fed token) -> logprobs_of's four
+    arrays over T, from the raw model distribution (as vLLM's prompt logprobs)."""
+    def rows(args):
+        h, t = args
+        return logprobs_of(model_lib.final_logits(params, h, cfg), t)
+
+    # Each mapped row is a [1, ...] batch of one token; the unit axis is dropped after.
+    out = jax.lax.map(rows, (hidden[:, None], targets[:, None]), batch_size=PROMPT_LOGPROB_ROWS)
+    return jax.tree.map(lambda a: a[:, 0], out)
+
+
+def _prompt_targets(scheduled: list[tuple[Sequence, int]], num_tokens: int) -> np.ndarray:
+    """[num_tokens] int32: the token that follows each fed token. The last fed token's successor may not be
+    sampled yet (or lie past the end): 0 there, never read."""
+    targets = np.zeros(num_tokens, np.int32)
+    t = 0
+    for seq, n in scheduled:
+        start = seq.num_computed_tokens
+        following = seq.token_ids[start + 1:start + n + 1]
+        targets[t:t + len(following)] = following
+        t += n
+    return targets
+
+
+def _split_rows(scheduled: list[tuple[Sequence, int]], wanted: list[bool], arrays: list[np.ndarray]):
+    """Per scheduled sequence: None, or its slice of each [T, ...] array where it wanted prompt logprobs."""
+    out, t = [], 0
+    for (_, n), want in zip(scheduled, wanted):
+        out.append(tuple(a[t:t + n] for a in arrays) if want else None)
+        t += n
+    return out
 
 
 def _sample(logits, sampler_state, token_ids, sampling):
@@ -68,10 +114,12 @@ class ModelRunner:
         # Pinning the state's output shardings to its input shardings keeps every step on one compiled program.
         state_shardings = (jax.tree.map(lambda x: x.sharding, cache), jax.tree.map(lambda x: x.sharding,
                                                                                     self.sampler_state))
-        self._forward = jax.jit(functools.partial(model_lib.forward, cfg=cfg, backend=backend), donate_argnums=(1,),
-                                out_shardings=(rep, state_shardings[0]))
+        # The hidden states keep whatever placement XLA gives them (None): they never leave the device.
+        self._forward = jax.jit(functools.partial(_forward, cfg=cfg, backend=backend), donate_argnums=(1,),
+                                out_shardings=(rep, state_shardings[0], None))
+        self._prompt_logprobs = jax.jit(functools.partial(_prompt_logprobs, cfg=cfg), out_shardings=rep)
         self._sample = jax.jit(_sample, donate_argnums=(1,), out_shardings=(rep, rep, state_shardings[1]))
-        self._pending = None  # (logits, placed token ids) between a step's forward and sample calls
+        self._pending = None  # (logits, placed token ids, hidden states) between a step's forward and sample calls
         # Shapes and shardings of the device state, to rebuild it after a failed step (donated buffers are gone).
         self._shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                     (cache, self.sampler_state))
@@ -131,13 +179,21 @@ class ModelRunner:
         if self.peers is not None:
             self.peers.send(("forward", batch))
         placed = self._place_batch(batch)
-        logits, self.cache = self._forward(self.params, self.cache, placed)
-        self._pending = (logits, placed.token_ids)
+        logits, self.cache, hidden = self._forward(self.params, self.cache, placed)
+        self._pending = (logits, placed.token_ids, hidden)
+
+    def _device_prompt_logprobs(self, targets: np.ndarray):
+        """Between a step's forward and sample: logprobs of targets [T] under each fed token's distribution."""
+        if self.peers is not None:
+            self.peers.send(("prompt_logprobs", targets))
+        hidden = self._pending[2]
+        tok = sharding.sharding_for(self.mesh, ("tokens",), targets.shape)
+        return self._prompt_logprobs(self.params, hidden, sharding.put(targets, tok))
 
     def _device_sample(self, sampling: SamplingBatch):
         if self.peers is not None:
             self.peers.send(("sample", sampling))
-        logits, token_ids = self._pending
+        logits, token_ids, _ = self._pending
         self._pending = None
         tokens, logprobs, self.sampler_state = self._sample(logits, self.sampler_state, token_ids,
                                                             self._place_sampling(sampling))
@@ -169,23 +225,30 @@ class ModelRunner:
 
     def run(self, scheduled: list[tuple[Sequence, int]]):
         """Runs one step. Returns, for each scheduled sequence in order, its sampled token [n], and the logprobs
-        (chosen [n], its rank [n], top ids [n, K], top logprobs [n, K])."""
+        (chosen [n], its rank [n], top ids [n, K], top logprobs [n, K]); then the prompt logprobs: None in a step
+        where nobody wants them (no extra device work), else per scheduled sequence None or the four arrays
+        over its fed tokens [m], [m], [m, K], [m, K] (row j: the prompt token after its j-th fed token)."""
         for seq, _ in scheduled:
             if seq.slot_fresh:
                 self.init_slot(seq)
                 seq.slot_fresh = False
         batch, sampling = self.build_batch(scheduled)
         self._device_forward(batch)  # asynchronous: the masks below are computed while it runs
+        wanted = [seq.needs_prompt_logprobs for seq, _ in scheduled]
+        prompt = self._device_prompt_logprobs(_prompt_targets(scheduled, len(batch.token_ids))) if any(wanted) else None
         fill_grammar_masks(sampling, scheduled)
         tokens, logprobs = self._device_sample(sampling)
         n = len(scheduled)
-        return sharding.host(tokens)[:n], tuple(sharding.host(x)[:n] for x in logprobs)
+        if prompt is not None:
+            prompt = _split_rows(scheduled, wanted, [sharding.host(x) for x in prompt])
+        return sharding.host(tokens)[:n], tuple(sharding.host(x)[:n] for x in logprobs), prompt
 
     def warm_up(self, progress: bool = True) -> None:
         """Compiles every bucket with an all-padding batch (it writes nothing and reads nothing)."""
         for size in tqdm(self.buckets, desc="Compiling step buckets", unit="bucket", disable=not progress):
             batch, sampling = self.build_batch([], pad_to=size)
             self._device_forward(batch)
+            jax.block_until_ready(self._device_prompt_logprobs(np.zeros(size, np.int32)))
             tokens, _ = self._device_sample(sampling)
             jax.block_until_ready(tokens)
         vocab = self.cfg.vocab_size

@@ -37,6 +37,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    # With SamplingParams.prompt_logprobs: per prompt token, None for the first (nothing precedes it), then
+    # {token id: Logprob} with the prompt's own token first, then the top-k (vLLM's shape).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 @dataclasses.dataclass

@@ -188,8 +188,9 @@ def _adjust(logits, state: SamplerState, sb: SamplingBatch):
     return logits - sb.frequency[:, None] * counts - sb.presence[:, None] * (counts > 0)
 
 
-def _logprobs(logits, tokens):
-    """Chosen token's logprob [S] and rank [S], and the top MAX_LOGPROBS ids [S, K] with their logprobs [S, K]."""
+def logprobs_of(logits, tokens):
+    """logits [N, V], tokens [N] -> each token's logprob [N] and rank [N] (1 = most likely), and the top
+    MAX_LOGPROBS ids [N, K] with their logprobs [N, K]. Sampled tokens and prompt tokens alike."""
     logp = jax.nn.log_softmax(logits, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logp, min(MAX_LOGPROBS, logits.shape[-1]))
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)
@@ -228,5 +229,5 @@ def sample(logits, state: SamplerState, sb: SamplingBatch):
     s, k = logits.shape[0], min(MAX_LOGPROBS, logits.shape[-1])
     no_logprobs = (jnp.zeros(s, jnp.float32), jnp.zeros(s, jnp.int32), jnp.zeros((s, k), jnp.int32),
                    jnp.zeros((s, k), jnp.float32))
-    lp = jax.lax.cond(jnp.any(sb.want_logprobs), lambda: _logprobs(raw, tokens), lambda: no_logprobs)
+    lp = jax.lax.cond(jnp.any(sb.want_logprobs), lambda: logprobs_of(raw, tokens), lambda: no_logprobs)
     return tokens, lp

@@ -24,6 +24,9 @@ class SamplingParams:
     banned_token_ids: list[int] | None = None
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the k most likely (k <= 20)
+    # None: none; k: per prompt token (after the first), its logprob plus the k most likely; -1 (vLLM's "whole
+    # vocabulary") is refused by the engine, which knows the vocabulary size, as vLLM refuses it past 20.
+    prompt_logprobs: int | None = None
     structured_output: StructuredOutput | None = None  # constrained decoding (JSON schema, regex, choice, grammar)
     seed: int | None = None
     max_tokens: int | None = 16  # None = up to the context limit
@@ -59,6 +62,9 @@ class SamplingParams:
             (self.min_tokens >= 0, "min_tokens must be non-negative"),
             (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens must not exceed max_tokens"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= -1, "prompt_logprobs must be a positive value or -1"),
+            (self.prompt_logprobs is None or self.prompt_logprobs <= MAX_LOGPROBS,
+             f"Requested prompt logprobs of {self.prompt_logprobs}, which is greater than max allowed: {MAX_LOGPROBS}"),
             (all(-100 <= b <= 100 for b in (self.logit_bias or {}).values()), "logit_bias values must be in [-100, 100]"),
             (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0, "allowed_token_ids must not be empty"),
         ]

@@ -56,5 +56,12 @@ class Sequence:
         return len(self.token_ids) - self.num_computed_tokens
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Sample 0 of a request that asked for prompt logprobs, while part of its prompt is still to compute (the
+        prompt is the same for every sample; a preempted sequence recomputes it, to the same values)."""
+        return (self.params.prompt_logprobs is not None and self.index == 0
+                and self.num_computed_tokens < self.num_prompt_tokens - 1)
+
+    @property
     def finished(self) -> bool:
         return self.status == Status.FINISHED
