@@ -70,6 +70,7 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
     if config.allowed_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.allowed_origins), allow_methods=["*"],
                            allow_headers=["*"])
+    app.add_middleware(Gate, state=state, api_key=config.api_key)  # outermost: every response is counted
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -90,20 +91,6 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
         log.exception("unhandled error on %s", request.url.path)
         return error(500, f"internal error: {type(exc).__name__}")
 
-    @app.middleware("http")
-    async def _gate(request: Request, call_next):
-        path = request.url.path
-        if path.startswith("/v1") or path in ("/tokenize", "/detokenize"):
-            key = config.api_key
-            if key:
-                given = request.headers.get("authorization", "")
-                if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):  # constant time
-                    return _count(state, path, error(401, "Invalid or missing API key"))
-            if not state.ready:
-                status = "draining" if state.draining else "loading"
-                return _count(state, path, error(503, f"the server is {status}; retry later",
-                                                 headers={"Retry-After": "5"}))
-        return _count(state, path, await call_next(request))
 
     async def respond(coro):
         """Maps engine and validation exceptions onto HTTP statuses."""
@@ -185,6 +172,48 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
     return app
 
 
+class Gate:
+    """ASGI middleware: the API key and readiness checks of /v1 and the tokenizer routes, and the request counter.
+    Pure ASGI, not @app.middleware("http"): Starlette's BaseHTTPMiddleware hands the route a receive channel
+    that never reports the client's disconnect, so a non-streaming request whose client left ran to its end."""
+
+    def __init__(self, app, state: ServerState, api_key: str | None):
+        self.app = app
+        self.state = state
+        self.api_key = api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        refusal = self._refusal(path, dict(scope["headers"]).get(b"authorization", b""))
+        if refusal is not None:
+            _count(self.state, path, refusal.status_code)
+            return await refusal(scope, receive, send)
+        status = 500  # if the app fails before it starts a response
+
+        async def counting_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            _count(self.state, path, status)
+
+    def _refusal(self, path: str, given: bytes) -> Response | None:
+        if not (path.startswith("/v1") or path in ("/tokenize", "/detokenize")):
+            return None
+        if self.api_key and not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):  # constant time
+            return error(401, "Invalid or missing API key")
+        if not self.state.ready:
+            status = "draining" if self.state.draining else "loading"
+            return error(503, f"the server is {status}; retry later", headers={"Retry-After": "5"})
+        return None
+
+
 class BodyLimit:
     """ASGI middleware: refuses bodies over `limit` bytes with 413, by Content-Length or while streaming in,
     so a huge upload is never held in memory."""
@@ -215,10 +244,8 @@ class BodyLimit:
         return f"the request body is larger than the server's limit of {self.limit} bytes (--max-request-bytes)"
 
 
-def _count(state: ServerState, path: str, response: Response) -> Response:
-    state.metrics.requests.labels(endpoint=path if path in _KNOWN_PATHS else "other",
-                                  status=str(response.status_code)).inc()
-    return response
+def _count(state: ServerState, path: str, status: int) -> None:
+    state.metrics.requests.labels(endpoint=path if path in _KNOWN_PATHS else "other", status=str(status)).inc()
 
 
 _KNOWN_PATHS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize", "/health",

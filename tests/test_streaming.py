@@ -126,3 +126,41 @@ def test_samples_are_admitted_with_sample_0(tmp_path):
             outs[out.request_id] = out
     texts = [o.token_ids for o in outs["A"].outputs]
     assert texts[0] == texts[1] == texts[2] and len(texts[0]) == 4
+
+
+def test_non_streaming_clients_that_leave_free_everything(tmp_path):
+    """Many non-streaming requests whose clients time out: all are aborted and their pages freed within seconds."""
+    import re
+    import time
+
+    import httpx
+
+    import tiny
+    from serving import Server
+
+    folder = tiny.make_checkpoint(tmp_path / "model", "llama")
+    server = Server(str(folder), "--max-model-len", "1024", "--max-num-seqs", "4", "--max-waiting-requests", "32",
+                    log_path=tmp_path / "server.log").wait_ready()
+
+    def metric(text, name):
+        return float(re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M).group(1))
+
+    async def leave_early():
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 900, "ignore_eos": True}
+        async with httpx.AsyncClient(timeout=0.5) as c:
+            results = await asyncio.gather(*[c.post(server.url + "/v1/chat/completions", json=body)
+                                             for _ in range(20)], return_exceptions=True)
+        assert all(isinstance(r, httpx.ReadTimeout) for r in results)
+
+    try:
+        asyncio.run(leave_early())
+        deadline = time.monotonic() + 5
+        while True:
+            text = httpx.get(server.url + "/metrics").text
+            left = [metric(text, f"jaxserve_num_requests_{k}") for k in ("running", "waiting")]
+            if left == [0, 0] and metric(text, "jaxserve_kv_cache_usage_perc") == 0:
+                break
+            assert time.monotonic() < deadline, f"still running, waiting: {left}"
+            time.sleep(0.1)
+    finally:
+        assert server.stop() == 0
