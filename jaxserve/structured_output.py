@@ -53,8 +53,9 @@ class StructuredOutput:
     @classmethod
     def from_schema(cls, schema: dict, strict: bool = False) -> "StructuredOutput":
         """strict: objects take no properties beyond those listed unless they say otherwise (OpenAI's strict
-        mode), so a model cannot keep inventing keys until max_tokens."""
-        return cls(json=json.dumps(close_objects(schema) if strict else schema, sort_keys=True))
+        mode), so a model cannot keep inventing keys until max_tokens. Keys keep the caller's order: llguidance
+        generates properties in schema order, and "reasoning first, answer last" schemas depend on it."""
+        return cls(json=json.dumps(close_objects(schema) if strict else schema))
 
     def to_grammar(self) -> str:
         """The llguidance grammar text for this constraint."""
@@ -85,13 +86,16 @@ class StructuredOutput:
 
 
 def close_objects(schema):
-    """A copy of `schema` with additionalProperties false on every object schema that does not set it."""
+    """A copy of `schema` with additionalProperties false on every object schema that lists properties and
+    does not set it."""
     if isinstance(schema, list):
         return [close_objects(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
     out = {k: close_objects(v) for k, v in schema.items()}
-    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+    # An object that lists no properties is free-form by intent ({"type": "object"}): closing it would allow
+    # only {}.
+    if out.get("properties") and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
 

@@ -95,11 +95,102 @@ def test_required_tool_choice(compiler):
 def test_strict_schemas_close_objects():
     from jaxserve.structured_output import close_objects
 
-    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {}},
-                                               "b": {"type": "object", "additionalProperties": True}}}
+    schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"x": {"type": "integer"}}},
+                                               "b": {"type": "object", "additionalProperties": True},
+                                               "free": {"type": "object"}, "empty": {"type": "object",
+                                                                                     "properties": {}}}}
     closed = close_objects(schema)
     assert closed["additionalProperties"] is False and closed["properties"]["a"]["additionalProperties"] is False
     assert closed["properties"]["b"]["additionalProperties"] is True and "additionalProperties" not in schema
+    # Objects that list no properties stay free-form: closing them would allow only {}.
+    assert closed["properties"]["free"] == {"type": "object"}
+    assert closed["properties"]["empty"] == {"type": "object", "properties": {}}
+
+
+def _greedy_text(compiler, spec, pick):
+    """Generates with the grammar alone: at each step `pick` chooses among the allowed tokens' texts."""
+    c, tok = compiler
+    state = GrammarState(c, spec)
+    row = np.zeros(c.words, np.int32)
+    text = ""
+    while True:
+        state.fill(row)
+        allowed = sorted(_allowed(row, c.vocab_size))
+        if allowed == [tok.eos_token_id]:
+            return text
+        t = pick(text, {a: tok.decode([a]) for a in allowed if a != tok.eos_token_id})
+        state.accept(t)
+        text += tok.decode([t])
+
+
+def _first_key_text(texts):
+    """Prefers a token that opens a string or a key's first letter; otherwise the shortest text."""
+    return min(texts, key=lambda t: (len(texts[t]) != 1, texts[t]))
+
+
+def test_properties_come_in_schema_order(compiler):
+    """llguidance generates properties in the order the schema lists them; sorting keys reorders them."""
+    schema = {"type": "object", "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "integer"},
+                                               "mid": {"type": "integer"}},
+              "required": ["zeta", "alpha", "mid"], "additionalProperties": False}
+    spec = StructuredOutput.from_schema(schema)
+    assert list(json.loads(spec.json)["properties"]) == ["zeta", "alpha", "mid"]
+    text = _greedy_text(compiler, spec, lambda _, texts: _first_key_text(texts))
+    assert list(json.loads(text)) == ["zeta", "alpha", "mid"] and text.startswith('{"zeta": ')
+    c, tok = compiler  # the sorted order is not allowed at all
+    with pytest.raises(AssertionError):
+        _walk(compiler, tok, spec, '{"alpha": ')
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    named = json.loads(forced_structure([tool], {"type": "function", "function": {"name": "f"}}).json)
+    required = json.loads(forced_structure([tool], "required").json)
+    assert list(named["properties"]) == list(required["$defs"]["tool0"]["properties"]) == ["zeta", "alpha", "mid"]
+
+
+FREE = {"type": "function", "function": {"name": "store", "parameters": {
+    "type": "object", "properties": {"data": {"type": "object"}}, "required": ["data"]}}}
+
+
+def test_forced_tools_close_objects_only_under_strict(compiler):
+    c, tok = compiler
+    named = {"type": "function", "function": {"name": "store"}}
+    call = '{"data": {"x": 1}}'
+    _walk(compiler, tok, forced_structure([FREE], named), call)  # a free-form object takes any keys
+    _walk(compiler, tok, forced_structure([FREE], "required"), f'[{{"name": "store", "parameters": {call}}}]')
+    strict = {"type": "function", "function": {**FREE["function"], "strict": True,
+                                               "parameters": {**FREE["function"]["parameters"],
+                                                              "properties": {"data": {"type": "object"}, "n": {
+                                                                  "type": "integer"}}}}}
+    _walk(compiler, tok, forced_structure([strict], named), call)  # still free-form inside: it lists nothing
+    with pytest.raises(AssertionError):  # but the strict top level takes no invented key
+        _walk(compiler, tok, forced_structure([strict], named), '{"data": {}, "zz')
+    _walk(compiler, tok, forced_structure([FREE], named), '{"data": {}, "zz": 1}')  # without strict it would
+    with pytest.raises(AssertionError):  # a function without parameters takes none
+        _walk(compiler, tok, forced_structure([PING], {"type": "function", "function": {"name": "ping"}}), '{"')
+
+
+PYDANTIC = {"type": "function", "function": {"name": "order", "parameters": {
+    "$defs": {"Opt": {"type": "object", "properties": {"size": {"enum": ["S", "L"]}}, "required": ["size"],
+                      "additionalProperties": False},
+              "Node": {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#/$defs/Node"},
+                                                                           {"type": "null"}]}},
+                       "required": ["next"], "additionalProperties": False}},
+    "type": "object", "properties": {"opt": {"$ref": "#/$defs/Opt"}, "chain": {"$ref": "#/$defs/Node"}},
+    "required": ["opt", "chain"], "additionalProperties": False}}}
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "order"}}])
+def test_forced_tools_resolve_defs_and_recursive_refs(compiler, choice):
+    c, tok = compiler
+    args = '{"opt": {"size": "L"}, "chain": {"next": {"next": null}}}'
+    text = args if isinstance(choice, dict) else f'[{{"name": "ping", "parameters": {{}}}}, {{"name": "order", ' \
+                                                 f'"parameters": {args}}}]'
+    spec = forced_structure([PING, PYDANTIC], choice)
+    c.grammar(spec)  # compiles: every pointer resolves inside the combined schema
+    state, allowed = _walk(compiler, tok, spec, text)
+    assert allowed == {tok.eos_token_id}
+    with pytest.raises(AssertionError):  # the referenced schema is enforced, not skipped
+        _walk(compiler, tok, spec, text.replace('"L"', '"M"'))
+    assert [(x.name, json.loads(x.arguments)) for x in forced_calls(text, choice)][-1] == ("order", json.loads(args))
 
 
 def test_constraint_starts_after_the_reasoning(compiler):
