@@ -185,7 +185,7 @@ class LLMEngine:
             if seq.index == 0 and seq.num_output_tokens == 0:
                 # At the head of the queue, not its tail: a request's samples are admitted together, in the step
                 # after sample 0's prefill, ahead of requests that arrived later.
-                self.scheduler.waiting.extendleft(reversed(self.requests[seq.request_id].seqs[1:]))
+                self.scheduler.add_first(self.requests[seq.request_id].seqs[1:])
             token = int(tokens[i])
             touched[seq.request_id] = self.requests[seq.request_id]
             if token == NO_TOKEN:

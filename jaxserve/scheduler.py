@@ -28,6 +28,10 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_first(self, seqs: list[Sequence]) -> None:
+        """Puts `seqs` at the head of the waiting queue, in order (a request's later samples, admitted next)."""
+        self.waiting.extendleft(reversed(seqs))
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
