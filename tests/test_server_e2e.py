@@ -16,12 +16,15 @@ PERSON = {"type": "object", "properties": {
     "age": {"type": "integer", "minimum": 0, "maximum": 120},
     "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 15}, "maxItems": 3}},
     "required": ["name", "age", "hobbies"]}
+# strict: the guarantee under test (every forced call completes and validates) is OpenAI's strict mode; without it
+# objects stay open and a weak model at temperature 1 may invent keys until max_tokens.
 TOOLS = [
-    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "parameters": {
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city", "strict": True,
+                                      "parameters": {
         "type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
                                          "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
         "required": ["city"]}}},
-    {"type": "function", "function": {"name": "get_time", "description": "The current time"}},
+    {"type": "function", "function": {"name": "get_time", "description": "The current time", "strict": True}},
 ]
 PARAMS = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object", "properties": {}} for t in TOOLS}
 
