@@ -5,9 +5,14 @@ next token, so each step decodes a short window of ids twice (with and without t
 the difference, holding back while the text ends in an incomplete UTF-8 sequence (U+FFFD).
 Stop strings are searched in the accumulated text, so they are found even when split across tokens;
 streamed text holds back the last (longest stop - 1) characters, which could still begin a stop string.
+Text is released in whole tokens, so a stream can send each token's logprobs in the chunk that carries its text:
+each generated token owns the piece of text it completed (a token that ends inside a character owns "", the
+one that completes it the whole character; tokens past a stop string own "").
 """
 
 from __future__ import annotations
+
+import bisect
 
 # Prompt tokens kept as left context: enough for tokenizers that change a token's text by what precedes it.
 _CONTEXT = 5
@@ -26,6 +31,9 @@ class Detokenizer:
         self.hold_back = max((len(s) for s in stop), default=1) - 1
         self.text = ""
         self.num_emitted = 0  # characters of `text` already handed out by `take_delta`
+        self.ends: list[int] = []  # per generated token whose text is settled: len(text) once its piece is in
+        self.num_pending = 0  # appended tokens after those, whose text is not settled yet
+        self.num_released = 0  # generated tokens whose pieces `take_delta` has handed out
 
     def append(self, token_id: int, check_stop: bool = True) -> str | None:
         """Adds one generated token; returns the stop string if the text now contains one (and cuts the text
@@ -35,11 +43,15 @@ class Detokenizer:
         prefix = decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip_special_tokens)
         full = decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip_special_tokens)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            self.num_pending += 1
             return None
         new = full[len(prefix):]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         search_from = max(0, len(self.text) - self.hold_back)
+        self.ends += [len(self.text)] * self.num_pending
         self.text += new
+        self.ends.append(len(self.text))
+        self.num_pending = 0
         return self._find_stop(search_from) if check_stop else None
 
     def _find_stop(self, start: int) -> str | None:
@@ -52,11 +64,26 @@ class Detokenizer:
             return None
         at, s = best
         self.text = self.text[: at + len(s) if self.include_stop else at]
+        self.ends = [min(e, len(self.text)) for e in self.ends]
         return s
 
-    def take_delta(self, finished: bool) -> str:
-        """The text not yet handed out, minus what could still turn out to be the start of a stop string."""
-        end = len(self.text) if finished or not self.stop else max(self.num_emitted, len(self.text) - self.hold_back)
+    def take_delta(self, finished: bool, num_tokens: int | None = None) -> str:
+        """The text of the tokens not yet handed out, up to the last whole token that cannot be the start of a
+        stop string. num_tokens: the sequence's generated tokens, counting those never appended (EOS, a stop
+        token id); at the end they are released with no text."""
+        if finished:
+            total = len(self.ends) + self.num_pending if num_tokens is None else num_tokens
+            self.ends += [len(self.text)] * (total - len(self.ends))
+            self.num_pending = 0
+            released = total
+        else:
+            limit = len(self.text) - self.hold_back if self.stop else len(self.text)
+            released = max(self.num_released, bisect.bisect_right(self.ends, limit))
+        end = self.ends[released - 1] if released else 0
         delta = self.text[self.num_emitted:end]
-        self.num_emitted = end
+        self.num_emitted, self.num_released = end, released
         return delta
+
+    def piece(self, j: int) -> str:
+        """The text generated token j owns (settled tokens only)."""
+        return self.text[self.ends[j - 1] if j else 0:self.ends[j]]

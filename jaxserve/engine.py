@@ -240,22 +240,28 @@ class LLMEngine:
     def _output(self, req: _Request) -> RequestOutput:
         outs = []
         for s in req.seqs:
-            sent = s.num_sent_tokens
-            s.num_sent_tokens = s.num_output_tokens
-            logprobs = [self._logprob_entry(lp) for lp in s.logprobs] if s.params.logprobs is not None else None
+            sent, detok = s.num_sent_tokens, s.detokenizer
+            delta_text = detok.take_delta(s.finished, s.num_output_tokens)
+            s.num_sent_tokens = detok.num_released  # a token goes out with its text, never before it
+            delta_logprobs = None
+            if s.params.logprobs is not None:
+                delta_logprobs = [self._logprob_entry(s.logprobs[j], detok.piece(j))
+                                  for j in range(sent, detok.num_released)]
+                s.logprob_entries += delta_logprobs
             outs.append(CompletionOutput(
-                s.index, s.detokenizer.text, list(s.output_token_ids), s.finish_reason, s.stop_reason, logprobs,
-                delta_text=s.detokenizer.take_delta(s.finished), delta_token_ids=s.output_token_ids[sent:],
-                delta_logprobs=logprobs[sent:] if logprobs is not None else None, error=s.error,
-                error_invalid=s.error_invalid))
+                s.index, detok.text, list(s.output_token_ids), s.finish_reason, s.stop_reason,
+                list(s.logprob_entries) if s.params.logprobs is not None else None, delta_text=delta_text,
+                delta_token_ids=s.output_token_ids[sent:detok.num_released], delta_logprobs=delta_logprobs,
+                error=s.error, error_invalid=s.error_invalid))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
                              finished=all(s.finished for s in req.seqs),
                              num_cached_tokens=req.seqs[0].num_cached_tokens, prompt_logprobs=req.prompt_logprobs)
 
-    def _logprob_entry(self, entry) -> dict[int, Logprob]:
-        """{token id: Logprob} for the chosen token (first) and the top-k, as vLLM reports them."""
+    def _logprob_entry(self, entry, text: str | None = None) -> dict[int, Logprob]:
+        """{token id: Logprob} for the chosen token (first) and the top-k, as vLLM reports them. text: the chosen
+        token's piece of the output (its own decoding when None, as for prompt tokens)."""
         token, lp, rank, ids, lps = entry
-        out = {token: Logprob(lp, rank, self.token_text(token))}
+        out = {token: Logprob(lp, rank, self.token_text(token) if text is None else text)}
         for r, (t, tlp) in enumerate(zip(ids, lps), start=1):
             out.setdefault(t, Logprob(tlp, r, self.token_text(t)))
         return out

@@ -33,8 +33,9 @@ class Sequence:
         self.slot: int | None = None  # the scheduler slot (sampler-state row) while admitted
         self.slot_fresh = False  # admitted since the last step: its sampler rows must be written
         self.logprobs: list[tuple] = []  # per output token, when requested: (token, logprob, rank, top ids, top lps)
+        self.logprob_entries: list[dict] = []  # the released tokens' logprobs as outputs report them
         self.grammar = None  # a structured_output.GrammarState when the output is constrained
-        self.num_sent_tokens = 0  # output tokens already reported in deltas
+        self.num_sent_tokens = 0  # output tokens already reported in deltas (with their text)
         self.error: str | None = None
         self.error_invalid = False  # the request contradicted itself (a client error), not an engine fault
         self.finish_reason: str | None = None

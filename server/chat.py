@@ -127,11 +127,17 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, plan: ChatPlan
                     continue
                 completion_tokens += len(o.delta_token_ids)
                 shaper = shapers[o.index]
-                deltas = shaper.feed(o.delta_text, final=o.finish_reason is not None)
+                step = [ChunkChoice(index=o.index, delta=Delta(**d))
+                        for d in shaper.feed(o.delta_text, final=o.finish_reason is not None)]
                 if req.logprobs and o.delta_logprobs:
+                    # The engine releases tokens with their text, so for plain content this step's one delta is
+                    # exactly the text of these tokens; parsed reasoning or calls carry them on their first delta.
                     lp = ChoiceLogprobs(content=token_logprobs(o.delta_logprobs, req.top_logprobs or 0))
-                    choices.append(ChunkChoice(index=o.index, delta=Delta(), logprobs=lp))
-                choices += [ChunkChoice(index=o.index, delta=Delta(**d)) for d in deltas]
+                    if step:
+                        step[0].logprobs = lp
+                    else:
+                        step = [ChunkChoice(index=o.index, delta=Delta(), logprobs=lp)]
+                choices += step
                 if o.finish_reason:
                     finished.add(o.index)
                     finish = "tool_calls" if shaper.made_calls and o.finish_reason == "stop" else o.finish_reason

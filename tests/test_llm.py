@@ -1,5 +1,6 @@
 """The offline API on a tiny random model: continuous batching, chunked prefill, preemption, stops, seeds, chat."""
 
+import dataclasses
 import json
 import re
 
@@ -67,6 +68,34 @@ def test_stop_string_is_cut_from_text(llm):
     kept = llm.generate([prompt], SamplingParams(max_tokens=30, stop=stop, include_stop_str_in_output=True,
                                                  **GREEDY), use_tqdm=False)[0].outputs[0]
     assert kept.text == text[: text.index(stop) + len(stop)]
+
+
+def test_streamed_logprobs_travel_with_their_text(llm):
+    """Each output's new tokens are exactly those whose text it carries: their pieces join to its delta text, also
+    when a stop string holds text back, when characters are split across byte tokens, and at the cut."""
+    engine = llm.engine
+    prompt = _prompts(llm, [10], seed=11)[0]
+    sampled = SamplingParams(max_tokens=40, temperature=1.0, seed=3, logprobs=2, ignore_eos=True)
+    text = llm.generate([prompt], sampled, use_tqdm=False)[0].outputs[0].text
+    stop = text[len(text) // 2: len(text) // 2 + 4]
+    for k, params in enumerate([sampled, dataclasses.replace(sampled, stop=["\u00e9\u00e9\u00e9 never"]),
+                                dataclasses.replace(sampled, stop=[stop])]):
+        engine.add_request(f"lp{k}", prompt, params)
+        chunks, tokens, split_char = [], [], False
+        while engine.has_unfinished():
+            for out in engine.step():
+                o = out.outputs[0]
+                pieces = [next(iter(e.values())).decoded_token for e in o.delta_logprobs]
+                assert "".join(pieces) == o.delta_text
+                assert [next(iter(e)) for e in o.delta_logprobs] == o.delta_token_ids
+                chunks.append(o.delta_text)
+                tokens += o.delta_token_ids
+                split_char |= any("\ufffd" in engine.token_text(t) for t in o.delta_token_ids)
+        assert "".join(chunks) == o.text and tokens == o.token_ids and out.finished
+        assert "".join(next(iter(e.values())).decoded_token for e in o.logprobs) == o.text
+        if k == 2:
+            assert o.text == text[: text.index(stop)] and o.stop_reason == stop
+    assert split_char  # the random model did emit byte tokens that are only part of a character
 
 
 def test_stop_token_ids_and_eos(llm):
@@ -172,7 +201,9 @@ def test_logprobs_match_the_models_log_softmax(llm):
         assert [t for t in entry] == top.tolist()
         for t, lp in entry.items():
             assert abs(lp.logprob - ref[step, t]) < 1e-4
-            assert lp.decoded_token == llm.tokenizer.decode([t])
+            if t != token:  # the chosen token is named by its piece of the text (see the streaming test)
+                assert lp.decoded_token == llm.tokenizer.decode([t])
+    assert "".join(next(iter(e.values())).decoded_token for e in out.logprobs) == out.text
 
 
 def test_bias_allowed_banned_and_min_tokens(llm):

@@ -124,6 +124,29 @@ def test_logprobs(client):
         assert item.logprob == pytest.approx(item.top_logprobs[0].logprob)  # greedy: the chosen token is the top
 
 
+def test_streamed_logprobs_arrive_with_their_text(client):
+    """Clients zip delta.content with logprobs.content: in every chunk the logprob tokens join to its content, also
+    while a stop string holds text back; nothing else carries text or tokens."""
+    kw = dict(model="tiny", max_tokens=24, temperature=1.0, seed=5, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(messages=MESSAGES, **kw).choices[0].message.content
+    stop = whole[10:13]
+    for stops in (["qqq never"], [stop]):
+        chunks = list(client.chat.completions.create(messages=MESSAGES, stream=True, logprobs=True, top_logprobs=1,
+                                                     stop=stops, **kw))
+        streamed = ""
+        for c in chunks[1:]:  # the first chunk carries the role
+            (ch,) = c.choices
+            tokens = "".join(t.token for t in ch.logprobs.content) if ch.logprobs else ""
+            assert tokens == (ch.delta.content or "")
+            streamed += tokens
+        assert streamed == (whole if stops[0] != stop else whole[: whole.index(stop)])
+        completion = list(client.completions.create(prompt="The quick brown", stream=True, logprobs=1, stop=stops,
+                                                    **kw))
+        for c in completion:
+            (ch,) = c.choices
+            assert "".join(ch.logprobs.tokens) == ch.text
+
+
 def test_seed_reproducible_and_stop(client):
     def run(seed, **kw):
         return client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12, temperature=1.0,
