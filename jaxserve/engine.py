@@ -125,8 +125,9 @@ class LLMEngine:
             detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens,
                                 params.include_stop_str_in_output)
             seq = Sequence(self._next_seq_id, request_id, i, prompt_token_ids, params, seed, detok)
-            if params.structured_output is not None:
-                seq.grammar = GrammarState(self.grammars, params.structured_output)
+            if params.structured_output is not None or params.thinking_token_budget is not None:
+                seq.grammar = GrammarState(self.grammars, params.structured_output, params.reasoning,
+                                           params.thinking_token_budget)
             seqs.append(seq)
             self._next_seq_id += 1
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs,
@@ -156,7 +157,7 @@ class LLMEngine:
         if any(not 0 <= t < vocab for t in params.token_ids_used()):
             raise InvalidRequest(f"token ids in logit_bias, allowed/banned or stop token ids must be in [0, {vocab})")
         if params.structured_output is not None:
-            self.grammars.grammar(params.structured_output)  # raises InvalidGrammar with the reason
+            self.grammars.grammar(params.structured_output, params.reasoning)  # raises InvalidGrammar: the reason
 
     def abort(self, request_id: str) -> None:
         req = self.requests.pop(request_id, None)

@@ -208,14 +208,19 @@ class ModelRunner:
 
     def follow(self, channel) -> None:
         """Follower processes: make the leader's device calls, in its order, until it says stop."""
+        calls = {"forward": self._device_forward, "prompt_logprobs": self._device_prompt_logprobs,
+                 "sample": self._device_sample, "init_slot": self._device_init_slot,
+                 "reset": self.reset_device_state}
         while True:
-            message = channel.recv()
-            if message[0] == "stop":
+            kind, *args = channel.recv()
+            if kind == "stop":
                 return
-            getattr(self, "_device_" + message[0])(*message[1:])
+            calls[kind](*args)
 
     def reset_device_state(self) -> None:
-        """Fresh (zeroed) KV cache and sampler state with the same shapes and placement."""
+        """Fresh (zeroed) KV cache and sampler state with the same shapes and placement (on every process)."""
+        if self.peers is not None:
+            self.peers.send(("reset",))
         self.cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self._shapes[0])
         self.sampler_state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self._shapes[1])
         self._pending = None

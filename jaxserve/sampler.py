@@ -133,8 +133,7 @@ def fill_grammar_masks(sb: SamplingBatch, scheduled: list[tuple[Sequence, int]])
     """Host: the allowed-token rows of constrained sequences that sample in this step (in place)."""
     for i, (s, n) in enumerate(scheduled):
         if s.grammar is not None and s.num_computed_tokens + n == len(s):
-            s.grammar.fill(sb.mask[i])
-            sb.use_mask[i] = True
+            sb.use_mask[i] = s.grammar.fill(sb.mask[i])
 
 
 def record_tokens(state: SamplerState, token_ids, sb: SamplingBatch) -> SamplerState:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxserve import reasoning
 from jaxserve.structured_output import StructuredOutput
 
 MAX_LOGPROBS = 20
@@ -28,6 +29,11 @@ class SamplingParams:
     # vocabulary") is refused by the engine, which knows the vocabulary size, as vLLM refuses it past 20.
     prompt_logprobs: int | None = None
     structured_output: StructuredOutput | None = None  # constrained decoding (JSON schema, regex, choice, grammar)
+    # For reasoning models, where the prompt leaves the output (jaxserve.reasoning: "opened" inside a think block,
+    # "closed" after one, "absent" before an optional one); None: no reasoning. Constraints start after the block.
+    reasoning: str | None = None
+    # At most this many tokens inside the think block, then "</think>" is forced (needs reasoning opened/absent).
+    thinking_token_budget: int | None = None
     seed: int | None = None
     max_tokens: int | None = 16  # None = up to the context limit
     stop: str | list[str] | None = None
@@ -56,6 +62,9 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be a non-negative 64-bit integer"),
+            (self.reasoning in (None, *reasoning.STATES), f"reasoning must be one of {', '.join(reasoning.STATES)}"),
+            (self.thinking_token_budget is None or self.thinking_token_budget >= 0,
+             "thinking_token_budget must be non-negative"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (0 < self.repetition_penalty <= 2, "repetition_penalty must be in (0, 2]"),

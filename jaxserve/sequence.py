@@ -34,7 +34,7 @@ class Sequence:
         self.slot_fresh = False  # admitted since the last step: its sampler rows must be written
         self.logprobs: list[tuple] = []  # per output token, when requested: (token, logprob, rank, top ids, top lps)
         self.logprob_entries: list[dict] = []  # the released tokens' logprobs as outputs report them
-        self.grammar = None  # a structured_output.GrammarState when the output is constrained
+        self.grammar = None  # a structured_output.GrammarState when the output is constrained or has a thinking budget
         self.num_sent_tokens = 0  # output tokens already reported in deltas (with their text)
         self.error: str | None = None
         self.error_invalid = False  # the request contradicted itself (a client error), not an engine fault

@@ -9,6 +9,11 @@ Each constrained sequence owns a matcher. Before a step that samples for it, its
 [S, ceil(V/32)] is filled (bit t of a row allows token t); the sampler applies the rows on device. After the
 step, the sampled token advances the matcher. When the grammar is complete only EOS is allowed, so the
 sequence ends with finish_reason "stop".
+
+For a reasoning request the constraint follows the think block where the prompt leaves one (reasoning.OPENED:
+free text through `</think>`; ABSENT: an optional `<think>...</think>` first; CLOSED: the constraint from the
+first token). A thinking budget rides on the same masks: once a sequence has spent it inside its think block,
+its rows allow only the closing marker's tokens, one by one.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import json
 import re
 
 import numpy as np
+
+from jaxserve.reasoning import ABSENT, CLOSE, OPEN, OPENED
 
 
 # JSON as json.dumps writes it. Free whitespace would let a weak model pad with newlines until max_tokens;
@@ -39,8 +46,6 @@ class StructuredOutput:
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None  # llguidance's Lark dialect (close to EBNF)
-    # With a reasoning model: free text up to this marker (e.g. "</think>") comes first, then the constraint.
-    reasoning_end: str | None = None
 
     def __post_init__(self):
         given = [self.json is not None, self.json_object, self.regex is not None, self.choice is not None,
@@ -57,12 +62,13 @@ class StructuredOutput:
         generates properties in schema order, and "reasoning first, answer last" schemas depend on it."""
         return cls(json=json.dumps(close_objects(schema) if strict else schema))
 
-    def to_grammar(self) -> str:
-        """The llguidance grammar text for this constraint."""
+    def to_grammar(self, reasoning: str | None = None) -> str:
+        """The llguidance grammar text for this constraint, after the think block that `reasoning` (a
+        reasoning.* state of the prompt) leaves room for. A Lark grammar is taken as given: it starts at once."""
         from llguidance import LLMatcher
 
-        if self.reasoning_end is not None and self.grammar is None:
-            return LLMatcher.grammar_from_lark(self._after_reasoning())
+        if reasoning in (OPENED, ABSENT) and self.grammar is None:
+            return LLMatcher.grammar_from_lark(self._after_reasoning(reasoning))
         if self.json is not None:
             return LLMatcher.grammar_from_json_schema(json.loads(self.json), defaults=_JSON_STYLE)
         if self.json_object:
@@ -73,16 +79,21 @@ class StructuredOutput:
             return LLMatcher.grammar_from_regex("|".join(re.escape(c) for c in self.choice))
         return LLMatcher.grammar_from_lark(self.grammar)
 
-    def _after_reasoning(self) -> str:
-        """Lark: free text through the reasoning end marker (matched lazily), then the constrained answer."""
+    def _after_reasoning(self, reasoning: str) -> str:
+        """Lark: the think block (through its end marker, matched lazily; optional unless the prompt opened
+        it), then the constrained answer."""
         if self.json is not None or self.json_object:
             schema = json.loads(self.json) if self.json is not None else {"type": "object"}
             body = "%json " + json.dumps({"x-guidance": _JSON_STYLE, **schema})
         else:
             pattern = self.regex if self.regex is not None else "|".join(re.escape(c) for c in self.choice)
             body = "/" + pattern.replace("/", "\\/") + "/"
-        end = re.escape(self.reasoning_end).replace("/", "\\/")
-        return f"start: think sep answer\nthink[lazy]: /(?s:.*){end}/\nsep: /[ \\n]*/\nanswer: {body}\n"
+        end = re.escape(CLOSE).replace("/", "\\/")
+        if reasoning == OPENED:
+            return f"start: think sep answer\nthink[lazy]: /(?s:.*){end}/\nsep: /[ \\n]*/\nanswer: {body}\n"
+        opening = re.escape(OPEN).replace("/", "\\/")
+        return (f"start: answer | think sep answer\nthink[lazy]: /[ \\n]*{opening}(?s:.*){end}/\n"
+                f"sep: /[ \\n]*/\nanswer: {body}\n")
 
 
 def close_objects(schema):
@@ -115,12 +126,12 @@ class GrammarCompiler:
         return llguidance.hf.from_tokenizer(self.tokenizer)
 
     @functools.lru_cache(maxsize=256)
-    def grammar(self, spec: StructuredOutput) -> str:
+    def grammar(self, spec: StructuredOutput, reasoning: str | None = None) -> str:
         """Compiles and validates; raises InvalidGrammar with the engine's reason."""
         from llguidance import LLMatcher
 
         try:
-            grammar = spec.to_grammar()
+            grammar = spec.to_grammar(reasoning)
         except (ValueError, TypeError) as e:
             raise InvalidGrammar(f"invalid structured output: {e}") from None
         error = LLMatcher.validate_grammar(grammar, self._lltokenizer)
@@ -128,10 +139,10 @@ class GrammarCompiler:
             raise InvalidGrammar(f"invalid structured output: {error.strip()}")
         return grammar
 
-    def matcher(self, spec: StructuredOutput):
+    def matcher(self, spec: StructuredOutput, reasoning: str | None = None):
         from llguidance import LLMatcher
 
-        return LLMatcher(self._lltokenizer, self.grammar(spec))
+        return LLMatcher(self._lltokenizer, self.grammar(spec, reasoning))
 
     def fill(self, matcher, row: np.ndarray) -> None:
         """Writes the allowed-token bits for the matcher's next token into `row` [words] int32."""
@@ -142,19 +153,84 @@ class GrammarCompiler:
         llguidance.numpy.fill_next_token_bitmask(matcher, view, 0)
         row[width:] = 0  # ids past the tokenizer's vocabulary (padding rows of the embedding) stay banned
 
+    @functools.cached_property
+    def close_ids(self) -> tuple[int, ...]:
+        """The tokens of the reasoning end marker, as a budget forces them."""
+        return tuple(self.tokenizer.encode(CLOSE, add_special_tokens=False))
 
-class GrammarState:
-    """One sequence's position in its grammar."""
+    @functools.lru_cache(maxsize=None)
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
-    def __init__(self, compiler: GrammarCompiler, spec: StructuredOutput):
+
+class ThinkingBudget:
+    """Counts the tokens a sequence generates inside its think block (after the token that opens it, before the
+    one that closes it); once `budget` are spent, the closing marker's tokens are forced, and the answer follows."""
+
+    def __init__(self, compiler: GrammarCompiler, budget: int, opened: bool):
         self.compiler = compiler
-        self.matcher = compiler.matcher(spec)
-
-    def fill(self, row: np.ndarray) -> None:
-        self.compiler.fill(self.matcher, row)
+        self.budget = budget
+        self.inside = True if opened else None  # None: not yet known whether the output opens a block
+        self.text = ""  # the output's start (until it shows whether it opens a block), then the block's last chars
+        self.spent = 0
+        self.forcing: list[int] = []  # marker tokens still to force
+        if opened:
+            self._check_spent()
 
     def accept(self, token: int) -> None:
-        if self.matcher.is_stopped():
-            return  # the grammar is complete; the token is EOS (or the sequence ignores EOS)
-        if not self.matcher.consume_token(token):
-            raise RuntimeError(f"token {token} broke the grammar: {self.matcher.get_error()}")
+        if self.forcing:
+            self.forcing.pop(0)
+            if not self.forcing:
+                self.inside = False
+            return
+        if self.inside is False:
+            return
+        self.text += self.compiler.token_text(token)
+        if self.inside is None:
+            head = self.text.lstrip(" \n")
+            if not head.startswith(OPEN):
+                if not OPEN.startswith(head):
+                    self.inside = False  # the output is an answer without a think block
+                return
+            self.inside, self.text = True, head[len(OPEN):]  # the token that opens the block is not counted
+        else:
+            self.spent += 1
+        if CLOSE in self.text:
+            self.inside = False
+            return
+        self.text = self.text[-len(CLOSE):]
+        self._check_spent()
+
+    def _check_spent(self) -> None:
+        if self.spent >= self.budget:
+            self.forcing = list(self.compiler.close_ids)
+
+
+class GrammarState:
+    """One sequence's position in its grammar (None: unconstrained) and its thinking budget (None: none)."""
+
+    def __init__(self, compiler: GrammarCompiler, spec: StructuredOutput | None, reasoning: str | None = None,
+                 thinking_budget: int | None = None):
+        self.compiler = compiler
+        self.matcher = compiler.matcher(spec, reasoning) if spec is not None else None
+        self.budget = (ThinkingBudget(compiler, thinking_budget, reasoning == OPENED)
+                       if thinking_budget is not None and reasoning in (OPENED, ABSENT) else None)
+
+    def fill(self, row: np.ndarray) -> bool:
+        """Writes the next token's allowed bits into `row`; returns False (row untouched) when nothing is banned."""
+        if self.budget is not None and self.budget.forcing:
+            token = self.budget.forcing[0]
+            row[:] = 0
+            row.view(np.uint32)[token // 32] = np.uint32(1 << (token % 32))
+            return True
+        if self.matcher is None:
+            return False
+        self.compiler.fill(self.matcher, row)
+        return True
+
+    def accept(self, token: int) -> None:
+        if self.matcher is not None and not self.matcher.is_stopped():  # stopped: the token is EOS (or ignored)
+            if not self.matcher.consume_token(token):
+                raise RuntimeError(f"token {token} broke the grammar: {self.matcher.get_error()}")
+        if self.budget is not None:
+            self.budget.accept(token)

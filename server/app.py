@@ -22,7 +22,7 @@ import jaxserve
 from jaxserve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed
 from jaxserve.engine import LLMEngine
 from server import protocol as p
-from server.chat import build_prompt, create_chat_completion
+from server.chat import create_chat_completion, render_prompt
 from server.completions import create_completion
 from server.state import ServerConfig, ServerState, UnknownModel
 
@@ -130,13 +130,13 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
     async def tokenize(req: p.TokenizeRequest):
         async def run():
             state.check_model(req.model)
-            tokenizer = state.engine.engine.tokenizer
+            tokenizer = state.tokenizer
             if req.messages is not None:
                 chat = p.ChatCompletionRequest(messages=req.messages, add_generation_prompt=req.add_generation_prompt,
                                                continue_final_message=req.continue_final_message,
                                                chat_template=req.chat_template,
                                                chat_template_kwargs=req.chat_template_kwargs)
-                ids = build_prompt(state, chat)
+                _, ids = render_prompt(state, chat)
             else:
                 ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
             return p.TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
@@ -150,7 +150,7 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
             vocab = state.engine.engine.model.cfg.vocab_size
             if any(not 0 <= t < vocab for t in req.tokens):
                 raise ValueError(f"token ids must be in [0, {vocab})")
-            return p.DetokenizeResponse(prompt=state.engine.engine.tokenizer.decode(req.tokens))
+            return p.DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))
 
         return await respond(run())
 

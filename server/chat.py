@@ -7,13 +7,13 @@ A reasoning parser, when configured, splits `<think>` text into `reasoning_conte
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
 
 from jaxserve import chat_template as templating
+from jaxserve import reasoning
 from jaxserve import tool_parsers
 from jaxserve.async_engine import RequestFailed
 from jaxserve.engine import InvalidRequest
@@ -42,33 +42,38 @@ def _template_messages(req: ChatCompletionRequest) -> list[dict]:
     return out
 
 
-def build_prompt(state: ServerState, req: ChatCompletionRequest, tools: list[dict] | None = None) -> list[int]:
-    tokenizer = state.engine.engine.tokenizer
+def render_prompt(state: ServerState, req: ChatCompletionRequest, tools: list[dict] | None = None
+                  ) -> tuple[str, list[int]]:
+    """The rendered chat prompt and its token ids."""
+    tokenizer = state.tokenizer
     text = templating.render(tokenizer, _template_messages(req), chat_template=req.chat_template or state.chat_template,
                              add_generation_prompt=req.add_generation_prompt,
                              continue_final_message=req.continue_final_message, tools=tools,
-                             documents=req.documents, chat_template_kwargs=req.chat_template_kwargs,
+                             documents=req.documents, chat_template_kwargs=req.template_kwargs(),
                              content_format=state.config.chat_template_content_format)
     ids = templating.encode_prompt(tokenizer, text)
-    return ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else ids
+    return text, ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else ids
 
 
-def _plan(state: ServerState, req: ChatCompletionRequest, tools, tool_choice) -> ChatPlan:
+def _plan(state: ServerState, req: ChatCompletionRequest, tools, tool_choice, reasoning_state) -> ChatPlan:
     forced = tool_choice if tool_choice == "required" or isinstance(tool_choice, dict) else None
     parser = None
     if tools and tool_choice == "auto":
-        template = req.chat_template or state.chat_template or state.engine.engine.tokenizer.chat_template
+        template = req.chat_template or state.chat_template or state.tokenizer.chat_template
         parser = state.config.tool_call_parser or tool_parsers.parser_for_template(template)
     return ChatPlan(tool_parser=parser, forced=forced, reasoning_parser=state.config.reasoning_parser,
-                    include_reasoning=req.include_reasoning, parallel_tool_calls=req.parallel_tool_calls is not False)
+                    reasoning_state=reasoning_state, include_reasoning=req.include_reasoning,
+                    parallel_tool_calls=req.parallel_tool_calls is not False)
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, http_request: Request):
     """Returns a ChatCompletion, an async iterator of SSE strings, or None when the client went away."""
     state.check_model(req.model)
     tools, tool_choice = req.effective_tools()
-    plan = _plan(state, req, tools, tool_choice)
-    prompt = build_prompt(state, req, tools if tool_choice != "none" else None)
+    # tool_choice "none" keeps the tools in the prompt (OpenAI's meaning: the model knows them, must not call).
+    text, prompt = render_prompt(state, req, tools)
+    reasoning_state = reasoning.prompt_state(text) if state.config.reasoning_parser else None
+    plan = _plan(state, req, tools, tool_choice, reasoning_state)
     params = req.sampling_params(state.default_max_tokens(len(prompt)))
     forced = forced_structure(tools or [], tool_choice, req.parallel_tool_calls is not False)
     if forced is not None:
@@ -76,9 +81,11 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
             raise ValueError("a forced tool_choice cannot be combined with response_format or structured_outputs")
         params.structured_output = forced
     state.check_grammar_size(params.structured_output)
-    if params.structured_output is not None and plan.reasoning_parser:
-        # A reasoning model thinks freely first; the constraint applies to the answer after </think>.
-        params.structured_output = dataclasses.replace(params.structured_output, reasoning_end="</think>")
+    # Constraints start where the prompt leaves the output: after a think block it opened, after an optional one.
+    params.reasoning = reasoning_state
+    if req.thinking_token_budget is not None and reasoning_state is None:
+        raise ValueError("thinking_token_budget needs a server started with --reasoning-parser")
+    params.thinking_token_budget = req.thinking_budget() if reasoning_state is not None else None
     state.engine.engine.validate(prompt, params)  # before a stream starts: errors must be a 400, not an SSE event
     request_id = random_id("chatcmpl")
     echo = req.messages[-1].text() if req.echo and req.messages[-1].role == "assistant" else ""

@@ -21,6 +21,7 @@ class ChatPlan:
     tool_parser: str | None = None  # parse free text for calls ("auto")
     forced: str | dict | None = None  # "required" or a named tool_choice: the output is constrained JSON
     reasoning_parser: str | None = None
+    reasoning_state: str | None = None  # where the prompt leaves the output (reasoning.prompt_state)
     include_reasoning: bool = True
     parallel_tool_calls: bool = True  # False: at most one call is returned
 
@@ -29,7 +30,7 @@ def final_message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple
     """Returns (message fields: content, reasoning, reasoning_content, tool_calls), finish_reason."""
     reasoning_text, content = None, text
     if plan.reasoning_parser:
-        reasoning_text, content = reasoning.parse(plan.reasoning_parser, text)
+        reasoning_text, content = reasoning.parse(plan.reasoning_parser, text, plan.reasoning_state)
         content = content or ""
     calls: list[ToolCall] = []
     if plan.forced is not None:
@@ -52,7 +53,8 @@ class StreamShaper:
 
     def __init__(self, plan: ChatPlan):
         self.plan = plan
-        self.reasoner = reasoning.StreamingReasoningParser(plan.reasoning_parser) if plan.reasoning_parser else None
+        self.reasoner = (reasoning.StreamingReasoningParser(plan.reasoning_parser, plan.reasoning_state)
+                         if plan.reasoning_parser else None)
         self.tools = tool_parsers.StreamingToolParser(plan.tool_parser) if plan.tool_parser and not plan.forced else None
         self.forced_text = ""
         self.forced_name_sent = False

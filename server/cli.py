@@ -25,7 +25,8 @@ def _serve(args: argparse.Namespace) -> int:
                           tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
                           seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
                           kv_cache_memory_gb=args.kv_cache_memory_gb)
-    cluster = Cluster.from_args(args.distributed_coordinator, args.num_processes, args.process_id)
+    cluster = Cluster.from_args(args.distributed_coordinator, args.num_processes, args.process_id,
+                                args.distributed_secret)
     if cluster is not None:
         cluster.initialize()
         if not cluster.is_leader:  # only process 0 serves HTTP; the others step the same batches
@@ -185,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "the default comes from JAX_COORDINATOR_ADDRESS")
     serve.add_argument("--num-processes", type=int, help="processes in all (default: $JAX_NUM_PROCESSES or 1)")
     serve.add_argument("--process-id", type=int, help="this process's rank (default: $JAX_PROCESS_ID or 0)")
+    serve.add_argument("--distributed-secret", help="shared secret that authenticates the processes' step channel "
+                       "(default: $JAXSERVE_DISTRIBUTED_SECRET); several processes refuse to start without one")
     serve.add_argument("--no-enable-prefix-caching", action="store_true")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish after SIGTERM")

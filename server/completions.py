@@ -34,7 +34,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, http_req
     state.check_model(req.model)
     if req.echo and req.logprobs is not None:
         raise ValueError("echo with logprobs needs prompt logprobs, which are not supported")
-    tokenizer = state.engine.engine.tokenizer
+    tokenizer = state.tokenizer
     prompts = []
     for p in req.prompts():
         ids = tokenizer.encode(p) if isinstance(p, str) else list(p)

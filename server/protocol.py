@@ -204,6 +204,10 @@ class _SamplingFields(_Request):
         )
 
 
+# reasoning_effort -> thinking_token_budget ("none" switches thinking off in the template instead).
+EFFORT_BUDGETS = {"minimal": 64, "low": 256, "medium": 1024, "high": 4096, "xhigh": 16384}
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -213,7 +217,7 @@ class ChatCompletionRequest(_SamplingFields):
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
-    reasoning_effort: str | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -221,6 +225,7 @@ class ChatCompletionRequest(_SamplingFields):
     function_call: Literal["none", "auto"] | FunctionName | None = None
     # vLLM extras
     include_reasoning: bool = True
+    thinking_token_budget: Annotated[int, Field(ge=0)] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
@@ -249,6 +254,20 @@ class ChatCompletionRequest(_SamplingFields):
         if tools and choice is None:
             choice = "auto"
         return tools, choice or "none"
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """chat_template_kwargs, with reasoning_effort as the templates' thinking switch (the request's own
+        kwargs win): "none" renders enable_thinking false, any other effort true; it is passed on as well."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {"enable_thinking": self.reasoning_effort != "none", "reasoning_effort": self.reasoning_effort,
+                **(self.chat_template_kwargs or {})}
+
+    def thinking_budget(self) -> int | None:
+        """Tokens allowed inside the think block: thinking_token_budget, else reasoning_effort's budget."""
+        if self.thinking_token_budget is not None:
+            return self.thinking_token_budget
+        return EFFORT_BUDGETS.get(self.reasoning_effort)
 
     def sampling_params(self, default_max_tokens: int) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import pathlib
+import threading
 from collections.abc import AsyncIterator
 
 from jaxserve.async_engine import AsyncEngine
@@ -65,6 +67,9 @@ class ServerState:
         self.draining = False
         self.failed = False  # the engine could not start (the log says why)
         self.metrics = Metrics(lambda: self.engine.stats() if self.engine else {})
+        self._tokenizer = None  # the server's own copy of the engine's tokenizer, taken before any request
+        self._per_thread = threading.local()
+        self._copy_lock = threading.Lock()
 
     @property
     def ready(self) -> bool:
@@ -73,7 +78,19 @@ class ServerState:
     def attach(self, engine: AsyncEngine, loaded_name: str) -> None:
         self.model_name = self.config.served_model_name or loaded_name
         self.metrics.serve(self.model_name)
+        self._tokenizer = copy.deepcopy(engine.engine.tokenizer)
         self.engine = engine
+
+    @property
+    def tokenizer(self):
+        """A tokenizer for the calling thread alone. The engine thread decodes with the engine's; fast
+        tokenizers are not safe to share across threads (transformers 5 raises "Already borrowed"), so each
+        server thread encodes with its own copy."""
+        tokenizer = getattr(self._per_thread, "tokenizer", None)
+        if tokenizer is None:
+            with self._copy_lock:  # copies are taken from the server's copy, never from one in use
+                tokenizer = self._per_thread.tokenizer = copy.deepcopy(self._tokenizer)
+        return tokenizer
 
     @property
     def max_model_len(self) -> int:

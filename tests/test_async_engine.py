@@ -148,3 +148,41 @@ def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine, monkey
     _, tokens, last = asyncio.run(main())
     assert len(tokens) == 20 and last.finished
     asyncio.run(_wait_idle(engine))
+
+
+def test_each_server_thread_has_its_own_tokenizer():
+    """The engine thread decodes with the engine's tokenizer while server threads encode: never the same object
+    (transformers 5's fast tokenizers raise "Already borrowed" when two threads share one)."""
+    import threading
+    import types
+
+    from server.state import ServerConfig, ServerState
+
+    engine_tokenizer = tiny.make_tokenizer(300)
+    state = ServerState(ServerConfig())
+    state.attach(types.SimpleNamespace(engine=types.SimpleNamespace(tokenizer=engine_tokenizer)), "tiny")
+    seen, errors = {}, []
+    text = "Ünïcödé tëxt, 日本語 and the quick brown fox " * 20
+    expected = engine_tokenizer.encode(text)
+
+    def work(name):
+        try:
+            tok = state.tokenizer
+            assert tok is state.tokenizer  # one per thread, kept
+            seen[name] = tok
+            for _ in range(200):
+                assert tok.encode(text) == expected
+        except Exception as e:  # reported below: an assertion in a thread would not fail the test
+            errors.append(e)
+
+    def decode():
+        for _ in range(400):
+            engine_tokenizer.decode(expected)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in "ab"] + [threading.Thread(target=decode)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len({id(t) for t in [*seen.values(), engine_tokenizer]}) == 3

@@ -98,6 +98,26 @@ def test_streamed_logprobs_travel_with_their_text(llm):
     assert split_char  # the random model did emit byte tokens that are only part of a character
 
 
+@pytest.mark.parametrize("budget", [0, 7])
+def test_thinking_budget_is_exact(llm, budget):
+    """A prompt that opened a think block: exactly `budget` tokens of thought, then "</think>" (forced through
+    the sampler's masks), then the answer; with a constraint, the answer follows it."""
+    close = list(llm.engine.grammars.close_ids)
+    prompt = _prompts(llm, [8], seed=13)[0]
+    free = SamplingParams(max_tokens=budget + len(close) + 6, temperature=1.0, seed=1, ignore_eos=True,
+                          reasoning="opened", thinking_token_budget=budget)
+    out = llm.generate([prompt], free, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[budget:budget + len(close)] == close and len(out.token_ids) == free.max_tokens
+    assert "</think>" not in llm.tokenizer.decode(out.token_ids[:budget + len(close) - 1])
+    city = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+            "additionalProperties": False}
+    constrained = dataclasses.replace(free, max_tokens=64, ignore_eos=False,
+                                      structured_output=StructuredOutput.from_schema(city))
+    out = llm.generate([prompt], constrained, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids[budget:budget + len(close)] == close and out.finish_reason == "stop"
+    assert json.loads(out.text.split("</think>", 1)[1]) in ({"city": "Paris"}, {"city": "Rome"})
+
+
 def test_stop_token_ids_and_eos(llm):
     prompt = _prompts(llm, [8], seed=6)[0]
     tokens = llm.generate([prompt], SamplingParams(max_tokens=20, **GREEDY), use_tqdm=False)[0].outputs[0].token_ids

@@ -30,7 +30,8 @@ def folder(tmp_path_factory):
 
 def test_two_processes_serve_the_same_tokens_as_one(folder, tmp_path):
     coordinator, http_port = _free_port(), _free_port()
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device per process
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu",  # one CPU device per process
+           "JAXSERVE_DISTRIBUTED_SECRET": "test-secret"}
     common = [sys.executable, "-m", "server.cli", "serve", str(folder), "--max-model-len", "256",
               "--max-num-batched-tokens", "32", "--max-num-seqs", "4", "--tensor-parallel-size", "2",
               "--distributed-coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2", "--port", str(http_port)]
@@ -60,8 +61,9 @@ def test_two_processes_serve_the_same_tokens_as_one(folder, tmp_path):
     assert codes == [0, 0], [(tmp_path / f"p{i}.log").read_text()[-2000:] for i in range(2)]
     single = LLM(str(folder), max_model_len=256, max_num_batched_tokens=32, max_num_seqs=4, compile_cache_dir="",
                  progress=False, warm_up=False)
-    outs = single.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
-    expected = [[single.engine.token_text(t) for t in o.outputs[0].token_ids] for o in outs]
+    outs = single.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0),
+                           use_tqdm=False)
+    expected = [[next(iter(e.values())).decoded_token for e in o.outputs[0].logprobs] for o in outs]
     assert served == expected
 
 
@@ -79,5 +81,94 @@ def test_server_with_tensor_and_data_parallel_on_four_devices(folder, tmp_path):
         assert s.stop() == 0
     single = LLM(str(folder), max_model_len=256, max_num_batched_tokens=32, max_num_seqs=4, compile_cache_dir="",
                  progress=False, warm_up=False)
-    outs = single.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
-    assert served == [[single.engine.token_text(t) for t in o.outputs[0].token_ids] for o in outs]
+    outs = single.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0),
+                           use_tqdm=False)
+    assert served == [[next(iter(e.values())).decoded_token for e in o.outputs[0].logprobs] for o in outs]
+
+
+def test_several_processes_need_a_secret(monkeypatch):
+    from jaxserve.distributed import Cluster
+
+    monkeypatch.delenv("JAXSERVE_DISTRIBUTED_SECRET", raising=False)
+    with pytest.raises(ValueError, match="--distributed-secret"):
+        Cluster.from_args("127.0.0.1:1234", 2, 0)
+    assert Cluster.from_args("127.0.0.1:1234", 2, 1, "s").secret == "s"
+    monkeypatch.setenv("JAXSERVE_DISTRIBUTED_SECRET", "from-env")
+    assert Cluster.from_args("127.0.0.1:1234", 2, 0).secret == "from-env"
+    assert "from-env" not in repr(Cluster.from_args("127.0.0.1:1234", 2, 0))
+    assert Cluster.from_args(None, 1, 0) is None  # one process needs none
+
+
+def _arrays(x) -> list:
+    """The arrays inside one message argument (an array, an int, a tuple of arrays or a step dataclass)."""
+    import dataclasses
+
+    import numpy as np
+
+    if dataclasses.is_dataclass(x):
+        return [np.asarray(getattr(x, f.name)) for f in dataclasses.fields(x)]
+    return [np.asarray(v) for v in x] if isinstance(x, tuple) else [np.asarray(x)]
+
+
+def test_the_step_channel_carries_no_pickles():
+    """Step inputs cross as a JSON header plus raw array bytes; a pickle, an unknown type or an object array is
+    refused before anything is built from it."""
+    import json
+    import pickle
+
+    import numpy as np
+
+    from jaxserve.distributed import decode, encode
+    from jaxserve.model import Batch
+
+    rng = np.random.default_rng(0)
+    batch = Batch(*(rng.integers(0, 100, shape).astype(np.int32) for shape in [(8,), (8,), (8,), (2,), (2, 4), (3,),
+                                                                               (1,), (2,)]))
+    rows = (np.arange(5, dtype=np.int32), np.ones(5, np.bool_), np.linspace(0, 1, 5, dtype=np.float32))
+    for message in [("forward", batch), ("init_slot", 3, rows), ("prompt_logprobs", np.arange(4, dtype=np.int32)),
+                    ("reset",), ("stop",)]:
+        frames = encode(message)
+        assert all(isinstance(f, bytes) for f in frames)
+        got = decode(frames)
+        assert got[0] == message[0] and len(got) == len(message)
+        for want, have in zip(message[1:], got[1:]):
+            assert type(want) is type(have)
+            for a, b in zip(_arrays(want), _arrays(have)):
+                assert a.dtype == b.dtype and np.array_equal(a, b)
+
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('ran')",))
+
+    with pytest.raises(ValueError):  # a pickle is not JSON
+        decode([pickle.dumps(("forward", Evil()))])
+    forged = json.dumps({"kind": "forward", "args": [{"dataclass": "Evil", "fields": {}}], "frames": 0}).encode()
+    with pytest.raises(KeyError):
+        decode([forged])
+    forged = json.dumps({"kind": "x", "args": [{"array": 0, "dtype": "|O", "shape": [1]}], "frames": 1}).encode()
+    with pytest.raises(ValueError, match="object arrays"):
+        decode([forged, b"\0" * 8])
+
+
+def test_recovery_resets_the_followers_too(folder):
+    """After a failed step the leader rebuilds its device state and tells every follower to do the same, over the
+    channel (a follower left with its old state would hang the next collective)."""
+    from multiprocessing import Pipe
+
+    from jaxserve.distributed import FollowerChannel, LeaderChannel
+    from jaxserve.engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(str(folder), config=EngineConfig(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=16,
+                                                        page_size=8, num_kv_pages=32, compile_cache_dir="",
+                                                        warm_up=False), progress=False)
+    leader_end, follower_end = Pipe()
+    engine.runner.peers = LeaderChannel([leader_end])
+    engine.add_request("r", [1, 2, 3], SamplingParams(max_tokens=2, temperature=0))
+    engine.step()
+    engine.recover()
+    engine.runner.peers.send(("stop",))
+    follower = FollowerChannel(follower_end)
+    kinds = []
+    while not kinds or kinds[-1] != "stop":
+        kinds.append(follower.recv()[0])
+    assert kinds[-2:] == ["reset", "stop"] and "forward" in kinds

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxserve.reasoning import StreamingReasoningParser, parse
+from jaxserve.reasoning import ABSENT, CLOSED, OPENED, StreamingReasoningParser, parse, prompt_state
 
 CASES = [
     ("qwen3", "<think>\nLet me think. 2+2=4\n</think>\n\nThe answer is 4.", "Let me think. 2+2=4", "The answer is 4."),
@@ -32,3 +32,23 @@ def test_complete_and_streamed(parser, text, reasoning, content):
 def test_unknown_parser():
     with pytest.raises(ValueError, match="unknown reasoning parser"):
         parse("o1", "x")
+
+
+@pytest.mark.parametrize("prompt,state", [
+    ("<|im_start|>assistant\n<think>\n", OPENED),  # DeepSeek-R1's templates open the block
+    ("<|im_start|>assistant\n<think>\n\n</think>\n\n", CLOSED),  # Qwen3 with enable_thinking false
+    ("<|im_start|>assistant\n", ABSENT),  # Qwen3 thinking, instruct models
+    ("<think>\nold</think>\n\nold answer<|im_end|>\n<|im_start|>assistant\n", ABSENT),  # history is not the state
+    ("<|im_start|>assistant\n<think>\nhalf a thought", OPENED),  # continue_final_message inside a block
+])
+def test_prompt_state(prompt, state):
+    assert prompt_state(prompt) == state
+
+
+@pytest.mark.parametrize("parser", ["qwen3", "deepseek_r1"])
+def test_the_prompt_state_decides_the_split(parser):
+    text = "Reasoning.</think>Answer."
+    assert parse(parser, text, OPENED) == ("Reasoning.", "Answer.")
+    assert parse(parser, text, ABSENT) == (None, text)  # no block was opened: all of it is answer
+    assert parse(parser, "<think>R.</think>A.", ABSENT) == ("R.", "A.")
+    assert parse(parser, "<think>R.</think>A.", CLOSED) == (None, "<think>R.</think>A.")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import tiny
+from jaxserve.reasoning import ABSENT, CLOSED, OPENED
 from jaxserve.structured_output import GrammarCompiler, GrammarState, InvalidGrammar, StructuredOutput
 from jaxserve.tool_choice import forced_calls, forced_structure
 
@@ -24,10 +25,10 @@ def _allowed(row, vocab):
     return {t for t in range(vocab) if (int(row[t // 32]) >> (t % 32)) & 1}
 
 
-def _walk(compiler, tok, spec, text):
+def _walk(compiler, tok, spec, text, reasoning=None):
     """Feeds `text`'s tokens through the grammar, checking each was allowed; returns the final state."""
     c, _ = compiler
-    state = GrammarState(c, spec)
+    state = GrammarState(c, spec, reasoning)
     row = np.zeros(c.words, np.int32)
     for t in tok.encode(text, add_special_tokens=False):
         state.fill(row)
@@ -193,12 +194,74 @@ def test_forced_tools_resolve_defs_and_recursive_refs(compiler, choice):
     assert [(x.name, json.loads(x.arguments)) for x in forced_calls(text, choice)][-1] == ("order", json.loads(args))
 
 
-def test_constraint_starts_after_the_reasoning(compiler):
+def test_constraint_starts_after_the_reasoning_the_prompt_opened(compiler):
     c, tok = compiler
-    spec = StructuredOutput(json=json.dumps(WEATHER["function"]["parameters"]), reasoning_end="</think>")
-    state, allowed = _walk(compiler, tok, spec, 'Let me think: a city.</think>\n{"city": "Paris"}')
+    spec = StructuredOutput(json=json.dumps(WEATHER["function"]["parameters"]))
+    state, allowed = _walk(compiler, tok, spec, 'Let me think: a city.</think>\n{"city": "Paris"}', OPENED)
     assert allowed == {tok.eos_token_id} and state.matcher.is_accepting()
-    state = GrammarState(c, spec)  # after the marker, only the schema is allowed
+    state = GrammarState(c, spec, OPENED)  # after the marker, only the schema is allowed
     with pytest.raises(RuntimeError, match="broke the grammar"):
         for t in tok.encode("thinking</think>\nnot json", add_special_tokens=False):
             state.accept(t)
+
+
+def test_optional_think_block_when_the_prompt_has_none(compiler):
+    c, tok = compiler
+    spec = StructuredOutput(json=json.dumps(WEATHER["function"]["parameters"]))
+    for text in ('{"city": "Paris"}', '<think>hmm, Paris.</think>\n{"city": "Paris"}', '\n<think>x</think>{"city": "R"}'):
+        state, allowed = _walk(compiler, tok, spec, text, ABSENT)
+        assert allowed == {tok.eos_token_id} and state.matcher.is_accepting()
+    for reasoning in (ABSENT, CLOSED, None):  # neither prose nor (after a closed block) a new think block
+        bad = ["Sure! {"] + ([] if reasoning == ABSENT else ["<think>"])
+        for text in bad:
+            with pytest.raises(AssertionError):
+                _walk(compiler, tok, spec, text, reasoning)
+
+
+def _force_sequence(state, c):
+    """The tokens the budget forces, read from the rows one at a time."""
+    row = np.zeros(c.words, np.int32)
+    forced = []
+    while state.fill(row) and len(_allowed(row, c.vocab_size)) == 1:
+        (t,) = _allowed(row, c.vocab_size)
+        forced.append(t)
+        state.accept(t)
+    return forced
+
+
+@pytest.mark.parametrize("budget", [0, 1, 5])
+def test_thinking_budget_forces_the_end_marker(compiler, budget):
+    c, tok = compiler
+    close = list(c.close_ids)
+    assert len(close) > 1  # the tiny tokenizer spells "</think>" in several tokens: each is forced in turn
+    words = tok.encode(" the quick brown fox jumps over the lazy dog again", add_special_tokens=False)
+    state = GrammarState(c, None, OPENED, thinking_budget=budget)
+    row = np.zeros(c.words, np.int32)
+    for t in words[:budget]:
+        assert not state.fill(row)  # unconstrained while the budget lasts
+        state.accept(t)
+    assert _force_sequence(state, c) == close
+    assert not state.fill(row) and state.budget.spent == budget  # then the answer is free again
+    # Before any think block (ABSENT) the budget starts counting at the token that opens one.
+    state = GrammarState(c, None, ABSENT, thinking_budget=budget)
+    for t in tok.encode("<think>", add_special_tokens=False) + words[:budget]:
+        state.accept(t)
+    assert _force_sequence(state, c) == close
+    state = GrammarState(c, None, ABSENT, thinking_budget=budget)
+    for t in words:  # an answer without a think block is never interrupted
+        assert not state.fill(row)
+        state.accept(t)
+    state = GrammarState(c, None, CLOSED, thinking_budget=budget)
+    assert state.budget is None
+
+
+def test_thinking_budget_then_the_constraint(compiler):
+    c, tok = compiler
+    state = GrammarState(c, StructuredOutput(json=json.dumps(WEATHER["function"]["parameters"])), OPENED,
+                         thinking_budget=3)
+    for t in tok.encode(" one two three", add_special_tokens=False)[:3]:
+        state.accept(t)
+    assert _force_sequence(state, c) == list(c.close_ids)
+    for t in tok.encode('{"city": "Oslo"}', add_special_tokens=False):
+        state.accept(t)
+    assert state.matcher.is_accepting()
