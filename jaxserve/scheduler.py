@@ -5,6 +5,9 @@ chunk of an unfinished prefill), then new sequences from the waiting queue, whos
 into chunks so a long prompt never stalls the running decodes. When pages run out, the newest
 running sequence is preempted: its pages are freed and it goes back to the front of the waiting queue,
 to be recomputed later (its tokens so far are kept, so greedy output is unchanged).
+
+Policies (vLLM's --scheduling-policy): "fcfs" serves in arrival order; "priority" keeps the waiting queue ordered
+by (priority, arrival), lower first, and preempts the running sequence that comes last in that order.
 """
 
 from __future__ import annotations
@@ -15,8 +18,19 @@ from jaxserve.block_manager import BlockManager
 from jaxserve.sequence import Sequence, Status
 
 
+POLICIES = ("fcfs", "priority")
+
+
+def _order(seq: Sequence) -> tuple[int, int]:
+    return seq.priority, seq.seq_id  # seq ids grow with arrival; a request's samples are adjacent
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 policy: str = "fcfs"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        self.by_priority = policy == "priority"
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -26,11 +40,23 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.by_priority:
+            self._insert(seq)
+        else:
+            self.waiting.append(seq)
 
     def add_first(self, seqs: list[Sequence]) -> None:
-        """Puts `seqs` at the head of the waiting queue, in order (a request's later samples, admitted next)."""
-        self.waiting.extendleft(reversed(seqs))
+        """Puts `seqs` at the head of the waiting queue, in order (a request's later samples, admitted next);
+        by priority, at their place in the order (ahead of every later request of their priority)."""
+        if self.by_priority:
+            for seq in seqs:
+                self._insert(seq)
+        else:
+            self.waiting.extendleft(reversed(seqs))
+
+    def _insert(self, seq: Sequence) -> None:
+        at = next((i for i, w in enumerate(self.waiting) if _order(w) > _order(seq)), len(self.waiting))
+        self.waiting.insert(at, seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -46,7 +72,7 @@ class Scheduler:
                 continue
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
-                victim = self.running[-1]
+                victim = max(self.running, key=_order) if self.by_priority else self.running[-1]
                 self._preempt(victim)
                 if victim is seq:
                     break
@@ -76,7 +102,10 @@ class Scheduler:
         self.free_slots.append(seq.slot)
         self.blocks.free(seq)
         seq.status = Status.WAITING
-        self.waiting.appendleft(seq)
+        if self.by_priority:
+            self._insert(seq)
+        else:
+            self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:

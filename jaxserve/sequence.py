@@ -16,7 +16,7 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
-                 params: SamplingParams, seed: int, detokenizer: Detokenizer):
+                 params: SamplingParams, seed: int, detokenizer: Detokenizer, priority: int = 0):
         self.seq_id = seq_id
         self.request_id = request_id
         self.index = index  # which of the request's n samples
@@ -24,6 +24,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.params = params
         self.seed = seed
+        self.priority = priority  # lower is served first under the priority policy
         self.detokenizer = detokenizer
         self.status = Status.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache

@@ -207,25 +207,34 @@ class ThinkingBudget:
 
 
 class GrammarState:
-    """One sequence's position in its grammar (None: unconstrained) and its thinking budget (None: none)."""
+    """One sequence's host-side token constraints, applied through the sampler's mask rows: its grammar (None:
+    unconstrained), its thinking budget and its bad words (bad_words.BadWords); each may be absent."""
 
     def __init__(self, compiler: GrammarCompiler, spec: StructuredOutput | None, reasoning: str | None = None,
-                 thinking_budget: int | None = None):
+                 thinking_budget: int | None = None, bad_words=None):
         self.compiler = compiler
         self.matcher = compiler.matcher(spec, reasoning) if spec is not None else None
         self.budget = (ThinkingBudget(compiler, thinking_budget, reasoning == OPENED)
                        if thinking_budget is not None and reasoning in (OPENED, ABSENT) else None)
+        self.bad_words = bad_words
 
     def fill(self, row: np.ndarray) -> bool:
         """Writes the next token's allowed bits into `row`; returns False (row untouched) when nothing is banned."""
+        bits = row.view(np.uint32)
         if self.budget is not None and self.budget.forcing:
             token = self.budget.forcing[0]
             row[:] = 0
-            row.view(np.uint32)[token // 32] = np.uint32(1 << (token % 32))
+            bits[token // 32] = np.uint32(1 << (token % 32))
             return True
-        if self.matcher is None:
+        banned = self.bad_words.banned() if self.bad_words is not None else []
+        if self.matcher is not None:
+            self.compiler.fill(self.matcher, row)
+        elif banned:
+            row[:] = -1
+        else:
             return False
-        self.compiler.fill(self.matcher, row)
+        for token in banned:
+            bits[token // 32] &= np.uint32(~(1 << (token % 32)) & 0xFFFFFFFF)
         return True
 
     def accept(self, token: int) -> None:
@@ -234,3 +243,5 @@ class GrammarState:
                 raise RuntimeError(f"token {token} broke the grammar: {self.matcher.get_error()}")
         if self.budget is not None:
             self.budget.accept(token)
+        if self.bad_words is not None:
+            self.bad_words.accept(token)

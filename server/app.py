@@ -38,6 +38,16 @@ def error(status: int, message: str, param: str | None = None, headers: dict | N
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+def _describe(e: dict) -> str:
+    """One validation error: the field, what is wrong, and the value given (shortened)."""
+    field = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+    message = f"{field}: {e.get('msg')}"
+    if "input" in e and e.get("type") != "missing" and not isinstance(e["input"], (dict, list)):
+        given = repr(e["input"])
+        message += f" (got {given[:80] + '...' if len(given) > 80 else given})"
+    return message
+
+
 def _start_engine(state: ServerState, config: ServerConfig) -> None:
     """Loads the model and compiles every bucket (minutes on a big model): runs in a thread, not the event loop."""
     try:
@@ -74,11 +84,12 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(x) for x in first.get("loc", ()) if x != "body"]
-        message = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()) if x != 'body') or 'body'}: {e.get('msg')}"
-                            for e in exc.errors()[:5])
-        return error(400, message or "invalid request", ".".join(loc) or None)
+        errors = exc.errors()
+        if errors and errors[0].get("type") == "json_invalid":  # the location is a byte offset, not a field
+            return error(400, f"the request body is not valid JSON: {errors[0].get('ctx', {}).get('error', '')}"
+                         .rstrip(": "))
+        loc = [str(x) for x in (errors[0].get("loc", ()) if errors else ()) if x != "body"]
+        return error(400, "; ".join(_describe(e) for e in errors[:5]) or "invalid request", ".".join(loc) or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -139,7 +150,9 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
                 _, ids = render_prompt(state, chat)
             else:
                 ids = tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-            return p.TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids)
+            return p.TokenizeResponse(count=len(ids), max_model_len=state.max_model_len, tokens=ids,
+                                      token_strs=tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs
+                                      else None)
 
         return await respond(run())
 

@@ -19,7 +19,7 @@ from jaxserve.async_engine import RequestFailed
 from jaxserve.engine import InvalidRequest
 from jaxserve.tool_choice import forced_structure
 from server.chat_output import ChatPlan, StreamShaper, final_message
-from server.generation import final_output, sse, sse_failure, token_logprobs, usage
+from server.generation import final_output, prompt_logprobs, sse, sse_failure, token_logprobs, usage
 from server.protocol import (ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs,
                              ChunkChoice, Delta, ResponseMessage, random_id)
 from server.state import ServerState
@@ -51,7 +51,7 @@ def render_prompt(state: ServerState, req: ChatCompletionRequest, tools: list[di
                              continue_final_message=req.continue_final_message, tools=tools,
                              documents=req.documents, chat_template_kwargs=req.template_kwargs(),
                              content_format=state.config.chat_template_content_format)
-    ids = templating.encode_prompt(tokenizer, text)
+    ids = templating.encode_prompt(tokenizer, text, add_special_tokens=bool(req.add_special_tokens))
     return text, ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else ids
 
 
@@ -61,9 +61,10 @@ def _plan(state: ServerState, req: ChatCompletionRequest, tools, tool_choice, re
     if tools and tool_choice == "auto":
         template = req.chat_template or state.chat_template or state.tokenizer.chat_template
         parser = state.config.tool_call_parser or tool_parsers.parser_for_template(template)
+    names = tuple(t["function"]["name"] for t in tools or ()) if parser else ()
     return ChatPlan(tool_parser=parser, forced=forced, reasoning_parser=state.config.reasoning_parser,
                     reasoning_state=reasoning_state, include_reasoning=req.include_reasoning,
-                    parallel_tool_calls=req.parallel_tool_calls is not False)
+                    parallel_tool_calls=req.parallel_tool_calls is not False, tool_names=names)
 
 
 async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, http_request: Request):
@@ -74,7 +75,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     text, prompt = render_prompt(state, req, tools)
     reasoning_state = reasoning.prompt_state(text) if state.config.reasoning_parser else None
     plan = _plan(state, req, tools, tool_choice, reasoning_state)
-    params = req.sampling_params(state.default_max_tokens(len(prompt)))
+    params = req.sampling_params(state.default_max_tokens(len(prompt)), state.sampling_defaults)
     forced = forced_structure(tools or [], tool_choice, req.parallel_tool_calls is not False)
     if forced is not None:
         if params.structured_output is not None:
@@ -86,47 +87,50 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     if req.thinking_token_budget is not None and reasoning_state is None:
         raise ValueError("thinking_token_budget needs a server started with --reasoning-parser")
     params.thinking_token_budget = req.thinking_budget() if reasoning_state is not None else None
-    state.engine.engine.validate(prompt, params)  # before a stream starts: errors must be a 400, not an SSE event
+    state.check_request(prompt, params, req.priority)  # before a stream starts: errors must be a 400, not an SSE event
     request_id = random_id("chatcmpl")
     echo = req.messages[-1].text() if req.echo and req.messages[-1].role == "assistant" else ""
     if req.stream:
         return _stream(state, req, plan, request_id, prompt, params, echo)
-    out = await final_output(state.generate(request_id, prompt, params), http_request)
+    out = await final_output(state.generate(request_id, prompt, params, req.priority), http_request)
     if out is None:
         return None
     choices = []
+    as_ids = req.return_tokens_as_token_ids
     for o in out.outputs:
         message, finish = final_message(plan, o.text, o.finish_reason)
         if echo and message["content"] is not None:
             message["content"] = echo + message["content"]
         choices.append(ChatChoice(
             index=o.index, message=ResponseMessage(**message), finish_reason=finish, stop_reason=o.stop_reason,
-            logprobs=ChoiceLogprobs(content=token_logprobs(o.logprobs, req.top_logprobs or 0)) if req.logprobs
-            else None))
+            logprobs=ChoiceLogprobs(content=token_logprobs(o.logprobs, req.top_logprobs or 0, as_ids))
+            if req.logprobs else None, token_ids=list(o.token_ids) if req.return_token_ids else None))
     completion_tokens = sum(len(o.token_ids) for o in out.outputs)
     return ChatCompletion(id=request_id, model=state.model_name, choices=choices,
                           usage=usage(len(prompt), completion_tokens, out.num_cached_tokens),
-                          system_fingerprint=state.fingerprint)
+                          system_fingerprint=state.fingerprint, prompt_logprobs=prompt_logprobs(out.prompt_logprobs, as_ids),
+                          prompt_token_ids=prompt if req.return_token_ids else None)
 
 
 async def _stream(state: ServerState, req: ChatCompletionRequest, plan: ChatPlan, request_id: str, prompt: list[int],
                   params, echo: str) -> AsyncIterator[str]:
     created = int(time.time())
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    include_usage, continuous = req.stream_usage()
     completion_tokens = 0
     shapers = [StreamShaper(plan) for _ in range(req.n)]
     finished: set[int] = set()  # choices whose finish chunk is sent
 
-    def chunk(choices, usage_=None):
+    def chunk(choices, usage_=None, prompt_token_ids=None):
         return sse(ChatCompletionChunk(id=request_id, created=created, model=state.model_name, choices=choices,
-                                       usage=usage_, system_fingerprint=state.fingerprint))
+                                       usage=usage_, system_fingerprint=state.fingerprint,
+                                       prompt_token_ids=prompt_token_ids))
 
     for i in range(req.n):  # the role comes first, once per choice
-        yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=echo))])
+        yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content=echo))],
+                    usage(len(prompt), 0, 0) if continuous else None, prompt if req.return_token_ids else None)
     cached = 0
     try:
-        async for out in state.generate(request_id, prompt, params):
+        async for out in state.generate(request_id, prompt, params, req.priority):
             cached = out.num_cached_tokens
             choices = []
             for o in out.outputs:
@@ -136,14 +140,15 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, plan: ChatPlan
                 shaper = shapers[o.index]
                 step = [ChunkChoice(index=o.index, delta=Delta(**d))
                         for d in shaper.feed(o.delta_text, final=o.finish_reason is not None)]
-                if req.logprobs and o.delta_logprobs:
-                    # The engine releases tokens with their text, so for plain content this step's one delta is
-                    # exactly the text of these tokens; parsed reasoning or calls carry them on their first delta.
-                    lp = ChoiceLogprobs(content=token_logprobs(o.delta_logprobs, req.top_logprobs or 0))
-                    if step:
-                        step[0].logprobs = lp
-                    else:
-                        step = [ChunkChoice(index=o.index, delta=Delta(), logprobs=lp)]
+                # The engine releases tokens with their text, so for plain content this step's one delta is exactly
+                # the text of its tokens; parsed reasoning or calls carry them (and their logprobs) on their first.
+                if (req.logprobs and o.delta_logprobs) or (req.return_token_ids and o.delta_token_ids):
+                    step = step or [ChunkChoice(index=o.index, delta=Delta())]
+                    if req.logprobs and o.delta_logprobs:
+                        step[0].logprobs = ChoiceLogprobs(content=token_logprobs(
+                            o.delta_logprobs, req.top_logprobs or 0, req.return_tokens_as_token_ids))
+                    if req.return_token_ids:
+                        step[0].token_ids = list(o.delta_token_ids)
                 choices += step
                 if o.finish_reason:
                     finished.add(o.index)

@@ -24,6 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
                           max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.block_size,
                           tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
                           seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
+                          scheduling_policy=args.scheduling_policy,
                           kv_cache_memory_gb=args.kv_cache_memory_gb)
     cluster = Cluster.from_args(args.distributed_coordinator, args.num_processes, args.process_id,
                                 args.distributed_secret)
@@ -41,7 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
                           tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
                           max_waiting_requests=args.max_waiting_requests, drain_timeout=args.drain_timeout,
                           max_request_bytes=args.max_request_bytes, max_grammar_bytes=args.max_grammar_bytes,
-                          allowed_origins=tuple(args.allowed_origins or ()))
+                          allowed_origins=tuple(args.allowed_origins or ()), generation_config=args.generation_config)
     state = ServerState(config)
 
     class _Server(uvicorn.Server):
@@ -189,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--distributed-secret", help="shared secret that authenticates the processes' step channel "
                        "(default: $JAXSERVE_DISTRIBUTED_SECRET); several processes refuse to start without one")
     serve.add_argument("--no-enable-prefix-caching", action="store_true")
+    serve.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                       help="priority: waiting requests run by their `priority` field (lower first), then arrival")
+    serve.add_argument("--generation-config", choices=["auto", "vllm"], default="auto",
+                       help="auto: the model's generation_config.json sampling values are the defaults for fields a "
+                       "request leaves out (the embedded model: its card's temperature 0.2, top_p 0.9); "
+                       "vllm: the API's own defaults (temperature 1)")
     serve.add_argument("--drain-timeout", type=float, default=30.0,
                        help="seconds running requests get to finish after SIGTERM")
     serve.set_defaults(func=_serve)

@@ -10,44 +10,63 @@ from fastapi import Request
 
 from jaxserve.async_engine import RequestFailed
 from jaxserve.engine import InvalidRequest
-from jaxserve.outputs import CompletionOutput
-from server.generation import final_output, sse, sse_failure, usage
+from server.generation import final_output, prompt_logprobs, sse, sse_failure, token_name, usage
 from server.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest, random_id
 from server.state import ServerState
 
 
-def _logprobs(o: CompletionOutput, entries, offset: int) -> CompletionLogprobs:
-    """The legacy completions logprobs format: parallel lists over the output tokens."""
+def _logprobs(entries, offset: int, as_ids: bool, text: str = "") -> CompletionLogprobs:
+    """The legacy completions logprobs format: parallel lists over the tokens (a None entry: the prompt's first
+    token, which nothing predicts). Offsets count characters of the choice's text from `offset`."""
     lp = CompletionLogprobs()
     for entry in entries:
-        (_, chosen), *_ = entry.items()
-        lp.tokens.append(chosen.decoded_token)
-        lp.token_logprobs.append(chosen.logprob)
-        lp.top_logprobs.append({t.decoded_token: t.logprob for t in sorted(entry.values(), key=lambda x: x.rank)})
         lp.text_offset.append(offset)
-        offset += len(chosen.decoded_token)
+        if entry is None:
+            lp.tokens.append(text)
+            lp.token_logprobs.append(None)
+            lp.top_logprobs.append(None)
+            offset += len(text)
+            continue
+        (chosen, first), *_ = entry.items()
+        lp.tokens.append(token_name(chosen, first, as_ids))
+        lp.token_logprobs.append(first.logprob)
+        lp.top_logprobs.append({token_name(t, x, as_ids): x.logprob for t, x in sorted(entry.items(),
+                                                                                         key=lambda e: e[1].rank)})
+        offset += len(first.decoded_token)
     return lp
+
+
+def _echo_logprobs(out, tokenizer, as_ids: bool) -> CompletionLogprobs:
+    """echo with logprobs: the prompt's tokens come first, the first without a logprob (vLLM's behaviour)."""
+    entries = out.prompt_logprobs
+    first = tokenizer.decode(out.prompt_token_ids[:1])
+    return _logprobs(entries, 0, as_ids, text=f"token_id:{out.prompt_token_ids[0]}" if as_ids else first)
+
+
+def encode_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
+    """Each prompt's token ids (text is encoded with special tokens unless add_special_tokens is false)."""
+    prompts = []
+    for p in req.prompts():
+        ids = tokenizer.encode(p, add_special_tokens=req.add_special_tokens is not False) if isinstance(p, str) \
+            else list(p)
+        prompts.append(ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else ids)
+    return prompts
 
 
 async def create_completion(state: ServerState, req: CompletionRequest, http_request: Request):
     """Returns a Completion, an async iterator of SSE strings, or None when the client went away."""
     state.check_model(req.model)
-    if req.echo and req.logprobs is not None:
-        raise ValueError("echo with logprobs needs prompt logprobs, which are not supported")
     tokenizer = state.tokenizer
-    prompts = []
-    for p in req.prompts():
-        ids = tokenizer.encode(p) if isinstance(p, str) else list(p)
-        prompts.append(ids[-req.truncate_prompt_tokens:] if req.truncate_prompt_tokens else ids)
-    params = [req.sampling_params(state.default_max_tokens(len(ids))) for ids in prompts]
+    prompts = encode_prompts(tokenizer, req)
+    params = [req.sampling_params(state.default_max_tokens(len(ids)), state.sampling_defaults) for ids in prompts]
     for ids, p in zip(prompts, params):
         state.check_grammar_size(p.structured_output)
-        state.engine.engine.validate(ids, p)  # before a stream starts: errors must be a 400, not an SSE event
+        state.check_request(ids, p, req.priority)  # before a stream starts: errors must be a 400, not an SSE event
     request_id = random_id("cmpl")
     echoes = [tokenizer.decode(ids) if req.echo else "" for ids in prompts]
     if req.stream:
         return _stream(state, req, request_id, prompts, params, echoes)
-    tasks = [asyncio.create_task(final_output(state.generate(f"{request_id}-{i}", ids, p), http_request))
+    tasks = [asyncio.create_task(final_output(state.generate(f"{request_id}-{i}", ids, p, req.priority), http_request))
              for i, (ids, p) in enumerate(zip(prompts, params))]
     try:
         outs = await asyncio.gather(*tasks)
@@ -57,28 +76,50 @@ async def create_completion(state: ServerState, req: CompletionRequest, http_req
     if any(o is None for o in outs):
         return None
     choices = []
+    as_ids = req.return_tokens_as_token_ids
     for i, out in enumerate(outs):
         for o in out.outputs:
+            lp = None
+            if o.logprobs is not None:
+                lp = _logprobs(o.logprobs, len(echoes[i]), as_ids)
+                if req.echo:
+                    lp = _join(_echo_logprobs(out, tokenizer, as_ids), lp)
             choices.append(CompletionChoice(
                 index=i * req.n + o.index, text=echoes[i] + o.text, finish_reason=o.finish_reason,
-                stop_reason=o.stop_reason, logprobs=_logprobs(o, o.logprobs, 0) if o.logprobs is not None else None))
+                stop_reason=o.stop_reason, logprobs=lp,
+                prompt_logprobs=prompt_logprobs(out.prompt_logprobs, as_ids) if req.prompt_logprobs is not None
+                else None, **_token_ids(req, prompts[i], o.token_ids)))
     completion_tokens = sum(len(o.token_ids) for out in outs for o in out.outputs)
     return Completion(id=request_id, model=state.model_name, choices=choices, system_fingerprint=state.fingerprint,
                       usage=usage(sum(map(len, prompts)), completion_tokens, sum(o.num_cached_tokens for o in outs)))
 
 
+def _join(a: CompletionLogprobs, b: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=a.tokens + b.tokens, token_logprobs=a.token_logprobs + b.token_logprobs,
+                              top_logprobs=a.top_logprobs + b.top_logprobs, text_offset=a.text_offset + b.text_offset)
+
+
+def _token_ids(req: CompletionRequest, prompt: list[int] | None, token_ids) -> dict:
+    """return_token_ids: the choice's prompt (None: already sent in this stream) and its (new) token ids."""
+    if not req.return_token_ids:
+        return {}
+    return {"prompt_token_ids": prompt, "token_ids": list(token_ids)}
+
+
 async def _stream(state: ServerState, req: CompletionRequest, request_id: str, prompts, params, echoes
                   ) -> AsyncIterator[str]:
     created = int(time.time())
-    include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
+    include_usage, continuous = req.stream_usage()
     queue: asyncio.Queue = asyncio.Queue()
     offsets = {}
     finished: set[int] = set()  # choice indices whose finish chunk is sent
+    # echo with logprobs: the prompt's chunk waits for its logprobs, which come with the request's first output.
+    echo_later = req.echo and req.logprobs is not None
+    as_ids = req.return_tokens_as_token_ids
 
     async def pump(i):
         try:
-            async for out in state.generate(f"{request_id}-{i}", prompts[i], params[i]):
+            async for out in state.generate(f"{request_id}-{i}", prompts[i], params[i], req.priority):
                 await queue.put((i, out))
         except (RequestFailed, InvalidRequest) as e:
             await queue.put((i, e))
@@ -87,15 +128,25 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
 
     tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
     completion_tokens, cached, open_streams = 0, 0, len(prompts)
+    started: set[int] = set()  # choices whose first chunk (echo, prompt token ids) is sent
 
     def chunk(choices, usage_=None):
         return sse(Completion(id=request_id, created=created, model=state.model_name, choices=choices, usage=usage_,
                               system_fingerprint=state.fingerprint))
 
+    def first_chunk(i, k, out=None):
+        index = i * req.n + k
+        started.add(index)
+        lp = _echo_logprobs(out, state.tokenizer, as_ids) if out is not None else None
+        offsets[index] = len(echoes[i])
+        return chunk([CompletionChoice(index=index, text=echoes[i], finish_reason=None, logprobs=lp,
+                                       **_token_ids(req, prompts[i], []))],
+                     usage(sum(map(len, prompts)), completion_tokens, cached) if continuous else None)
+
     try:
-        for i in range(len(prompts)) if req.echo else ():
+        for i in range(len(prompts)) if (req.echo or req.return_token_ids) and not echo_later else ():
             for k in range(req.n):
-                yield chunk([CompletionChoice(index=i * req.n + k, text=echoes[i], finish_reason=None)])
+                yield first_chunk(i, k)
         while open_streams:
             i, item = await queue.get()
             if item is None:
@@ -109,6 +160,8 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
                 index = i * req.n + o.index
                 if index in finished:  # the engine reports every sample each step; a finished one only once here
                     continue
+                if echo_later and index not in started:
+                    yield first_chunk(i, o.index, item)
                 completion_tokens += len(o.delta_token_ids)
                 if not (o.delta_text or o.delta_logprobs or o.finish_reason):
                     continue
@@ -116,10 +169,11 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
                     finished.add(index)
                 lp = None
                 if o.delta_logprobs is not None:
-                    lp = _logprobs(o, o.delta_logprobs, offsets.get(index, 0))
-                    offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lp.tokens)
+                    lp = _logprobs(o.delta_logprobs, offsets.get(index, 0), as_ids)
+                    offsets[index] = offsets.get(index, 0) + sum(len(next(iter(e.values())).decoded_token)
+                                                                 for e in o.delta_logprobs)
                 choice = CompletionChoice(index=index, text=o.delta_text, logprobs=lp, finish_reason=o.finish_reason,
-                                          stop_reason=o.stop_reason)
+                                          stop_reason=o.stop_reason, **_token_ids(req, None, o.delta_token_ids))
                 # One choice per chunk, as OpenAI streams.
                 yield chunk([choice], usage(sum(map(len, prompts)), completion_tokens, cached) if continuous else None)
         if include_usage:

@@ -11,7 +11,7 @@ from fastapi import Request
 from jaxserve.async_engine import RequestFailed
 from jaxserve.engine import InvalidRequest
 from jaxserve.outputs import Logprob, RequestOutput
-from server.protocol import PromptTokensDetails, TokenLogprob, TopLogprob, Usage
+from server.protocol import PromptLogprob, PromptTokensDetails, TokenLogprob, TopLogprob, Usage
 
 
 async def final_output(outputs: AsyncIterator[RequestOutput], http_request: Request) -> RequestOutput | None:
@@ -42,16 +42,32 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usa
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
-def token_logprobs(entries: list[dict[int, Logprob]], top: int) -> list[TokenLogprob]:
+def token_name(token_id: int, lp: Logprob, as_ids: bool) -> str:
+    """How a logprob names its token: its text, or "token_id:N" with return_tokens_as_token_ids (for tokens
+    that are not text on their own, such as half of a UTF-8 character)."""
+    return f"token_id:{token_id}" if as_ids else lp.decoded_token
+
+
+def token_logprobs(entries: list[dict[int, Logprob]], top: int, as_ids: bool = False) -> list[TokenLogprob]:
     """Engine logprob entries (chosen token first) -> OpenAI chat `logprobs.content` items."""
     items = []
     for entry in entries:
         (chosen, lp), *_ = entry.items()
-        tops = sorted(entry.values(), key=lambda x: x.rank)[:top]
-        items.append(TokenLogprob(token=lp.decoded_token, logprob=lp.logprob, bytes=_bytes(lp.decoded_token),
-                                  top_logprobs=[TopLogprob(token=t.decoded_token, logprob=t.logprob,
-                                                           bytes=_bytes(t.decoded_token)) for t in tops]))
+        tops = sorted(entry.items(), key=lambda x: x[1].rank)[:top]
+        name = token_name(chosen, lp, as_ids)
+        items.append(TokenLogprob(token=name, logprob=lp.logprob, bytes=_bytes(name), top_logprobs=[
+            TopLogprob(token=token_name(t, x, as_ids), logprob=x.logprob, bytes=_bytes(token_name(t, x, as_ids)))
+            for t, x in tops]))
     return items
+
+
+def prompt_logprobs(entries: list[dict[int, Logprob] | None] | None, as_ids: bool = False) -> list | None:
+    """Engine prompt logprobs -> vLLM's wire shape: None first, then {token id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): PromptLogprob(logprob=x.logprob, rank=x.rank,
+                                                          decoded_token=token_name(t, x, as_ids))
+                                    for t, x in e.items()} for e in entries]
 
 
 def _bytes(text: str) -> list[int]:

@@ -132,7 +132,7 @@ class _SamplingFields(_Request):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-2**63, lt=2**63)] | None = None  # int64, as OpenAI and vLLM accept
     user: str | None = None
     # vLLM extras
     top_k: Annotated[int, Field(ge=-1, lt=2**31)] | None = None
@@ -148,6 +148,14 @@ class _SamplingFields(_Request):
     truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
     request_id: str | None = None
     echo: bool = False
+    # None: none; k: per prompt token after the first, its logprob and the k most likely (-1 is refused).
+    prompt_logprobs: Annotated[int, Field(ge=-1, le=MAX_LOGPROBS)] | None = None
+    return_tokens_as_token_ids: bool = False  # logprob tokens written "token_id:N" (for tokens that are not text)
+    return_token_ids: bool = False  # the prompt's and each choice's token ids in the response
+    cache_salt: Annotated[str, Field(min_length=1)] | None = None  # only requests with the same salt share cache
+    priority: int = 0  # with --scheduling-policy priority: lower runs first
+    # Defaults of the request's own kind (chat: False, the template adds BOS; completions: True).
+    add_special_tokens: bool | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: str | dict[str, Any] | None = None
@@ -187,20 +195,40 @@ class _SamplingFields(_Request):
             raise ValueError("give one output constraint: response_format, structured_outputs or one guided_* field")
         return found[0] if found else None
 
-    def to_sampling_params(self, max_tokens: int | None, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if self.bad_words:
-            raise ValueError("bad_words is not supported; use logit_bias or allowed_token_ids")
+    @model_validator(mode="after")
+    def _check_stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be set when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available when streaming")
+        return self
+
+    def stream_usage(self) -> tuple[bool, bool]:
+        """(a final usage chunk, usage on every chunk): continuous stats only with include_usage, as vLLM."""
+        include = bool(self.stream_options and self.stream_options.include_usage)
+        return include, include and self.stream_options.continuous_usage_stats
+
+    def to_sampling_params(self, max_tokens: int | None, default_max_tokens: int, logprobs: int | None,
+                           defaults: dict | None = None) -> SamplingParams:
+        """defaults: the model's generation config (temperature, top_p, top_k, min_p, repetition_penalty), used
+        where the request leaves a field out."""
+        defaults = defaults or {}
+
+        def pick(name, fallback):
+            value = getattr(self, name)
+            return value if value is not None else defaults.get(name, fallback)
+
         seed = None if self.seed is None else self.seed % 2**63  # OpenAI seeds may be negative
         return SamplingParams(
-            n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
-            min_p=self.min_p or 0.0, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty or 1.0,
+            n=self.n, temperature=pick("temperature", 1.0), top_p=pick("top_p", 1.0), top_k=pick("top_k", 0),
+            min_p=pick("min_p", 0.0), presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, repetition_penalty=pick("repetition_penalty", 1.0),
             logit_bias=self.logit_bias, allowed_token_ids=self.allowed_token_ids, min_tokens=self.min_tokens,
             logprobs=logprobs, seed=seed, max_tokens=max_tokens or default_max_tokens, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
-            structured_output=self.structured(),
+            structured_output=self.structured(), prompt_logprobs=self.prompt_logprobs, cache_salt=self.cache_salt,
+            bad_words=self.bad_words,
         )
 
 
@@ -269,9 +297,10 @@ class ChatCompletionRequest(_SamplingFields):
             return self.thinking_token_budget
         return EFFORT_BUDGETS.get(self.reasoning_effort)
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
+    def sampling_params(self, default_max_tokens: int, defaults: dict | None = None) -> SamplingParams:
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.to_sampling_params(self.max_completion_tokens or self.max_tokens, default_max_tokens, logprobs)
+        return self.to_sampling_params(self.max_completion_tokens or self.max_tokens, default_max_tokens, logprobs,
+                                       defaults)
 
 
 class CompletionRequest(_SamplingFields):
@@ -297,8 +326,12 @@ class CompletionRequest(_SamplingFields):
             return [p]
         return list(p)
 
-    def sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        return self.to_sampling_params(self.max_tokens, default_max_tokens, self.logprobs)
+    def sampling_params(self, default_max_tokens: int, defaults: dict | None = None) -> SamplingParams:
+        # echo with logprobs reports the prompt's tokens too, so it needs their logprobs (vLLM's behaviour).
+        params = self.to_sampling_params(self.max_tokens, default_max_tokens, self.logprobs, defaults)
+        if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
+            params.prompt_logprobs = self.logprobs
+        return params
 
 
 class TokenizeRequest(_Request):
@@ -306,6 +339,7 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: list[Message] | None = None
     add_special_tokens: bool = True
+    return_token_strs: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
@@ -359,15 +393,37 @@ class ResponseMessage(BaseModel):
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
-class ChatChoice(BaseModel):
+_EXTRAS = ("prompt_logprobs", "prompt_token_ids", "token_ids")
+
+
+class _WithExtras(BaseModel):
+    """vLLM's optional response fields appear only when the request asked for them (absent, not null)."""
+
+    @model_serializer(mode="wrap")
+    def _omit_extras(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None or k not in _EXTRAS}
+
+
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token, None for the first, else {token id: its Logprob} (own token first).
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+class ChatChoice(_WithExtras):
     index: int
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(_WithExtras):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int = Field(default_factory=lambda: int(time.time()))
@@ -375,6 +431,8 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
 
 
 class Delta(BaseModel):
@@ -390,15 +448,16 @@ class Delta(BaseModel):
         return {k: v for k, v in handler(self).items() if v is not None}
 
 
-class ChunkChoice(BaseModel):
+class ChunkChoice(_WithExtras):
     index: int
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    token_ids: list[int] | None = None  # return_token_ids: the tokens of this chunk
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_WithExtras):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -406,6 +465,7 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids: in each choice's first chunk
 
 
 class CompletionLogprobs(BaseModel):
@@ -415,12 +475,15 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_WithExtras):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    prompt_token_ids: list[int] | None = None  # return_token_ids
+    token_ids: list[int] | None = None  # return_token_ids (streaming: this chunk's)
 
 
 class Completion(BaseModel):
@@ -451,6 +514,7 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
+    token_strs: list[str] | None = None
 
 
 class DetokenizeResponse(BaseModel):

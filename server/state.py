@@ -42,6 +42,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # CORS stays off unless origins are given
     cluster: Cluster | None = None  # several processes: this one is the leader (process 0)
     drain_timeout: float = 30.0
+    generation_config: str = "auto"  # "auto": the model's sampling defaults apply; "vllm": the API's own
 
 
 def read_chat_template(value: str | None) -> str | None:
@@ -96,6 +97,10 @@ class ServerState:
     def max_model_len(self) -> int:
         return self.engine.engine.max_model_len
 
+    @property
+    def sampling_defaults(self) -> dict:
+        return self.engine.engine.model.generation_config if self.config.generation_config == "auto" else {}
+
     def check_model(self, name: str | None) -> None:
         if name and name != self.model_name:
             raise UnknownModel(f"The model `{name}` does not exist. This server serves `{self.model_name}`.")
@@ -109,6 +114,13 @@ class ServerState:
             raise ValueError(f"the output constraint is {size} bytes; this server accepts at most "
                              f"{self.config.max_grammar_bytes} (--max-grammar-bytes)")
 
+    def check_request(self, prompt: list[int], params: SamplingParams, priority: int) -> None:
+        """Raises ValueError / InvalidRequest for what the engine would refuse, before any response starts."""
+        if priority != 0 and self.config.engine.scheduling_policy != "priority":
+            raise ValueError(f"priority {priority} was given, but this server schedules first come, first served "
+                             "(start it with --scheduling-policy priority)")
+        self.engine.engine.validate(prompt, params)
+
     def default_max_tokens(self, prompt_len: int) -> int:
         """Without max_tokens a chat answer may use the rest of the context (as vLLM does)."""
         if prompt_len >= self.max_model_len:
@@ -116,13 +128,13 @@ class ServerState:
                              f"prompt has {prompt_len} tokens. Please reduce the length of the messages.")
         return self.max_model_len - prompt_len
 
-    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, priority: int = 0
                        ) -> AsyncIterator[RequestOutput]:
         """engine.generate with metrics and the one log line per request."""
         timer = self.metrics.request(len(prompt), params.n)
         error = None
         try:
-            async for out in self.engine.generate(request_id, prompt, params):
+            async for out in self.engine.generate(request_id, prompt, params, priority):
                 timer.record(out)
                 yield out
         except BaseException as e:  # refused, failed or cut off: the metrics count each differently

@@ -14,6 +14,9 @@ PLANS = {
     "named": ChatPlan(forced={"type": "function", "function": {"name": "get_weather"}}),
     "required": ChatPlan(forced="required"),
     "reasoning_hidden": ChatPlan(reasoning_parser="qwen3", include_reasoning=False),
+    "whole_answer": ChatPlan(tool_parser="hermes", tool_names=("get_weather", "ping")),
+    "whole_answer_list": ChatPlan(tool_parser="mistral", tool_names=("get_weather", "ping")),
+    "whole_answer_undeclared": ChatPlan(tool_parser="hermes", tool_names=("ping",)),
 }
 TEXTS = {
     "plain": "Hello there.",
@@ -22,6 +25,10 @@ TEXTS = {
     "named": '{"city": "Paris"}',
     "required": '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "ping", "parameters": {}}]',
     "reasoning_hidden": "<think>secret</think>The answer.",
+    # Small models answer with a bare call: exactly a declared tool's call is that call, whatever the parser.
+    "whole_answer": ' {"name": "get_weather", "arguments": {"city": "Paris"}}',
+    "whole_answer_list": '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "ping"}]',
+    "whole_answer_undeclared": '{"name": "get_weather", "arguments": {"city": "Paris"}}',
 }
 
 
@@ -104,3 +111,14 @@ def test_reasoning_sent_under_both_names():
     assert thought and all(list(d) == ["reasoning", "reasoning_content"] and d["reasoning"] == d["reasoning_content"]
                            for d in thought)
     assert "".join(d["reasoning"] for d in thought) == "hmm"
+
+
+def test_whole_answer_calls_only_for_declared_tools_and_exact_json():
+    msg, finish = final_message(PLANS["whole_answer"], TEXTS["whole_answer"], "stop")
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]] == [
+        ("get_weather", '{"city": "Paris"}')] and msg["content"] is None and finish == "tool_calls"
+    for text in [TEXTS["whole_answer"] + " Done.", '{"name": "get_weather", "arguments": 5}', '{"x": 1}']:
+        msg, finish = final_message(PLANS["whole_answer"], text, "stop")
+        assert msg["tool_calls"] == [] and msg["content"] == text.strip() and finish == "stop"
+    msg, _ = final_message(PLANS["whole_answer_undeclared"], TEXTS["whole_answer_undeclared"], "stop")
+    assert msg["tool_calls"] == [] and msg["content"] == TEXTS["whole_answer_undeclared"]

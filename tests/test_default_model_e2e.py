@@ -34,3 +34,12 @@ def test_no_compilation_after_warm_up(default_llm):
               max_tokens=12), SamplingParams(temperature=1.0, top_k=20, max_tokens=3)]
     default_llm.generate(prompts, params, use_tqdm=False)
     assert default_llm.engine.stats()["compile_count"] == before
+
+
+def test_default_model_samples_as_its_card_recommends(default_llm):
+    """The GGUF carries no generation config, so the embedded model's card values are its defaults."""
+    from jaxserve import default_model
+
+    params = default_llm.get_default_sampling_params()
+    assert default_model.SAMPLING == {"temperature": 0.2, "top_p": 0.9}
+    assert (params.temperature, params.top_p) == (0.2, 0.9)

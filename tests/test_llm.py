@@ -118,6 +118,44 @@ def test_thinking_budget_is_exact(llm, budget):
     assert json.loads(out.text.split("</think>", 1)[1]) in ({"city": "Paris"}, {"city": "Rome"})
 
 
+def test_priority_policy_admits_lower_values_first(folder):
+    """One slot, three waiting requests: by priority (lower first), then arrival; fcfs keeps arrival order."""
+    for policy, expected in [("priority", ["b", "d", "c", "a"]), ("fcfs", ["a", "b", "c", "d"])]:
+        one = LLM(str(folder), max_model_len=64, max_num_seqs=1, max_num_batched_tokens=16, page_size=8,
+                  compile_cache_dir="", progress=False, warm_up=False, scheduling_policy=policy)
+        for name, rank in [("a", 2), ("b", 0), ("c", 1), ("d", 0)]:
+            one.engine.add_request(name, [3, 4, 5], SamplingParams(max_tokens=2, **GREEDY), priority=rank)
+        done = []
+        while one.engine.has_unfinished():
+            done += [o.request_id for o in one.engine.step() if o.finished]
+        assert done == expected
+
+
+def test_bad_words_ban_every_spelling(llm):
+    from jaxserve.bad_words import token_sequences
+
+    prompt = _prompts(llm, [8], seed=21)[0]
+    free = llm.generate([prompt], SamplingParams(max_tokens=16, **GREEDY), use_tqdm=False)[0].outputs[0].token_ids
+    word = llm.tokenizer.decode(free[2:4]).strip()
+    sequences = token_sequences(llm.tokenizer, [word])
+    assert len(sequences) == 2 and all(sequences)  # at the start of the text and after a space
+    out = llm.generate([prompt], SamplingParams(max_tokens=16, bad_words=[word], **GREEDY),
+                       use_tqdm=False)[0].outputs[0].token_ids
+    assert out != free
+    for seq in sequences:
+        assert not any(tuple(out[i:i + len(seq)]) == seq for i in range(len(out)))
+
+
+def test_generation_config_gives_the_defaults(tmp_path):
+    """A folder's generation_config.json sampling values become the defaults of calls that give none."""
+    folder = tiny.make_checkpoint(tmp_path, "llama")
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_k": 7, "do_sample": False}))
+    model = LLM(str(folder), max_model_len=64, compile_cache_dir="", progress=False, warm_up=False)
+    assert model.engine.model.generation_config == {"temperature": 0.0, "top_k": 7}
+    defaults = model.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.top_p) == (0.0, 7, 1.0)
+
+
 def test_stop_token_ids_and_eos(llm):
     prompt = _prompts(llm, [8], seed=6)[0]
     tokens = llm.generate([prompt], SamplingParams(max_tokens=20, **GREEDY), use_tqdm=False)[0].outputs[0].token_ids

@@ -96,7 +96,7 @@ def test_streaming_framing_raw(server):
     assert len(finishing) == 1 and finishing[0]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
     streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    whole = _post(server, "/v1/chat/completions", {**body, "stream": False}).json()
+    whole = _post(server, "/v1/chat/completions", {**body, "stream": False, "stream_options": None}).json()
     assert streamed == whole["choices"][0]["message"]["content"]
 
 

@@ -32,7 +32,7 @@ def _script(texts: list[list[str]]) -> list[RequestOutput]:
 
 
 def _state(script):
-    async def generate(request_id, prompt, params):
+    async def generate(request_id, prompt, params, priority=0):
         for out in script:
             yield out
 

@@ -11,6 +11,10 @@ returned as content: malformed model output falls back to plain text and never r
 Streaming re-splits the accumulated text at every delta and sends only what is new: content grows by prefix,
 and each call is sent once it is complete (first its index, id and name, then its arguments), so the streamed
 fragments always concatenate to the final JSON arguments.
+
+Whatever the parser, an answer that is exactly a JSON call of a declared tool, `{"name": ..., "arguments": {...}}`
+("parameters" also read), or a list of them, with no markers around it, is taken as those calls: small models
+often answer so. A streamed answer that begins with `{` or `[` is therefore held back until it ends.
 """
 
 from __future__ import annotations
@@ -81,18 +85,32 @@ def partial_marker(text: str, marker: str) -> int:
     return 0
 
 
-def parse(parser: str, text: str) -> tuple[str | None, list[ToolCall]]:
-    """Complete output -> (content or None, tool calls)."""
+def whole_answer_calls(text: str, names) -> list[ToolCall]:
+    """The calls `text` is, when it is exactly a JSON call (or a list of calls) of tools in `names`; else []."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return []
+    items = value if isinstance(value, list) and value else [value]
+    calls = [call_from_object(item) for item in items]
+    return calls if all(c is not None and c.name in names for c in calls) else []
+
+
+def parse(parser: str, text: str, names=()) -> tuple[str | None, list[ToolCall]]:
+    """Complete output -> (content or None, tool calls). names: the declared tools (for whole-answer calls)."""
     content, calls, _ = get_parser(parser).split(text, final=True)
     content = content.strip()
+    if not calls and names and (whole := whole_answer_calls(content, names)):
+        return None, whole
     return (content or None) if calls else content, calls
 
 
 class StreamingToolParser:
     """Feeds deltas of one output; returns the content delta and the tool calls completed by each."""
 
-    def __init__(self, parser: str):
+    def __init__(self, parser: str, names=()):
         self.split = get_parser(parser).split
+        self.names = names
         self.text = ""
         self.content_sent = 0
         self.calls_sent = 0
@@ -100,6 +118,13 @@ class StreamingToolParser:
     def feed(self, delta: str, final: bool = False) -> tuple[str, list[ToolCall]]:
         self.text += delta
         content, calls, _ = self.split(self.text, final)
+        if self.names and not calls and self.content_sent == 0 and content.lstrip()[:1] in ("", "{", "["):
+            if not final:
+                return "", []  # may be a whole-answer call: held until the answer ends
+            if whole := whole_answer_calls(content.strip(), self.names):
+                self.content_sent = len(content)
+                self.calls_sent = len(whole)
+                return "", whole
         new_content = content[self.content_sent:]
         self.content_sent = max(self.content_sent, len(content))
         new_calls = calls[self.calls_sent:]
