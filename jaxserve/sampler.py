@@ -10,9 +10,10 @@ the output tokens already in cached pages); then its counts grow with the output
 model, so a token sampled in one step is counted when it is fed back in the next, before that step samples.
 
 Each request's random stream is a function of its own seed and the index of the token being sampled, so its
-samples do not depend on what else shares the batch. The draw uses the Gumbel-max trick (no sort); work that
-only some requests need (sorting for top-k/top-p, penalty and bias rows, logprobs) sits behind `lax.cond`, so a
-batch that does not ask for it does not pay for it.
+samples do not depend on what else shares the batch. The draw inverts the CDF at one uniform number per row
+(no sort, no per-token noise); top-k/top-p thresholds come from a short candidate list or an exact search, never
+a sort of the vocabulary. Work that only some requests need (thresholds, penalty and bias rows, logprobs) sits
+behind `lax.cond`, so a batch that does not ask for it does not pay for it.
 """
 
 from __future__ import annotations
@@ -150,21 +151,94 @@ def _row_keys(seed, sample_index):
     return jax.vmap(one)(seed, sample_index)
 
 
+# Width of the candidate list (lax.top_k) that top-k/top-p thresholds are read from; a row whose kept set reaches
+# past it (a top_k above it, or a flat distribution under top_p) is resolved exactly over the whole vocabulary.
+CANDIDATES = 64
+
+
+def _order_keys(x):
+    """float32 [..] -> uint32 keys in the same order (so a threshold can be found by halving an integer range)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | np.uint32(0x80000000))
+
+
+def _from_order_key(key):
+    bits = jnp.where(key >> 31 == 1, key ^ np.uint32(0x80000000), ~key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _largest_key(holds, hi):
+    """Per row, the largest uint32 t in [0, hi] for which holds(t) [S] is true (holds is true at 0 and monotone):
+    32 halvings, exact."""
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2 + (hi - lo) % 2
+        ok = holds(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    return jax.lax.fori_loop(0, 32, halve, (jnp.zeros_like(hi), hi))[0]
+
+
+def _cutoffs_exact(x, k, top_p):
+    """Over the whole vocabulary: the k-th largest value (count search), then the largest value whose tokens at or
+    above it carry top_p of the top-k set's mass (mass search). x: [S, V]; k: [S] in [1, V]."""
+    keys = _order_keys(x)
+    hi = keys.max(-1)
+    kth = _largest_key(lambda t: jnp.sum(keys >= t[:, None], -1) >= k, hi)
+    weights = jnp.where(keys >= kth[:, None], jnp.exp(x - x.max(-1, keepdims=True)), 0.0)
+    need = top_p * jnp.sum(weights, -1)
+    cut = _largest_key(lambda t: jnp.sum(jnp.where(keys >= t[:, None], weights, 0.0), -1) >= need, hi)
+    return _from_order_key(cut)
+
+
 def _top_k_top_p(logits, top_k, top_p):
-    """Masks logits outside each row's top-k, then outside the smallest set with probability >= top_p."""
-    vocab = logits.shape[-1]
-    ordered = -jnp.sort(-logits, axis=-1)  # [S, V] descending
+    """Masks logits outside each row's top-k (every token at or above the k-th largest value, so ties at the edge
+    stay), then outside the smallest set of its most likely tokens holding top_p of that set's mass (again with
+    the ties of its least likely member). No sort: thresholds come from the CANDIDATES largest values, or an exact
+    search over the whole vocabulary for the rows those cannot decide."""
+    s, vocab = logits.shape
+    width = min(CANDIDATES, vocab)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    ranks = jnp.arange(vocab)[None, :]
-    ordered = jnp.where(ranks < k[:, None], ordered, -jnp.inf)
-    # Normalized by the row's maximum, which sorting put first (the same NaN-prone fused softmax as min_p avoided).
-    weights = jnp.exp(ordered - ordered[:, :1])
-    probs = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    top, _ = jax.lax.top_k(logits, width)  # [S, width] descending
+    # Without the barrier XLA's simplifier turns top_k, whose values are compared back against the logits, into
+    # a sort of the whole row: 60x slower on CPU.
+    top = jax.lax.optimization_barrier(top)
+    kth = jnp.where(k <= width, jnp.take_along_axis(top, jnp.minimum(k, width)[:, None] - 1, -1)[:, 0], -jnp.inf)
+    weights = jnp.exp(top - top[:, :1])
+    # The top-k set's mass (as weights relative to the row's maximum) over the whole vocabulary.
+    mass = jnp.sum(jnp.where(logits >= kth[:, None], jnp.exp(logits - top[:, :1]), 0.0), -1, keepdims=True)
+    before = (jnp.cumsum(weights, -1) - weights) / mass
+    ranks = jnp.arange(width)[None, :]
     # The most likely token is always kept: a top_p that rounds to 0 in float32 (5e-324) must not empty the row.
-    keep = ((mass_before < top_p[:, None]) | (ranks == 0)) & (ranks < k[:, None])
-    threshold = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+    keep = ((before < top_p[:, None]) | (ranks == 0)) & (ranks < k[:, None])
+    cut = jnp.where((k >= vocab) & (top_p >= 1), -jnp.inf, jnp.min(jnp.where(keep, top, jnp.inf), -1))
+    # Undecided: the top-k set's edge lies past the candidates, or top_p is not reached within them.
+    undecided = (k > width) & ((k < vocab) | (keep[:, -1] & (top_p < 1)))
+    cut = jax.lax.cond(jnp.any(undecided), lambda: jnp.where(undecided, _cutoffs_exact(logits, k, top_p), cut),
+                       lambda: cut)
+    return jnp.where(logits >= cut[:, None], logits, -jnp.inf)
+
+
+_BLOCK = 256  # tokens per block of the two-level inverse CDF
+
+
+def _inverse_cdf(scaled, uniform):
+    """One token per row drawn from softmax(scaled) [S, V] by inverting its CDF at uniform [S] in [0, 1): block
+    sums locate the block, a cumulative sum inside it the token. One random number per row and no pass over the
+    vocabulary beyond the weights and their block sums (a Gumbel draw needs a random number per token)."""
+    s, vocab = scaled.shape
+    weights = jnp.exp(scaled - scaled.max(-1, keepdims=True))  # masked tokens (-inf) weigh 0
+    blocks = jnp.pad(weights, ((0, 0), (0, -vocab % _BLOCK))).reshape(s, -1, _BLOCK)
+    cum = jnp.cumsum(blocks.sum(-1), -1)  # [S, blocks]
+    target = uniform * cum[:, -1]
+    nonzero = cum > jnp.concatenate([jnp.zeros((s, 1)), cum[:, :-1]], -1)
+    last_block = jnp.max(jnp.where(nonzero, jnp.arange(cum.shape[1]), 0), -1)
+    b = jnp.minimum(jnp.sum(cum <= target[:, None], -1), last_block)  # rounding never picks an empty block
+    inner = jnp.take_along_axis(blocks, b[:, None, None], 1)[:, 0]  # [S, _BLOCK]
+    rest = target - jnp.where(b > 0, jnp.take_along_axis(cum, jnp.maximum(b - 1, 0)[:, None], -1)[:, 0], 0.0)
+    last = jnp.max(jnp.where(inner > 0, jnp.arange(_BLOCK), 0), -1)
+    j = jnp.minimum(jnp.sum(jnp.cumsum(inner, -1) <= rest[:, None], -1), last)  # nor a weightless token
+    return (b * _BLOCK + j).astype(jnp.int32)
 
 
 def _apply_mask(logits, sb: SamplingBatch):
@@ -216,10 +290,8 @@ def sample(logits, state: SamplerState, sb: SamplingBatch):
         scaled = jnp.where(scaled >= floor, scaled, -jnp.inf)
         needs_sort = jnp.any((sb.top_k > 0) | (sb.top_p < 1))
         scaled = jax.lax.cond(needs_sort, lambda x: _top_k_top_p(x, sb.top_k, sb.top_p), lambda x: x, scaled)
-        keys = _row_keys(sb.seed, sb.sample_index)
-        gumbel = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], jnp.float32))(keys)
-        sampled = jnp.argmax(scaled + gumbel, axis=-1).astype(jnp.int32)
-        return jnp.where(sb.temperature > 0, sampled, greedy)
+        uniform = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(_row_keys(sb.seed, sb.sample_index))
+        return jnp.where(sb.temperature > 0, _inverse_cdf(scaled, uniform), greedy)
 
     tokens = jax.lax.cond(jnp.all(sb.temperature == 0), lambda: greedy, draw)
     # A row the constraints left without a candidate (a grammar and allowed_token_ids that do not meet, or a

@@ -165,11 +165,15 @@ class GrammarCompiler:
 
 class ThinkingBudget:
     """Counts the tokens a sequence generates inside its think block (after the token that opens it, before the
-    one that closes it); once `budget` are spent, the closing marker's tokens are forced, and the answer follows."""
+    one that closes it); once `budget` are spent, the closing marker's tokens are forced, and the answer follows.
+    Under a grammar (which accepts only whole UTF-8 characters) a budget that ends inside a character lets the
+    grammar's own masks complete it first, at most 3 more tokens."""
 
-    def __init__(self, compiler: GrammarCompiler, budget: int, opened: bool):
+    def __init__(self, compiler: GrammarCompiler, budget: int, opened: bool, whole_characters: bool = False):
         self.compiler = compiler
         self.budget = budget
+        self.whole_characters = whole_characters
+        self.recent: list[int] = []  # the last tokens, to see whether the text ends inside a character
         self.inside = True if opened else None  # None: not yet known whether the output opens a block
         self.text = ""  # the output's start (until it shows whether it opens a block), then the block's last chars
         self.spent = 0
@@ -185,6 +189,7 @@ class ThinkingBudget:
             return
         if self.inside is False:
             return
+        self.recent = (self.recent + [token])[-4:]
         self.text += self.compiler.token_text(token)
         if self.inside is None:
             head = self.text.lstrip(" \n")
@@ -202,7 +207,9 @@ class ThinkingBudget:
         self._check_spent()
 
     def _check_spent(self) -> None:
-        if self.spent >= self.budget:
+        if self.spent >= self.budget and not (
+                self.whole_characters and self.recent
+                and self.compiler.tokenizer.decode(self.recent).endswith("\ufffd")):
             self.forcing = list(self.compiler.close_ids)
 
 
@@ -214,7 +221,7 @@ class GrammarState:
                  thinking_budget: int | None = None, bad_words=None):
         self.compiler = compiler
         self.matcher = compiler.matcher(spec, reasoning) if spec is not None else None
-        self.budget = (ThinkingBudget(compiler, thinking_budget, reasoning == OPENED)
+        self.budget = (ThinkingBudget(compiler, thinking_budget, reasoning == OPENED, self.matcher is not None)
                        if thinking_budget is not None and reasoning in (OPENED, ABSENT) else None)
         self.bad_words = bad_words
 

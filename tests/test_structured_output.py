@@ -265,3 +265,19 @@ def test_thinking_budget_then_the_constraint(compiler):
     for t in tok.encode('{"city": "Oslo"}', add_special_tokens=False):
         state.accept(t)
     assert state.matcher.is_accepting()
+
+
+def test_a_budget_ending_inside_a_character_completes_it_first(compiler):
+    """Under a grammar (whole UTF-8 characters only) the marker waits until the character is complete."""
+    c, tok = compiler
+    char = next(ch for ch in "日本語🙂Ü" if len(tok.encode(ch, add_special_tokens=False)) > 1)
+    pieces = tok.encode(char, add_special_tokens=False)
+    state = GrammarState(c, StructuredOutput(json_object=True), OPENED, thinking_budget=1)
+    row = np.zeros(c.words, np.int32)
+    state.accept(pieces[0])  # the budget is spent inside the character
+    state.fill(row)
+    assert set(pieces[1:2]) <= _allowed(row, c.vocab_size) and len(_allowed(row, c.vocab_size)) > 1
+    for t in pieces[1:]:
+        state.accept(t)
+    assert _force_sequence(state, c) == list(c.close_ids)
+    assert state.budget.spent == len(pieces)
