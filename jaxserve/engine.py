@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import time
 
 import jax
 
@@ -100,6 +101,7 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
         self.num_computed_tokens = 0  # tokens run through the model (prefix-cache hits excluded)
+        self.step_seconds = 0.0  # wall time in step(); the runner's device_wait_seconds is the part spent waiting
         self._token_text: dict[int, str] = {}
         self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size)
         self.cluster = cluster
@@ -173,6 +175,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that got new tokens (finished ones are removed)."""
+        started = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self.step_seconds += time.perf_counter() - started
+
+    def _step(self) -> list[RequestOutput]:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
@@ -307,5 +316,9 @@ class LLMEngine:
             "prefix_cache_queried_tokens": self.block_manager.queried_tokens,
             "computed_tokens": self.num_computed_tokens,
             "compile_count": compilation.compile_count(),
+            # Host work per step vs time blocked on the device: while steps do not overlap, the device idles
+            # for the host part.
+            "step_host_seconds": self.step_seconds - self.runner.device_wait_seconds,
+            "step_device_seconds": self.runner.device_wait_seconds,
             "devices": len(jax.devices()),
         }

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,7 @@ class ModelRunner:
         self._shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                     (cache, self.sampler_state))
         self._init_slot = jax.jit(init_slot, donate_argnums=(0,), out_shardings=state_shardings[1])
+        self.device_wait_seconds = 0.0  # host time spent blocked on step results (the device still busy)
         self.peers = None  # with several processes, the leader's channel to the followers (distributed.py)
 
     def _sizes(self, num_tokens: int) -> tuple[int, int]:
@@ -244,9 +246,12 @@ class ModelRunner:
         fill_grammar_masks(sampling, scheduled)
         tokens, logprobs = self._device_sample(sampling)
         n = len(scheduled)
+        waited = time.perf_counter()  # from here the host only waits for the device's results
         if prompt is not None:
             prompt = _split_rows(scheduled, wanted, [sharding.host(x) for x in prompt])
-        return sharding.host(tokens)[:n], tuple(sharding.host(x)[:n] for x in logprobs), prompt
+        out = sharding.host(tokens)[:n], tuple(sharding.host(x)[:n] for x in logprobs), prompt
+        self.device_wait_seconds += time.perf_counter() - waited
+        return out
 
     def warm_up(self, progress: bool = True) -> None:
         """Compiles every bucket with an all-padding batch (it writes nothing and reads nothing)."""

@@ -181,6 +181,11 @@ class _EngineCollector:
         "prefix_cache_hit_tokens": ("vllm:prefix_cache_hits",
                                     "Prefix cache hits, in terms of number of cached tokens."),
     }
+    _COUNTERS = {
+        "step_host_seconds": ("jaxserve_step_host_seconds", "Engine step time spent on host work (scheduling, "
+                              "inputs, outputs): the device idles meanwhile while steps do not overlap"),
+        "step_device_seconds": ("jaxserve_step_device_seconds", "Engine step time spent waiting for the device"),
+    }
 
     def __init__(self, engine_stats: Callable[[], dict], model_name: Callable[[], str]):
         self.engine_stats = engine_stats
@@ -193,6 +198,8 @@ class _EngineCollector:
         stats = dict(stats, kv_cache_usage=1 - stats["kv_pages_free"] / max(stats["kv_pages_total"], 1))
         for key, (name, doc) in self._GAUGES.items():
             yield GaugeMetricFamily(name, doc, value=float(stats.get(key, 0)))
+        for key, (name, doc) in self._COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=float(stats.get(key, 0)))
         labels = [self.model_name(), _ENGINE_INDEX]
         for families, kind in ((self._VLLM_GAUGES, GaugeMetricFamily), (self._VLLM_COUNTERS, CounterMetricFamily)):
             for key, (name, doc) in families.items():

@@ -105,6 +105,10 @@ def test_vllm_names_and_exact_counts(server):
     success = {reason: _vllm(samples, "vllm:request_success_total", finished_reason=reason)
                for reason in ("stop", "length", "abort", "error")}
     assert success == {"stop": 0, "length": 4, "abort": 0, "error": 0}
+    # Step time split into host work and waiting for the device (the overlap shows as the first shrinking).
+    step = {k: samples[f"jaxserve_step_{k}_seconds_total"][frozenset()] for k in ("host", "device")}
+    assert [before[f"jaxserve_step_{k}_seconds_total"][frozenset()] for k in step] == [0, 0]
+    assert step["host"] > 0 and step["device"] > 0
 
 
 def test_a_client_that_leaves_aborts_its_request(server):
