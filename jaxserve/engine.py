@@ -185,7 +185,7 @@ class LLMEngine:
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        tokens, (chosen_lp, chosen_rank, top_ids, top_lps), prompt_rows = self.runner.run(scheduled)
+        tokens, logprobs, prompt_rows = self.runner.run(scheduled)
         self.num_computed_tokens += sum(n for _, n in scheduled)
         touched: dict[str, _Request] = {}
         for i, (seq, n) in enumerate(scheduled):
@@ -210,6 +210,7 @@ class LLMEngine:
             seq.token_ids.append(token)  # its K/V is written by the step that feeds it back
             k = seq.params.logprobs
             if k is not None:
+                chosen_lp, chosen_rank, top_ids, top_lps = logprobs
                 seq.logprobs.append((token, float(chosen_lp[i]), int(chosen_rank[i]), top_ids[i, :k].tolist(),
                                      top_lps[i, :k].tolist()))
             try:

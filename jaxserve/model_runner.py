@@ -232,7 +232,8 @@ class ModelRunner:
 
     def run(self, scheduled: list[tuple[Sequence, int]]):
         """Runs one step. Returns, for each scheduled sequence in order, its sampled token [n], and the logprobs
-        (chosen [n], its rank [n], top ids [n, K], top logprobs [n, K]); then the prompt logprobs: None in a step
+        (chosen [n], its rank [n], top ids [n, K], top logprobs [n, K]; None when no sequence asked for them);
+        then the prompt logprobs: None in a step
         where nobody wants them (no extra device work), else per scheduled sequence None or the four arrays
         over its fed tokens [m], [m], [m, K], [m, K] (row j: the prompt token after its j-th fed token)."""
         for seq, _ in scheduled:
@@ -249,7 +250,9 @@ class ModelRunner:
         waited = time.perf_counter()  # from here the host only waits for the device's results
         if prompt is not None:
             prompt = _split_rows(scheduled, wanted, [sharding.host(x) for x in prompt])
-        out = sharding.host(tokens)[:n], tuple(sharding.host(x)[:n] for x in logprobs), prompt
+        # Logprob arrays cross to the host only in steps where some sequence asked for them.
+        wants = any(seq.params.logprobs is not None for seq, _ in scheduled)
+        out = sharding.host(tokens)[:n], tuple(sharding.host(x)[:n] for x in logprobs) if wants else None, prompt
         self.device_wait_seconds += time.perf_counter() - waited
         return out
 

@@ -1,0 +1,330 @@
+"""The device check: one script for a lent GPU, run in one call, stage by stage, each stage's result written to
+--out as soon as it is known (a timeout still returns the earlier stages). See ../shared/device.md.
+
+    PYTHONPATH=$PWD python bench/device_check.py --out $OUT                 # on the GPU machine (<= 9 minutes)
+    python bench/device_check.py --dry-run --out /tmp/dc                    # on CPU: starts, fails clearly
+
+Stages, in order:
+1. kernels:  the Pallas GPU attention and KV write against the jnp reference, on the GPU, for the engine's shapes
+   (page 16, head_dim 64/128, GQA 1-8, decode and prefill, partial pages); all outputs finite.
+2. tiny:     a tiny random model's greedy tokens through the engine, Pallas GPU backend vs the reference.
+3. engine:   a random-weight bf16 Llama-3-8B-shaped model through the real engine at batch 1/16/64/256 with
+   ~1k-token contexts (admitted as already computed, so only the decode program compiles): compile time,
+   whole engine step vs device-only step (forward + sampler on placed inputs), output tok/s, compiles while timed.
+4. torch:    the same shapes through transformers' LlamaForCausalLM (eager decode with a KV cache) on the GPU.
+Each stage is skipped, with the reason recorded, when the time left (--budget) cannot hold it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
+            "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 128, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+BATCHES = (1, 16, 64, 256)
+CONTEXT = 1024
+KERNEL_CASES = [  # (q heads, kv heads, head_dim, tokens per sequence, context lengths)
+    (8, 8, 64, [1, 1, 1], [17, 300, 16]),  # decode, MHA, partial pages
+    (32, 8, 128, [1] * 8, [1024, 5, 700, 33, 16, 1, 999, 64]),  # decode, GQA 4 (Llama-3-8B)
+    (8, 1, 128, [37, 1, 64], [37, 200, 64]),  # prefill chunks and decode mixed, MQA
+    (16, 2, 64, [128], [1000]),  # a long prefill chunk at the end of a long context, GQA 8
+]
+
+
+class Report:
+    """Stage results as JSON lines in out/device_check.jsonl, plus a running summary in out/summary.md."""
+
+    def __init__(self, out: pathlib.Path, budget: float):
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.start = time.monotonic()
+        self.budget = budget
+        self.lines: list[str] = []
+
+    def left(self) -> float:
+        return self.budget - (time.monotonic() - self.start)
+
+    def write(self, stage: str, **result) -> None:
+        result = {"stage": stage, "elapsed_s": round(time.monotonic() - self.start, 1), **result}
+        with open(self.out / "device_check.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        self.lines.append(f"- {stage}: " + ", ".join(f"{k} {v}" for k, v in result.items() if k != "stage"))
+        (self.out / "summary.md").write_text("\n".join(self.lines) + "\n")
+        print(self.lines[-1], flush=True)
+
+
+def stage_env(report: Report, dry_run: bool) -> bool:
+    import jax
+
+    backend = jax.default_backend()
+    report.write("env", jax=jax.__version__, backend=backend, devices=[str(d) for d in jax.devices()],
+                 python=sys.version.split()[0])
+    if backend != "gpu":
+        message = (f"needs a CUDA GPU: jax's default backend is {backend!r} (run this on the device machine with "
+                   "PYTHONPATH set to the checkout, see ../shared/device.md)")
+        report.write("gpu", ok=False, reason=message)
+        if not dry_run:
+            raise SystemExit(f"device_check: {message}")
+        return False
+    return True
+
+
+def _paged_inputs(rng, hq, hkv, d, q_lens, kv_lens, page_size=16, dtype=np.float32):
+    """Random q [T, hq, d], pages [hkv, P, page, d] (unused pages hold NaN: they must never be read), tables."""
+    pages_per_seq = max(-(-n // page_size) for n in kv_lens)
+    num_pages = pages_per_seq * len(kv_lens) + 1
+    perm = rng.permutation(num_pages)
+    tables = perm[:pages_per_seq * len(kv_lens)].reshape(len(kv_lens), pages_per_seq).astype(np.int32)
+    k = rng.normal(size=(hkv, num_pages, page_size, d)).astype(dtype)
+    v = rng.normal(size=(hkv, num_pages, page_size, d)).astype(dtype)
+    used = np.zeros((num_pages, page_size), bool)
+    for s, n in enumerate(kv_lens):
+        for pos in range(n):
+            used[tables[s, pos // page_size], pos % page_size] = True
+    k[:, ~used], v[:, ~used] = np.nan, np.nan
+    q = rng.normal(size=(sum(q_lens), hq, d)).astype(dtype)
+    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    return q, k, v, np.asarray(kv_lens, np.int32), tables, cu, np.array([len(kv_lens)], np.int32)
+
+
+def stage_kernels(report: Report) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    import kernels_pallas
+
+    rng = np.random.default_rng(0)
+    for hq, hkv, d, q_lens, kv_lens in KERNEL_CASES:
+        for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 5e-2)):
+            args = [jnp.asarray(a) for a in _paged_inputs(rng, hq, hkv, d, q_lens, kv_lens)]
+            args[:3] = [a.astype(dtype) for a in args[:3]]
+            name = f"hq{hq}_hkv{hkv}_d{d}_q{sum(q_lens)}_{jnp.dtype(dtype).name}"
+            try:
+                outs = {b: np.asarray(jax.jit(lambda *a, b=b: kernels_pallas.ragged_paged_attention(
+                    *a, sm_scale=d ** -0.5, backend=b))(*args).astype(jnp.float32)) for b in ("reference", "pallas_gpu")}
+                err = float(np.max(np.abs(outs["pallas_gpu"] - outs["reference"])))
+                finite = bool(np.isfinite(outs["pallas_gpu"]).all())
+                report.write("kernels.attention", case=name, max_abs_err=err, finite=finite, ok=finite and err < tol)
+            except Exception as e:  # a kernel that does not compile is a result, not the end of the check
+                report.write("kernels.attention", case=name, ok=False, error=f"{type(e).__name__}: {e}"[:400])
+    k = jnp.zeros((8, 10, 16, 128), jnp.bfloat16)
+    new = jnp.asarray(rng.normal(size=(5, 8, 128)), jnp.bfloat16)
+    slots = jnp.asarray([0, 17, 33, -1, 159], jnp.int32)
+    try:
+        got = [np.asarray(x, np.float32) for x in kernels_pallas.write_kv(k, k, new, new, slots, backend="pallas_gpu")]
+        want = [np.asarray(x, np.float32) for x in kernels_pallas.write_kv(k, k, new, new, slots, backend="reference")]
+        report.write("kernels.write_kv", ok=all(np.array_equal(a, b) for a, b in zip(got, want)))
+    except Exception as e:
+        report.write("kernels.write_kv", ok=False, error=f"{type(e).__name__}: {e}"[:400])
+
+
+def stage_tiny(report: Report) -> None:
+    from host_overhead import make_model
+
+    from jaxserve import LLM, SamplingParams
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = make_model(pathlib.Path(tmp) / "tiny", vocab=512)
+        prompts = [list(range(5, 5 + n)) for n in (3, 17, 40)]
+        params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+        tokens = {}
+        for backend in ("reference", "pallas_gpu"):
+            llm = LLM(str(folder), max_model_len=128, max_num_seqs=4, max_num_batched_tokens=64, page_size=16,
+                      attention_backend=backend, dtype="float32", compile_cache_dir="", progress=False, warm_up=False)
+            tokens[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        report.write("tiny", ok=tokens["reference"] == tokens["pallas_gpu"], tokens=tokens["pallas_gpu"][0][:8])
+
+
+def _random_model(cfg_dict: dict, dtype):
+    """A LoadedModel with random weights made on the device (no host copy of 16 GB) and a word-level tokenizer."""
+    import jax
+    import jax.numpy as jnp
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from jaxserve.config import ModelConfig
+    from jaxserve.loader import LoadedModel
+    from jaxserve.model import Layer, Params
+
+    cfg = ModelConfig.from_hf(cfg_dict)
+    keys = iter(jax.random.split(jax.random.key(0), 16 + 16 * cfg.num_layers))
+
+    def w(*shape):
+        return (jax.random.normal(next(keys), shape, jnp.float32) * 0.02).astype(dtype)
+
+    def ones(n):
+        return jnp.ones((n,), dtype)
+
+    h, q, kv, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    layers = tuple(Layer(attn_norm=ones(h), wq=w(h, q), wk=w(h, kv), wv=w(h, kv), wo=w(q, h), mlp_norm=ones(h),
+                         w_gate=w(h, inter), w_up=w(h, inter), w_down=w(inter, h)) for _ in range(cfg.num_layers))
+    params = Params(embed=w(cfg.vocab_size, h), layers=layers, final_norm=ones(h), lm_head=w(h, cfg.vocab_size))
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, cfg.vocab_size)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return LoadedModel("llama-3-8b-shaped", cfg, params, tokenizer, (2,), jnp.dtype(dtype))
+
+
+def _admit_computed(engine, batch: int, context: int) -> None:
+    """Adds `batch` requests whose first context-1 tokens count as computed (their pages allocated, their K/V
+    left as the cache holds it), so the first step already decodes: no prefill program is compiled."""
+    from jaxserve import SamplingParams
+    from jaxserve.sequence import Status
+
+    rng = np.random.default_rng(batch)
+    for i in range(batch):
+        engine.add_request(f"b{batch}-{i}", rng.integers(3, 1000, context).tolist(),
+                           SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))
+    sched = engine.scheduler
+    while sched.waiting:
+        seq = sched.waiting.popleft()
+        engine.block_manager.allocate(seq, context - 1)
+        seq.num_computed_tokens = context - 1
+        seq.slot, seq.slot_fresh, seq.status = sched.free_slots.pop(), True, Status.RUNNING
+        sched.running.append(seq)
+
+
+def stage_engine(report: Report, batches, context: int, steps: int) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve import compilation
+    from jaxserve.engine import EngineConfig, LLMEngine
+
+    start = time.perf_counter()
+    model = _random_model(LLAMA_8B, jnp.bfloat16)
+    jax.block_until_ready(model.params)
+    report.write("engine.weights", seconds=round(time.perf_counter() - start, 1))
+    for batch in batches:
+        if report.left() < 90:
+            report.write("engine", batch=batch, skipped=f"{report.left():.0f} s left")
+            continue
+        pages = batch * (-(-(context + steps + 16) // 16))
+        engine = LLMEngine(model, config=EngineConfig(max_model_len=context + steps + 16, max_num_seqs=batch,
+                                                      max_num_batched_tokens=max(batch, 16), num_kv_pages=pages,
+                                                      compile_cache_dir="", warm_up=False), progress=False)
+        _admit_computed(engine, batch, context)
+        t0, c0 = time.perf_counter(), compilation.compile_count()
+        engine.step()  # compiles the decode program for this batch
+        compile_s, compiles = time.perf_counter() - t0, compilation.compile_count() - c0
+        engine.step()
+        before = compilation.compile_count()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        step_s = (time.perf_counter() - t0) / steps
+        device_s = _device_step(engine, steps)
+        report.write("engine", batch=batch, context=context, compile_s=round(compile_s, 1), programs=compiles,
+                     engine_step_ms=round(step_s * 1e3, 2), device_step_ms=round(device_s * 1e3, 2),
+                     host_share=round(1 - device_s / step_s, 3), tok_s=round(batch / step_s, 1),
+                     compiles_while_timed=compilation.compile_count() - before)
+        del engine
+
+
+def _device_step(engine, steps: int) -> float:
+    """One decode step's forward + sampler on inputs already on the device, timed alone."""
+    import jax
+
+    runner = engine.runner
+    scheduled = [(seq, 1) for seq in engine.scheduler.running]
+    for seq, _ in scheduled:
+        engine.block_manager.allocate(seq, seq.num_computed_tokens + 1)
+    batch, sampling = runner.build_batch(scheduled)
+    placed, placed_sampling = runner._place_batch(batch), runner._place_sampling(sampling)
+    jax.block_until_ready((placed, placed_sampling))
+
+    def once():
+        logits, runner.cache, _ = runner._forward(runner.params, runner.cache, placed)
+        tokens, _, runner.sampler_state = runner._sample(logits, runner.sampler_state, placed.token_ids,
+                                                         placed_sampling)
+        return tokens
+
+    jax.block_until_ready(once())
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        out = once()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / steps
+
+
+def stage_torch(report: Report, batches, context: int, steps: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in LLAMA_8B.items() if k != "architectures"})
+    start = time.perf_counter()
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    report.write("torch.weights", seconds=round(time.perf_counter() - start, 1), torch=torch.__version__)
+    for batch in batches:
+        if report.left() < 45:
+            report.write("torch", batch=batch, skipped=f"{report.left():.0f} s left")
+            continue
+        ids = torch.randint(3, 1000, (batch, context), device="cuda")
+        with torch.no_grad():
+            out = model(ids, use_cache=True, logits_to_keep=1)
+            past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            for _ in range(2):
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                out = model(nxt, past_key_values=past, use_cache=True)
+                past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+        step_s = (time.perf_counter() - t0) / steps
+        report.write("torch", batch=batch, context=context, step_ms=round(step_s * 1e3, 2),
+                     tok_s=round(batch / step_s, 1))
+        del past, out
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.environ.get("OUT", "device_check_out"))
+    p.add_argument("--budget", type=float, default=510, help="seconds for all stages (the call's limit minus slack)")
+    p.add_argument("--dry-run", action="store_true", help="on CPU: check that the script starts and what it needs")
+    p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    p.add_argument("--context", type=int, default=CONTEXT)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--stages", nargs="+", default=["kernels", "tiny", "engine", "torch"])
+    args = p.parse_args(argv)
+    report = Report(pathlib.Path(args.out), args.budget)
+    report.write("plan", stages=args.stages, batches=args.batches, context=args.context, steps=args.steps,
+                 budget_s=args.budget)
+    if not stage_env(report, args.dry_run):
+        for name in args.stages:
+            report.write(name, skipped="needs a GPU")
+        return 2
+    stages = {"kernels": lambda: stage_kernels(report), "tiny": lambda: stage_tiny(report),
+              "engine": lambda: stage_engine(report, args.batches, args.context, args.steps),
+              "torch": lambda: stage_torch(report, args.batches, args.context, args.steps)}
+    failed = False
+    for name in args.stages:
+        try:
+            stages[name]()
+        except Exception as e:  # record and go on: later stages still measure something
+            failed = True
+            report.write(name, ok=False, error=f"{type(e).__name__}: {e}"[:400], trace=traceback.format_exc()[-1500:])
+    report.write("done", failed=failed)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
