@@ -42,9 +42,13 @@ def ensure_built(jobs: int = 2) -> pathlib.Path:
         _fetch_source(src)
     build = root() / "build"
     print(f"building llama-server in {build} (several minutes) ...", flush=True)
-    # Native CPU code (as pip builds of llama.cpp do); no curl, tests or examples: only the server is needed.
+    # Native CPU code (as pip builds of llama.cpp do) except AMX: its tile instructions need a permission from the
+    # kernel that sandboxed hosts refuse (the binary then dies of SIGILL at its first matmul). No curl, tests or
+    # examples: only the server is needed.
+    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
     subprocess.run(["cmake", "-S", str(src), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_CURL=OFF",
-                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON"], check=True)
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DGGML_NATIVE=ON",
+                    f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"], check=True)
     subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", f"-j{jobs}"], check=True)
     return exe
 

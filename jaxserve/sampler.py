@@ -151,9 +151,41 @@ def _row_keys(seed, sample_index):
     return jax.vmap(one)(seed, sample_index)
 
 
-# Width of the candidate list (lax.top_k) that top-k/top-p thresholds are read from; a row whose kept set reaches
-# past it (a top_k above it, or a flat distribution under top_p) is resolved exactly over the whole vocabulary.
+# How many of each row's largest values top-k/top-p are decided from (and drawn among, when the kept set lies
+# within them); a row they cannot decide (a top_k above it, or a flat distribution under top_p) is resolved
+# exactly over the whole vocabulary.
 CANDIDATES = 64
+_GROUP = 32  # values per group: group maxima lead the candidate search and the greedy argmax
+
+
+def _grouped(x, fill=-jnp.inf):
+    """[S, V] -> [S, ceil(V / _GROUP), _GROUP], padded with `fill`."""
+    s, v = x.shape
+    return jnp.pad(x, ((0, 0), (0, -v % _GROUP)), constant_values=fill).reshape(s, -1, _GROUP)
+
+
+def _argmax(x):
+    """First index of each row's maximum [S] int32, through group maxima: one pass over the row and two short
+    argmaxes (XLA's CPU argmax over a whole row is a slow paired reduction)."""
+    groups = _grouped(x)
+    g = jnp.argmax(groups.max(-1), -1)
+    inner = jnp.take_along_axis(groups, g[:, None, None], 1)[:, 0]
+    return (g * _GROUP + jnp.argmax(inner, -1)).astype(jnp.int32)
+
+
+def _candidates(x, width: int):
+    """The `width` largest values of each row, descending, with their token ids ([S, width] each). Each lies in
+    one of the `width` groups with the largest maxima, so two short top_k calls replace one over the row."""
+    groups = _grouped(x)
+    s, num_groups, _ = groups.shape
+    picked = min(width, num_groups)
+    _, group_ids = jax.lax.top_k(groups.max(-1), picked)
+    values = jnp.take_along_axis(groups, group_ids[:, :, None], 1).reshape(s, picked * _GROUP)
+    ids = (group_ids[:, :, None] * _GROUP + jnp.arange(_GROUP)).reshape(s, -1)
+    top, at = jax.lax.top_k(values, width)
+    # Without the barrier XLA's simplifier can turn top_k, whose values are compared back against the row, into
+    # a sort of the whole row: 60x slower on CPU.
+    return jax.lax.optimization_barrier(top), jnp.take_along_axis(ids, at, -1).astype(jnp.int32)
 
 
 def _order_keys(x):
@@ -191,54 +223,63 @@ def _cutoffs_exact(x, k, top_p):
     return _from_order_key(cut)
 
 
-def _top_k_top_p(logits, top_k, top_p):
-    """Masks logits outside each row's top-k (every token at or above the k-th largest value, so ties at the edge
-    stay), then outside the smallest set of its most likely tokens holding top_p of that set's mass (again with
-    the ties of its least likely member). No sort: thresholds come from the CANDIDATES largest values, or an exact
-    search over the whole vocabulary for the rows those cannot decide."""
-    s, vocab = logits.shape
+def _truncation(scaled, top_k, top_p, min_p):
+    """Which tokens a row may draw, at its temperature (scaled: [S, V] logits / temperature), as the threshold
+    `cut` [S] (keep scaled >= cut), with the row's candidates (values, ids [S, CANDIDATES]) and whether the kept
+    set lies within them (`inside` [S]).
+
+    The exact definitions, no sort: min-p keeps tokens with p >= min_p * p_max; top-k keeps every survivor at or
+    above the k-th largest value (ties at the edge stay); top-p keeps the smallest set of the most likely of those
+    holding top_p of their mass, with the ties of its least likely member."""
+    s, vocab = scaled.shape
     width = min(CANDIDATES, vocab)
+    covers = width == vocab  # the candidates are the whole row
+    top, ids = _candidates(scaled, width)
+    floor = top[:, 0] + jnp.log(min_p)  # p >= min_p * p_max, in logit space (-inf for min_p 0)
+    top = jnp.where(top >= floor[:, None], top, -jnp.inf)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    top, _ = jax.lax.top_k(logits, width)  # [S, width] descending
-    # Without the barrier XLA's simplifier turns top_k, whose values are compared back against the logits, into
-    # a sort of the whole row: 60x slower on CPU.
-    top = jax.lax.optimization_barrier(top)
     kth = jnp.where(k <= width, jnp.take_along_axis(top, jnp.minimum(k, width)[:, None] - 1, -1)[:, 0], -jnp.inf)
     weights = jnp.exp(top - top[:, :1])
-    # The top-k set's mass (as weights relative to the row's maximum) over the whole vocabulary.
-    mass = jnp.sum(jnp.where(logits >= kth[:, None], jnp.exp(logits - top[:, :1]), 0.0), -1, keepdims=True)
-    before = (jnp.cumsum(weights, -1) - weights) / mass
+    # The mass of the top-k set, from the candidates when the set's edge lies inside them, else over the row.
+    edge_inside = covers | ((k <= width) & (kth > top[:, -1]))
+    mass = jnp.sum(jnp.where(top >= kth[:, None], weights, 0.0), -1)
+    full = ~edge_inside & (top_p < 1)
+    mass = jax.lax.cond(jnp.any(full), lambda: jnp.where(full, jnp.sum(jnp.where(
+        scaled >= jnp.maximum(kth, floor)[:, None], jnp.exp(scaled - top[:, :1]), 0.0), -1), mass), lambda: mass)
+    before = (jnp.cumsum(weights, -1) - weights) / mass[:, None]
     ranks = jnp.arange(width)[None, :]
     # The most likely token is always kept: a top_p that rounds to 0 in float32 (5e-324) must not empty the row.
     keep = ((before < top_p[:, None]) | (ranks == 0)) & (ranks < k[:, None])
-    cut = jnp.where((k >= vocab) & (top_p >= 1), -jnp.inf, jnp.min(jnp.where(keep, top, jnp.inf), -1))
+    no_filter = (k >= vocab) & (top_p >= 1)
+    cut = jnp.where(no_filter, floor, jnp.maximum(jnp.min(jnp.where(keep, top, jnp.inf), -1), floor))
     # Undecided: the top-k set's edge lies past the candidates, or top_p is not reached within them.
-    undecided = (k > width) & ((k < vocab) | (keep[:, -1] & (top_p < 1)))
-    cut = jax.lax.cond(jnp.any(undecided), lambda: jnp.where(undecided, _cutoffs_exact(logits, k, top_p), cut),
-                       lambda: cut)
-    return jnp.where(logits >= cut[:, None], logits, -jnp.inf)
+    undecided = ~covers & (k > width) & ((k < vocab) | (keep[:, -1] & (top_p < 1)))
+    cut = jax.lax.cond(jnp.any(undecided), lambda: jnp.where(undecided, _cutoffs_exact(
+        jnp.where(scaled >= floor[:, None], scaled, -jnp.inf), k, top_p), cut), lambda: cut)
+    inside = ~undecided & (covers | (~no_filter & (cut > top[:, -1])))
+    return cut, inside, top, ids
 
 
-_BLOCK = 256  # tokens per block of the two-level inverse CDF
+def _pick(weights, target):
+    """Per row, the first index where the running sum of weights [S, N] passes target [S] (never a weightless
+    index, whatever the rounding), and the running sums."""
+    cum = jnp.cumsum(weights, -1)
+    last = jnp.max(jnp.where(weights > 0, jnp.arange(weights.shape[-1]), 0), -1)
+    return jnp.minimum(jnp.sum(cum <= target[:, None], -1), last), cum
 
 
-def _inverse_cdf(scaled, uniform):
-    """One token per row drawn from softmax(scaled) [S, V] by inverting its CDF at uniform [S] in [0, 1): block
-    sums locate the block, a cumulative sum inside it the token. One random number per row and no pass over the
-    vocabulary beyond the weights and their block sums (a Gumbel draw needs a random number per token)."""
-    s, vocab = scaled.shape
-    weights = jnp.exp(scaled - scaled.max(-1, keepdims=True))  # masked tokens (-inf) weigh 0
-    blocks = jnp.pad(weights, ((0, 0), (0, -vocab % _BLOCK))).reshape(s, -1, _BLOCK)
-    cum = jnp.cumsum(blocks.sum(-1), -1)  # [S, blocks]
-    target = uniform * cum[:, -1]
-    nonzero = cum > jnp.concatenate([jnp.zeros((s, 1)), cum[:, :-1]], -1)
-    last_block = jnp.max(jnp.where(nonzero, jnp.arange(cum.shape[1]), 0), -1)
-    b = jnp.minimum(jnp.sum(cum <= target[:, None], -1), last_block)  # rounding never picks an empty block
-    inner = jnp.take_along_axis(blocks, b[:, None, None], 1)[:, 0]  # [S, _BLOCK]
-    rest = target - jnp.where(b > 0, jnp.take_along_axis(cum, jnp.maximum(b - 1, 0)[:, None], -1)[:, 0], 0.0)
-    last = jnp.max(jnp.where(inner > 0, jnp.arange(_BLOCK), 0), -1)
-    j = jnp.minimum(jnp.sum(jnp.cumsum(inner, -1) <= rest[:, None], -1), last)  # nor a weightless token
-    return (b * _BLOCK + j).astype(jnp.int32)
+def _inverse_cdf(weights, uniform):
+    """One index per row drawn with probability proportional to weights [S, N] (>= 0), by inverting the CDF at
+    uniform [S] in [0, 1): group sums locate the group, a running sum inside it the index. One random number per
+    row (a Gumbel draw needs one per token)."""
+    groups = _grouped(weights, fill=0.0)
+    sums = groups.sum(-1)
+    target = uniform * jnp.sum(sums, -1)
+    g, cum = _pick(sums, target)
+    inner = jnp.take_along_axis(groups, g[:, None, None], 1)[:, 0]
+    before = jnp.where(g > 0, jnp.take_along_axis(cum, jnp.maximum(g - 1, 0)[:, None], -1)[:, 0], 0.0)
+    j, _ = _pick(inner, target - before)
+    return (g * _GROUP + j).astype(jnp.int32)
 
 
 def _apply_mask(logits, sb: SamplingBatch):
@@ -279,19 +320,20 @@ def sample(logits, state: SamplerState, sb: SamplingBatch):
     needs_adjust = jnp.any(sb.block_stop | sb.use_bias | (sb.presence != 0) | (sb.frequency != 0)
                            | (sb.repetition != 1))
     logits = jax.lax.cond(needs_adjust, lambda x: _adjust(x, state, sb), lambda x: x, logits)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = _argmax(logits)
 
     def draw():
         temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)
         scaled = logits / temp[:, None]
-        # min_p in logit space (p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p)): a softmax here turned NaN
-        # on rows that are -inf almost everywhere (a grammar mask) at tiny temperatures, as XLA fuses it.
-        floor = scaled.max(-1, keepdims=True) + jnp.log(sb.min_p)[:, None]
-        scaled = jnp.where(scaled >= floor, scaled, -jnp.inf)
-        needs_sort = jnp.any((sb.top_k > 0) | (sb.top_p < 1))
-        scaled = jax.lax.cond(needs_sort, lambda x: _top_k_top_p(x, sb.top_k, sb.top_p), lambda x: x, scaled)
+        cut, inside, top, ids = _truncation(scaled, sb.top_k, sb.top_p, sb.min_p)
         uniform = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(_row_keys(sb.seed, sb.sample_index))
-        return jnp.where(sb.temperature > 0, _inverse_cdf(scaled, uniform), greedy)
+        # A kept set within the candidates is drawn among them; others over the whole row.
+        among = jnp.where(top >= cut[:, None], jnp.exp(top - top[:, :1]), 0.0)
+        picked = jnp.take_along_axis(ids, _inverse_cdf(among, uniform)[:, None], -1)[:, 0]
+        whole = (sb.temperature > 0) & ~inside
+        drawn = jax.lax.cond(jnp.any(whole), lambda: jnp.where(inside, picked, _inverse_cdf(
+            jnp.where(scaled >= cut[:, None], jnp.exp(scaled - top[:, :1]), 0.0), uniform)), lambda: picked)
+        return jnp.where(sb.temperature > 0, drawn, greedy)
 
     tokens = jax.lax.cond(jnp.all(sb.temperature == 0), lambda: greedy, draw)
     # A row the constraints left without a candidate (a grammar and allowed_token_ids that do not meet, or a

@@ -139,58 +139,56 @@ def test_record_tokens_counts_output_tokens_only():
     assert counts[0, 4] == 1 and counts[1, 6] == 1 and counts.sum() == 2  # padding slot 2 is dropped
 
 
-def _reference_cutoff(x, top_k, top_p):
-    """The exact definitions, in float64 numpy: every token at or above the k-th largest logit; then, by
-    decreasing logit, the smallest prefix of that set holding top_p of its mass, with the ties of its last."""
+def _reference_cutoff(x, top_k, top_p, min_p=0.0):
+    """The exact definitions, in float64 numpy: min-p survivors (p >= min_p * p_max); every survivor at or above
+    the k-th largest; then, by decreasing logit, the smallest prefix of those holding top_p of their mass, with
+    the ties of its last."""
     x = x.astype(np.float64)
-    kth = np.sort(x)[::-1][top_k - 1] if 0 < top_k < len(x) else -np.inf
-    in_k = x >= kth
+    alive = x >= x.max() + np.log(min_p) if min_p else np.ones(len(x), bool)
+    ordered = np.sort(x[alive])[::-1]
+    kth = ordered[top_k - 1] if 0 < top_k <= len(ordered) else -np.inf
+    in_k = alive & (x >= kth)
     p = np.where(in_k, np.exp(x - x.max()), 0)
     p /= p.sum()
     order = np.argsort(-x, kind="stable")
     before = np.cumsum(p[order]) - p[order]
     kept = order[(before < top_p) & in_k[order]]
     kept = np.union1d(kept, order[:1])
-    return x >= x[kept].min()
+    return in_k & (x >= x[kept].min())
 
 
 @pytest.mark.parametrize("vocab", [50, 300, 4096])
-def test_top_k_top_p_thresholds_equal_the_exact_definitions(vocab):
-    """Random rows, with ties (logits on a coarse grid), peaked and flat, across the candidate width and past it."""
+def test_truncation_equals_the_exact_definitions(vocab):
+    """Random rows, with ties (logits on a coarse grid), peaked and flat, with and without min-p, across the
+    candidate width and past it; a row said to lie within its candidates keeps only candidate tokens."""
     from jaxserve import sampler
 
     rng = np.random.default_rng(vocab)
     rows, settings = [], []
-    for i in range(48):
+    for i in range(60):
         scale = [0.05, 1.0, 4.0][i % 3]  # flat rows need the exact search; peaked ones stay in the candidates
         x = rng.normal(0, scale, vocab)
         if i % 2:
             x = np.round(x * 4) / 4  # many ties
         top_k = int(rng.choice([0, 1, 5, sampler.CANDIDATES, sampler.CANDIDATES + 7, vocab, vocab + 3]))
         top_p = float(rng.choice([1.0, 0.9, 0.5, 0.05, 1e-30]))
+        min_p = float(rng.choice([0.0, 0.0, 0.01, 0.3]))
         rows.append(x)
-        settings.append((top_k, top_p))
+        settings.append((top_k, top_p, min_p))
     logits = np.asarray(rows, np.float32)
-    top_k = np.array([k for k, _ in settings], np.int32)
-    top_p = np.array([p for _, p in settings], np.float32)
-    got = np.asarray(jax.jit(sampler._top_k_top_p)(jnp.asarray(logits), jnp.asarray(top_k), jnp.asarray(top_p)))
-    for row, (k, p), out in zip(logits, settings, got):
-        expected = _reference_cutoff(row, k, p)
-        assert np.array_equal(np.isfinite(out), expected), (k, p)
-        assert np.array_equal(out[expected], row[expected])
+    cols = [jnp.asarray(np.array(c, dtype)) for c, dtype in zip(zip(*settings), (np.int32, np.float32, np.float32))]
+    cut, inside, _, ids = (np.asarray(a) for a in jax.jit(sampler._truncation)(jnp.asarray(logits), *cols))
+    for row, (k, p, m), c, within, candidates in zip(logits, settings, cut, inside, ids):
+        expected = _reference_cutoff(row, k, p, m)
+        assert np.array_equal(row >= c, expected), (k, p, m)
+        if within:
+            assert set(np.flatnonzero(expected)) <= set(candidates.tolist())
 
 
-def test_inverse_cdf_across_blocks_matches_the_distribution():
-    """Mass spread over several 256-token blocks (and block edges), masked tokens between: frequencies match."""
-    vocab, draws = 700, 6000
-    logits = np.full(vocab, -np.inf, np.float32)
-    heavy = [0, 255, 256, 511, 600, 699]
-    logits[heavy] = np.log([0.25, 0.2, 0.15, 0.2, 0.1, 0.1])
-    sb = dataclasses.replace(_batch(draws, slot=0, temperature=1.0, seed=[0, 3], sample_index=np.arange(draws)),
-                             mask=np.zeros((draws, -(-vocab // 32)), np.int32))
-    tokens, _ = jax.jit(sample)(jnp.tile(jnp.asarray(logits), (draws, 1)), SamplerState.zeros(1, vocab), sb)
-    got = np.bincount(np.asarray(tokens), minlength=vocab) / draws
-    expected = np.where(np.isfinite(logits), np.exp(logits), 0)
-    assert set(np.flatnonzero(got)) <= set(heavy)  # never a masked token
-    sigma = np.sqrt(expected * (1 - expected) / draws)
-    assert np.all(np.abs(got - expected) <= 5 * sigma + 1e-9)
+def test_grouped_argmax_takes_the_first_maximum():
+    from jaxserve import sampler
+
+    rng = np.random.default_rng(1)
+    x = np.round(rng.normal(size=(64, 1000)), 1).astype(np.float32)  # ties for the maximum are common
+    x[3, :] = -np.inf
+    assert np.array_equal(np.asarray(jax.jit(sampler._argmax)(jnp.asarray(x))), np.argmax(x, -1))

@@ -164,3 +164,39 @@ def test_non_streaming_clients_that_leave_free_everything(tmp_path):
             time.sleep(0.1)
     finally:
         assert server.stop() == 0
+
+
+def test_multi_prompt_completion_that_fails_for_one_prompt_cancels_the_others():
+    """Prompt 1 fails at once; prompt 0's generation (which would run long) is closed, not left running."""
+    from jaxserve.async_engine import RequestFailed
+
+    closed = []
+
+    async def generate(request_id, prompt, params, priority=0):
+        if request_id.endswith("-1"):
+            raise RequestFailed("boom")
+        try:
+            while True:
+                await asyncio.sleep(0.01)
+                yield RequestOutput(request_id, None, prompt, [CompletionOutput(0, "", [], None)], finished=False)
+        finally:
+            closed.append(request_id)
+
+    tokenizer = types.SimpleNamespace(encode=lambda text, add_special_tokens=True: [1, 2], decode=lambda ids: "x")
+    engine = types.SimpleNamespace(validate=lambda ids, p: None, max_model_len=100)
+    state = types.SimpleNamespace(generate=generate, model_name="m", fingerprint="fp", tokenizer=tokenizer,
+                                  check_model=lambda name: None, check_grammar_size=lambda spec: None,
+                                  check_request=lambda ids, p, priority: None, default_max_tokens=lambda n: 16,
+                                  sampling_defaults={}, engine=types.SimpleNamespace(engine=engine))
+    connected = types.SimpleNamespace(is_disconnected=lambda: asyncio.sleep(0, False))
+    req = CompletionRequest(prompt=["a", "b"], max_tokens=5)
+
+    async def run():
+        try:
+            await completions.create_completion(state, req, connected)
+        except RequestFailed:
+            await asyncio.sleep(0.05)  # let the cancelled task finish closing its generator
+            return "failed"
+
+    assert asyncio.run(run()) == "failed"
+    assert len(closed) == 1 and closed[0].endswith("-0")  # prompt 0's stream was closed, not left running
