@@ -62,3 +62,14 @@ def test_streamed_text_never_shows_a_partial_stop_string(tokenizer):
         streamed += p
         assert "brown" not in streamed  # held back until it is clear whether the stop string follows
     assert found == stop and streamed == "Hello world! The quick "
+
+
+def test_a_prompt_cut_inside_a_character_leaks_nothing(tokenizer):
+    """The prompt's last tokens are the decoder's left context; when they end inside a character, none of their
+    bytes may surface in the output."""
+    partial = tokenizer.encode("日本", add_special_tokens=False)[:-1]
+    assert "\ufffd" in tokenizer.decode(partial)
+    d = Detokenizer(tokenizer, partial, [], True, False)
+    for t in tokenizer.encode("Hello world", add_special_tokens=False):
+        d.append(t)
+    assert d.take_delta(True) == d.text == "Hello world"
