@@ -115,7 +115,7 @@ def encode(message: tuple) -> list[bytes]:
             return {"int": int(x)}
         if isinstance(x, (tuple, list)):
             return {"tuple": [layout(v) for v in x]}
-        if type(x).__name__ in _DATACLASSES and isinstance(x, _DATACLASSES[type(x).__name__]):
+        if isinstance(x, (Batch, SamplingBatch)):
             return {"dataclass": type(x).__name__,
                     "fields": {f.name: layout(getattr(x, f.name)) for f in dataclasses.fields(x)}}
         a = np.ascontiguousarray(x)

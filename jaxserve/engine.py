@@ -13,7 +13,6 @@ import time
 import jax
 
 from jaxserve import attention, bad_words, compilation, sharding
-from jaxserve.bad_words import BadWords
 from jaxserve.block_manager import BlockManager
 from jaxserve.detokenizer import Detokenizer
 from jaxserve.distributed import Cluster
@@ -102,7 +101,6 @@ class LLMEngine:
         self._next_seq_id = 0
         self.num_computed_tokens = 0  # tokens run through the model (prefix-cache hits excluded)
         self.step_seconds = 0.0  # wall time in step(); the runner's device_wait_seconds is the part spent waiting
-        self._token_text: dict[int, str] = {}
         self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size)
         self.cluster = cluster
         if cluster is not None and cluster.is_leader:
@@ -132,7 +130,7 @@ class LLMEngine:
             seq = Sequence(self._next_seq_id, request_id, i, prompt_token_ids, params, seed, detok, priority)
             if params.structured_output is not None or params.thinking_token_budget is not None or bad:
                 seq.grammar = GrammarState(self.grammars, params.structured_output, params.reasoning,
-                                           params.thinking_token_budget, BadWords(bad) if bad else None)
+                                           params.thinking_token_budget, bad_words.BadWords(bad) if bad else None)
             seqs.append(seq)
             self._next_seq_id += 1
         self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs,
@@ -281,10 +279,7 @@ class LLMEngine:
         return out
 
     def token_text(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self._token_text[token_id] = self.tokenizer.decode([token_id])
-        return text
+        return self.grammars.token_text(token_id)  # one cache of single-token decodings per engine
 
     def recover(self) -> None:
         """After a failed step: every request is dropped and the device state rebuilt. A step that failed after

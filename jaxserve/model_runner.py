@@ -233,9 +233,9 @@ class ModelRunner:
     def run(self, scheduled: list[tuple[Sequence, int]]):
         """Runs one step. Returns, for each scheduled sequence in order, its sampled token [n], and the logprobs
         (chosen [n], its rank [n], top ids [n, K], top logprobs [n, K]; None when no sequence asked for them);
-        then the prompt logprobs: None in a step
-        where nobody wants them (no extra device work), else per scheduled sequence None or the four arrays
-        over its fed tokens [m], [m], [m, K], [m, K] (row j: the prompt token after its j-th fed token)."""
+        then the prompt logprobs: None in a step where nobody wants them (no extra device work), else per
+        scheduled sequence None or the four arrays over its fed tokens [m], [m], [m, K], [m, K] (row j: the prompt
+        token after its j-th fed token)."""
         for seq, _ in scheduled:
             if seq.slot_fresh:
                 self.init_slot(seq)

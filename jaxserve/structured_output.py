@@ -89,11 +89,11 @@ class StructuredOutput:
             pattern = self.regex if self.regex is not None else "|".join(re.escape(c) for c in self.choice)
             body = "/" + pattern.replace("/", "\\/") + "/"
         end = re.escape(CLOSE).replace("/", "\\/")
-        if reasoning == OPENED:
-            return f"start: think sep answer\nthink[lazy]: /(?s:.*){end}/\nsep: /[ \\n]*/\nanswer: {body}\n"
-        opening = re.escape(OPEN).replace("/", "\\/")
-        return (f"start: answer | think sep answer\nthink[lazy]: /[ \\n]*{opening}(?s:.*){end}/\n"
-                f"sep: /[ \\n]*/\nanswer: {body}\n")
+        if reasoning == OPENED:  # the output starts inside the block
+            start, think = "think sep answer", f"/(?s:.*){end}/"
+        else:
+            start, think = "answer | think sep answer", f"/[ \\n]*{re.escape(OPEN)}(?s:.*){end}/"
+        return f"start: {start}\nthink[lazy]: {think}\nsep: /[ \\n]*/\nanswer: {body}\n"
 
 
 def close_objects(schema):
@@ -160,6 +160,7 @@ class GrammarCompiler:
 
     @functools.lru_cache(maxsize=None)
     def token_text(self, token: int) -> str:
+        """One token decoded alone (logprob alternatives, thinking budgets), cached."""
         return self.tokenizer.decode([token])
 
 

@@ -108,7 +108,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     completion_tokens = sum(len(o.token_ids) for o in out.outputs)
     return ChatCompletion(id=request_id, model=state.model_name, choices=choices,
                           usage=usage(len(prompt), completion_tokens, out.num_cached_tokens),
-                          system_fingerprint=state.fingerprint, prompt_logprobs=prompt_logprobs(out.prompt_logprobs, as_ids),
+                          system_fingerprint=state.fingerprint,
+                          prompt_logprobs=prompt_logprobs(out.prompt_logprobs, as_ids),
                           prompt_token_ids=prompt if req.return_token_ids else None)
 
 

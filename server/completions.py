@@ -15,32 +15,34 @@ from server.protocol import Completion, CompletionChoice, CompletionLogprobs, Co
 from server.state import ServerState
 
 
-def _logprobs(entries, offset: int, as_ids: bool, text: str = "") -> CompletionLogprobs:
-    """The legacy completions logprobs format: parallel lists over the tokens (a None entry: the prompt's first
-    token, which nothing predicts). Offsets count characters of the choice's text from `offset`."""
+def _logprobs(entries, offset: int, as_ids: bool, first: tuple[int, str] | None = None
+              ) -> tuple[CompletionLogprobs, int]:
+    """The legacy completions logprobs format: parallel lists over the tokens, and the offset after them.
+    Offsets count characters of the choice's text from `offset`. first: (token id, text) of the prompt's first
+    token, which nothing predicts (its entry is None)."""
     lp = CompletionLogprobs()
     for entry in entries:
         lp.text_offset.append(offset)
         if entry is None:
-            lp.tokens.append(text)
+            token, text = first
+            lp.tokens.append(token_name(token, text, as_ids))
             lp.token_logprobs.append(None)
             lp.top_logprobs.append(None)
             offset += len(text)
             continue
-        (chosen, first), *_ = entry.items()
-        lp.tokens.append(token_name(chosen, first, as_ids))
-        lp.token_logprobs.append(first.logprob)
-        lp.top_logprobs.append({token_name(t, x, as_ids): x.logprob for t, x in sorted(entry.items(),
-                                                                                         key=lambda e: e[1].rank)})
-        offset += len(first.decoded_token)
-    return lp
+        (chosen, top), *_ = entry.items()
+        lp.tokens.append(token_name(chosen, top.decoded_token, as_ids))
+        lp.token_logprobs.append(top.logprob)
+        lp.top_logprobs.append({token_name(t, x.decoded_token, as_ids): x.logprob
+                                for t, x in sorted(entry.items(), key=lambda e: e[1].rank)})
+        offset += len(top.decoded_token)
+    return lp, offset
 
 
 def _echo_logprobs(out, tokenizer, as_ids: bool) -> CompletionLogprobs:
     """echo with logprobs: the prompt's tokens come first, the first without a logprob (vLLM's behaviour)."""
-    entries = out.prompt_logprobs
-    first = tokenizer.decode(out.prompt_token_ids[:1])
-    return _logprobs(entries, 0, as_ids, text=f"token_id:{out.prompt_token_ids[0]}" if as_ids else first)
+    first = out.prompt_token_ids[0]
+    return _logprobs(out.prompt_logprobs, 0, as_ids, first=(first, tokenizer.decode([first])))[0]
 
 
 def encode_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
@@ -81,7 +83,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, http_req
         for o in out.outputs:
             lp = None
             if o.logprobs is not None:
-                lp = _logprobs(o.logprobs, len(echoes[i]), as_ids)
+                lp, _ = _logprobs(o.logprobs, len(echoes[i]), as_ids)
                 if req.echo:
                     lp = _join(_echo_logprobs(out, tokenizer, as_ids), lp)
             choices.append(CompletionChoice(
@@ -169,9 +171,7 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
                     finished.add(index)
                 lp = None
                 if o.delta_logprobs is not None:
-                    lp = _logprobs(o.delta_logprobs, offsets.get(index, 0), as_ids)
-                    offsets[index] = offsets.get(index, 0) + sum(len(next(iter(e.values())).decoded_token)
-                                                                 for e in o.delta_logprobs)
+                    lp, offsets[index] = _logprobs(o.delta_logprobs, offsets.get(index, 0), as_ids)
                 choice = CompletionChoice(index=index, text=o.delta_text, logprobs=lp, finish_reason=o.finish_reason,
                                           stop_reason=o.stop_reason, **_token_ids(req, None, o.delta_token_ids))
                 # One choice per chunk, as OpenAI streams.

@@ -42,10 +42,10 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usa
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
 
 
-def token_name(token_id: int, lp: Logprob, as_ids: bool) -> str:
+def token_name(token_id: int, text: str, as_ids: bool) -> str:
     """How a logprob names its token: its text, or "token_id:N" with return_tokens_as_token_ids (for tokens
     that are not text on their own, such as half of a UTF-8 character)."""
-    return f"token_id:{token_id}" if as_ids else lp.decoded_token
+    return f"token_id:{token_id}" if as_ids else text
 
 
 def token_logprobs(entries: list[dict[int, Logprob]], top: int, as_ids: bool = False) -> list[TokenLogprob]:
@@ -54,10 +54,10 @@ def token_logprobs(entries: list[dict[int, Logprob]], top: int, as_ids: bool = F
     for entry in entries:
         (chosen, lp), *_ = entry.items()
         tops = sorted(entry.items(), key=lambda x: x[1].rank)[:top]
-        name = token_name(chosen, lp, as_ids)
+        name = token_name(chosen, lp.decoded_token, as_ids)
+        top_names = [(token_name(t, x.decoded_token, as_ids), x) for t, x in tops]
         items.append(TokenLogprob(token=name, logprob=lp.logprob, bytes=_bytes(name), top_logprobs=[
-            TopLogprob(token=token_name(t, x, as_ids), logprob=x.logprob, bytes=_bytes(token_name(t, x, as_ids)))
-            for t, x in tops]))
+            TopLogprob(token=n, logprob=x.logprob, bytes=_bytes(n)) for n, x in top_names]))
     return items
 
 
@@ -66,7 +66,7 @@ def prompt_logprobs(entries: list[dict[int, Logprob] | None] | None, as_ids: boo
     if entries is None:
         return None
     return [None if e is None else {str(t): PromptLogprob(logprob=x.logprob, rank=x.rank,
-                                                          decoded_token=token_name(t, x, as_ids))
+                                                          decoded_token=token_name(t, x.decoded_token, as_ids))
                                     for t, x in e.items()} for e in entries]
 
 

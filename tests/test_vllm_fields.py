@@ -74,6 +74,9 @@ def test_echo_with_logprobs_covers_the_prompt(server):
     assert lp["tokens"][len(ids):] == plain["logprobs"]["tokens"] and choice["text"].endswith(plain["text"])
     assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][len(ids)] == len(choice["text"]) - len(
         plain["text"])
+    as_ids = _ok(server, "/v1/completions", {**body, "return_tokens_as_token_ids": True})["choices"][0]["logprobs"]
+    assert as_ids["text_offset"] == lp["text_offset"]  # offsets count the text, whatever names the tokens
+    assert as_ids["tokens"][0] == f"token_id:{ids[0]}"
     chunks = _events(server, "/v1/completions", {**body, "stream": True})
     first = chunks[0]["choices"][0]
     assert first["text"] == choice["text"][: len(choice["text"]) - len(plain["text"])]
