@@ -83,39 +83,24 @@ def stage_env(report: Report, dry_run: bool) -> bool:
     return True
 
 
-def _paged_inputs(rng, hq, hkv, d, q_lens, kv_lens, page_size=16, dtype=np.float32):
-    """Random q [T, hq, d], pages [hkv, P, page, d] (unused pages hold NaN: they must never be read), tables."""
-    pages_per_seq = max(-(-n // page_size) for n in kv_lens)
-    num_pages = pages_per_seq * len(kv_lens) + 1
-    perm = rng.permutation(num_pages)
-    tables = perm[:pages_per_seq * len(kv_lens)].reshape(len(kv_lens), pages_per_seq).astype(np.int32)
-    k = rng.normal(size=(hkv, num_pages, page_size, d)).astype(dtype)
-    v = rng.normal(size=(hkv, num_pages, page_size, d)).astype(dtype)
-    used = np.zeros((num_pages, page_size), bool)
-    for s, n in enumerate(kv_lens):
-        for pos in range(n):
-            used[tables[s, pos // page_size], pos % page_size] = True
-    k[:, ~used], v[:, ~used] = np.nan, np.nan
-    q = rng.normal(size=(sum(q_lens), hq, d)).astype(dtype)
-    cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    return q, k, v, np.asarray(kv_lens, np.int32), tables, cu, np.array([len(kv_lens)], np.int32)
-
-
 def stage_kernels(report: Report) -> None:
     import jax
     import jax.numpy as jnp
 
     import kernels_pallas
+    from kernels_pallas.random_batch import args, make_batch
 
     rng = np.random.default_rng(0)
     for hq, hkv, d, q_lens, kv_lens in KERNEL_CASES:
         for dtype, tol in ((jnp.float32, 2e-3), (jnp.bfloat16, 5e-2)):
-            args = [jnp.asarray(a) for a in _paged_inputs(rng, hq, hkv, d, q_lens, kv_lens)]
-            args[:3] = [a.astype(dtype) for a in args[:3]]
+            batch = make_batch(rng, q_lens=q_lens, kv_lens=kv_lens, page_size=16, hq=hq, hkv=hkv, d=d, dtype=dtype,
+                               num_tokens=sum(q_lens) + 3, max_seqs=len(q_lens) + 1,
+                               pages_per_seq=max(-(-n // 16) for n in kv_lens))  # with padding tokens and rows
             name = f"hq{hq}_hkv{hkv}_d{d}_q{sum(q_lens)}_{jnp.dtype(dtype).name}"
             try:
                 outs = {b: np.asarray(jax.jit(lambda *a, b=b: kernels_pallas.ragged_paged_attention(
-                    *a, sm_scale=d ** -0.5, backend=b))(*args).astype(jnp.float32)) for b in ("reference", "pallas_gpu")}
+                    *a, sm_scale=d ** -0.5, backend=b))(*args(batch)).astype(jnp.float32))
+                    for b in ("reference", "pallas_gpu")}
                 err = float(np.max(np.abs(outs["pallas_gpu"] - outs["reference"])))
                 finite = bool(np.isfinite(outs["pallas_gpu"]).all())
                 report.write("kernels.attention", case=name, max_abs_err=err, finite=finite, ok=finite and err < tol)
@@ -153,8 +138,7 @@ def _random_model(cfg_dict: dict, dtype):
     """A LoadedModel with random weights made on the device (no host copy of 16 GB) and a word-level tokenizer."""
     import jax
     import jax.numpy as jnp
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from host_overhead import word_tokenizer
 
     from jaxserve.config import ModelConfig
     from jaxserve.loader import LoadedModel
@@ -169,15 +153,12 @@ def _random_model(cfg_dict: dict, dtype):
     def ones(n):
         return jnp.ones((n,), dtype)
 
-    h, q, kv, inter = cfg.hidden_size, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     layers = tuple(Layer(attn_norm=ones(h), wq=w(h, q), wk=w(h, kv), wv=w(h, kv), wo=w(q, h), mlp_norm=ones(h),
                          w_gate=w(h, inter), w_up=w(h, inter), w_down=w(inter, h)) for _ in range(cfg.num_layers))
     params = Params(embed=w(cfg.vocab_size, h), layers=layers, final_norm=ones(h), lm_head=w(h, cfg.vocab_size))
-    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, cfg.vocab_size)}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-    return LoadedModel("llama-3-8b-shaped", cfg, params, tokenizer, (2,), jnp.dtype(dtype))
+    return LoadedModel("llama-3-8b-shaped", cfg, params, word_tokenizer(cfg.vocab_size), (2,), jnp.dtype(dtype))
 
 
 def _admit_computed(engine, batch: int, context: int) -> None:

@@ -20,11 +20,20 @@ import time
 import numpy as np
 
 
+def word_tokenizer(vocab: int):
+    """A word-level tokenizer of `vocab` tokens ("w3", "w4", ...; 0-2 are <unk>, <s>, </s>)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 def make_model(folder: pathlib.Path, vocab: int = 32000, seed: int = 0) -> pathlib.Path:
     """A random Llama checkpoint with a word-level tokenizer of `vocab` tokens (no torch needed)."""
     from safetensors.numpy import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     hidden, inter, layers, heads, kv_heads, head_dim = 64, 128, 2, 4, 2, 16
     rng = np.random.default_rng(seed)
@@ -52,11 +61,7 @@ def make_model(folder: pathlib.Path, vocab: int = 32000, seed: int = 0) -> pathl
               "max_position_embeddings": 1024, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
               "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
     (folder / "config.json").write_text(json.dumps(config))
-    words = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(3, vocab)}
-    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(folder)
+    word_tokenizer(vocab).save_pretrained(folder)
     return folder
 
 

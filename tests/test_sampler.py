@@ -192,3 +192,22 @@ def test_grouped_argmax_takes_the_first_maximum():
     x = np.round(rng.normal(size=(64, 1000)), 1).astype(np.float32)  # ties for the maximum are common
     x[3, :] = -np.inf
     assert np.array_equal(np.asarray(jax.jit(sampler._argmax)(jnp.asarray(x))), np.argmax(x, -1))
+
+
+@pytest.mark.parametrize("top_k", [0, 5])  # drawn over the whole row / among the candidates
+def test_draws_across_groups_match_the_distribution(top_k):
+    """Mass spread over several groups and block edges, masked tokens between: frequencies match, and a masked
+    token never comes out."""
+    vocab, draws = 700, 6000
+    logits = np.full(vocab, -np.inf, np.float32)
+    heavy = [0, 255, 256, 511, 600, 699]
+    logits[heavy] = np.log([0.25, 0.2, 0.15, 0.2, 0.1, 0.1])
+    sb = dataclasses.replace(_batch(draws, slot=0, temperature=1.0, top_k=top_k, seed=[0, 3],
+                                    sample_index=np.arange(draws)),
+                             mask=np.zeros((draws, -(-vocab // 32)), np.int32))
+    tokens, _ = jax.jit(sample)(jnp.tile(jnp.asarray(logits), (draws, 1)), SamplerState.zeros(1, vocab), sb)
+    got = np.bincount(np.asarray(tokens), minlength=vocab) / draws
+    expected = np.where(np.isfinite(logits), np.exp(logits), 0)
+    assert set(np.flatnonzero(got)) <= set(heavy)
+    sigma = np.sqrt(expected * (1 - expected) / draws)
+    assert np.all(np.abs(got - expected) <= 5 * sigma + 1e-9)
