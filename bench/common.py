@@ -85,14 +85,14 @@ class EngineSender:
         return self.engine.stats()["compile_count"]
 
     async def send(self, req: Request):
-        from jaxserve.sampling_params import SamplingParams
+        from jaxserve.sampling_params import RequestOutputKind, SamplingParams
         from jaxserve.structured_output import StructuredOutput
 
         params = SamplingParams(max_tokens=req.max_tokens, temperature=self.temperature, ignore_eos=not req.constrained,
                                 structured_output=StructuredOutput.from_schema(PERSON_SCHEMA) if req.constrained
-                                else None)
+                                else None, output_kind=RequestOutputKind.DELTA)
         async for out in self.engine.generate(f"bench-{next(self._ids)}", req.prompt, params):
-            yield len(out.outputs[0].delta_token_ids)
+            yield len(out.outputs[0].token_ids)
 
     def close(self):
         self.engine.shutdown()

@@ -225,14 +225,15 @@ def _device_step(engine, steps: int) -> float:
     scheduled = [(seq, 1) for seq in engine.scheduler.running]
     for seq, _ in scheduled:
         engine.block_manager.allocate(seq, seq.num_computed_tokens + 1)
-    batch, sampling = runner.build_batch(scheduled)
-    placed, placed_sampling = runner._place_batch(batch), runner._place_sampling(sampling)
-    jax.block_until_ready((placed, placed_sampling))
+    num_tokens, num_seqs = runner._sizes(len(scheduled))
+    step, *_ = runner.inputs.build(scheduled, num_tokens, num_seqs, runner._max_writes(num_tokens))
+    placed = runner._place(step)
+    jax.block_until_ready(placed)
 
     def once():
-        logits, runner.cache, _ = runner._forward(runner.params, runner.cache, placed)
-        tokens, _, runner.sampler_state = runner._sample(logits, runner.sampler_state, placed.token_ids,
-                                                         placed_sampling)
+        logits, runner.cache, runner.tables, _, ids = runner._forward(
+            runner.params, runner.cache, runner.tables, runner.sampler_state.last_token, placed)
+        tokens, _, runner.sampler_state = runner._sample(logits, logits, runner.sampler_state, ids, placed)
         return tokens
 
     jax.block_until_ready(once())

@@ -48,7 +48,6 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}  # touched by callers (add/remove) and the thread (deliver): locked
         self._lock = threading.Lock()
         self._stats = engine.stats()
-        self._generated = 0
         self._window = (time.monotonic(), 0)  # for tokens/s: (start, tokens generated at start)
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
         self._running = True
@@ -164,7 +163,6 @@ class AsyncEngine:
                 self._deliver(request_id, RequestFailed(f"engine step failed: {type(e).__name__}: {e}"))
             return
         for out in outputs:
-            self._generated += sum(len(o.delta_token_ids) for o in out.outputs)
             self._deliver(out.request_id, out)
 
     def _deliver(self, request_id: str, item) -> None:
@@ -179,13 +177,13 @@ class AsyncEngine:
         now = time.monotonic()
         start, base = self._window
         stats = self.engine.stats()
-        stats["generated_tokens"] = self._generated
-        stats["generation_tokens_per_s"] = (self._generated - base) / max(now - start, 1e-9)
+        generated = stats["generated_tokens"]
+        stats["generation_tokens_per_s"] = (generated - base) / max(now - start, 1e-9)
         if now - start > 10:  # a 10 s window; at its end, a status line like vLLM's while there is work
-            if self._generated > base or stats["running"] or stats["waiting"]:
+            if generated > base or stats["running"] or stats["waiting"]:
                 log.info("generation throughput: %.1f tokens/s, running: %d, waiting: %d, KV cache usage: %.1f%%, "
                          "prefix cache hit rate: %.1f%%", stats["generation_tokens_per_s"], stats["running"],
                          stats["waiting"], 100 * (1 - stats["kv_pages_free"] / stats["kv_pages_total"]),
                          100 * stats["prefix_cache_hit_rate"])
-            self._window = (now, self._generated)
+            self._window = (now, generated)
         self._stats = stats

@@ -93,11 +93,11 @@ class BlockManager:
         self.hit_tokens += seq.num_cached_tokens
 
     def register_full_pages(self, seq: Sequence) -> None:
-        """Adds the pages that `seq` has completely computed to the prefix cache."""
+        """Adds the pages that `seq` has completely computed, and whose tokens the host knows, to the prefix cache."""
         if not self.enable_prefix_caching:
             return
         ps = self.page_size
-        for i in range(len(seq.page_keys), seq.num_computed_tokens // ps):
+        for i in range(len(seq.page_keys), min(seq.num_computed_tokens, len(seq.token_ids)) // ps):
             parent = seq.page_keys[-1] if seq.page_keys else root_key(seq.params.cache_salt)
             key = page_key(parent, seq.token_ids[i * ps:(i + 1) * ps])
             seq.page_keys.append(key)

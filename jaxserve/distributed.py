@@ -24,8 +24,7 @@ from multiprocessing.connection import Client, Listener
 import jax
 import numpy as np
 
-from jaxserve.model import Batch
-from jaxserve.sampler import SamplingBatch
+from jaxserve.input_batch import StepInput
 
 log = logging.getLogger("jaxserve")
 
@@ -103,7 +102,7 @@ class Cluster:
                 time.sleep(0.2)
 
 
-_DATACLASSES = {cls.__name__: cls for cls in (Batch, SamplingBatch)}
+_DATACLASSES = {cls.__name__: cls for cls in (StepInput,)}
 
 
 def encode(message: tuple) -> list[bytes]:
@@ -115,7 +114,7 @@ def encode(message: tuple) -> list[bytes]:
             return {"int": int(x)}
         if isinstance(x, (tuple, list)):
             return {"tuple": [layout(v) for v in x]}
-        if isinstance(x, (Batch, SamplingBatch)):
+        if isinstance(x, StepInput):
             return {"dataclass": type(x).__name__,
                     "fields": {f.name: layout(getattr(x, f.name)) for f in dataclasses.fields(x)}}
         a = np.ascontiguousarray(x)

@@ -21,10 +21,10 @@ from jaxserve.model import init_cache
 from jaxserve.model_runner import ModelRunner
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.sampler import NO_TOKEN
-from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from jaxserve.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
 from jaxserve.scheduler import Scheduler
 from jaxserve.structured_output import GrammarCompiler, GrammarState
-from jaxserve.sequence import Sequence, Status
+from jaxserve.sequence import Sequence
 
 log = logging.getLogger("jaxserve")
 
@@ -45,6 +45,7 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"  # or "priority" (scheduler.py)
     compile_cache_dir: str | None = None  # None: <jaxserve cache>/jax-compile; "" turns it off
     warm_up: bool = True
+    async_scheduling: bool = True  # overlap each step with the host's processing of the one before (see step)
 
 
 @dataclasses.dataclass
@@ -99,7 +100,10 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._rng = random.Random(config.seed)
         self._next_seq_id = 0
+        self._launched = None  # the step dispatched last, whose tokens are still on the device
+        self.async_scheduling = config.async_scheduling
         self.num_computed_tokens = 0  # tokens run through the model (prefix-cache hits excluded)
+        self.num_generated_tokens = 0
         self.step_seconds = 0.0  # wall time in step(); the runner's device_wait_seconds is the part spent waiting
         self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size)
         self.cluster = cluster
@@ -127,7 +131,8 @@ class LLMEngine:
             seed = (base ^ (i * 0x9E3779B97F4A7C15)) & (2**63 - 1)  # distinct stream per sample
             detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens,
                                 params.include_stop_str_in_output)
-            seq = Sequence(self._next_seq_id, request_id, i, prompt_token_ids, params, seed, detok, priority)
+            seq = Sequence(self._next_seq_id, request_id, i, prompt_token_ids, params, seed, detok, self.max_model_len,
+                           priority)
             if params.structured_output is not None or params.thinking_token_budget is not None or bad:
                 seq.grammar = GrammarState(self.grammars, params.structured_output, params.reasoning,
                                            params.thinking_token_budget, bad_words.BadWords(bad) if bad else None)
@@ -169,10 +174,11 @@ class LLMEngine:
                 self.scheduler.finish(seq, "abort")
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._launched is not None
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns an output for every request that got new tokens (finished ones are removed)."""
+        """Dispatches the next step and processes the one before; returns an output for every request that got
+        new tokens in that one (finished requests are removed)."""
         started = time.perf_counter()
         try:
             return self._step()
@@ -180,23 +186,47 @@ class LLMEngine:
             self.step_seconds += time.perf_counter() - started
 
     def _step(self) -> list[RequestOutput]:
+        # Step N+1 is scheduled and its forward pass dispatched before step N's tokens are read: a sequence that
+        # sampled in step N feeds a placeholder for that token, resolved on the device. While N+1's forward
+        # runs, the host processes N's tokens; then N+1's sampler goes out with grammar masks that have seen
+        # them. A sequence that N's tokens end has run one step too many: that row is dropped.
         scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
-        tokens, logprobs, prompt_rows = self.runner.run(scheduled)
-        self.num_computed_tokens += sum(n for _, n in scheduled)
+        launched = self.runner.launch(scheduled) if scheduled else None
+        if launched is not None:
+            for seq, n, samples in zip(launched.record.seqs, launched.record.num_tokens, launched.record.samples):
+                seq.num_computed_tokens += n
+                # Pages of known tokens go to the prefix cache now: this step writes them before any later step
+                # can read them.
+                self.block_manager.register_full_pages(seq)
+                if samples and seq.index == 0 and seq.num_output_tokens + seq.num_in_flight == 0:
+                    # Sample 0 has computed the prompt: the other samples join the head of the queue (not its
+                    # tail), so the request's samples run together, ahead of requests that arrived later.
+                    self.scheduler.add_first(self.requests[seq.request_id].seqs[1:])
+                seq.num_in_flight += samples
+        previous, self._launched = self._launched, launched
+        outputs = self._process(previous) if previous is not None else []
+        if launched is not None:
+            self.runner.sample(launched)
+            if not self.async_scheduling:  # each step waits for its own tokens (the same results, no overlap)
+                self._launched = None
+                outputs += self._process(launched)
+        return outputs
+
+    def _process(self, launched) -> list[RequestOutput]:
+        """Reads back a step's tokens and applies them: outputs, stops, prompt logprobs, prefix-cache pages."""
+        tokens, logprobs, prompt_rows = self.runner.results(launched)
+        record = launched.record
         touched: dict[str, _Request] = {}
-        for i, (seq, n) in enumerate(scheduled):
+        for i, (seq, n, start, samples) in enumerate(zip(record.seqs, record.num_tokens, record.starts,
+                                                         record.samples)):
+            if seq.finished:
+                continue  # it ended (or was aborted) after this step was dispatched: its row is dropped
+            self.num_computed_tokens += n
             if prompt_rows is not None and prompt_rows[i] is not None:
-                self._record_prompt_logprobs(seq, prompt_rows[i])
-            seq.num_computed_tokens += n
-            self.block_manager.register_full_pages(seq)
-            if seq.num_computed_tokens < len(seq):
+                self._record_prompt_logprobs(seq, start, prompt_rows[i])
+            if not samples:
                 continue  # a prefill chunk that does not reach the prompt's end samples nothing
-            if seq.index == 0 and seq.num_output_tokens == 0:
-                # At the head of the queue, not its tail: a request's samples are admitted together, in the step
-                # after sample 0's prefill, ahead of requests that arrived later.
-                self.scheduler.add_first(self.requests[seq.request_id].seqs[1:])
+            seq.num_in_flight -= 1
             token = int(tokens[i])
             touched[seq.request_id] = self.requests[seq.request_id]
             if token == NO_TOKEN:
@@ -206,6 +236,8 @@ class LLMEngine:
                 self.scheduler.finish(seq, "error")
                 continue
             seq.token_ids.append(token)  # its K/V is written by the step that feeds it back
+            self.num_generated_tokens += 1
+            self.block_manager.register_full_pages(seq)  # a page whose last token was in flight
             k = seq.params.logprobs
             if k is not None:
                 chosen_lp, chosen_rank, top_ids, top_lps = logprobs
@@ -219,18 +251,20 @@ class LLMEngine:
                 log.exception("request %s failed while processing its output", seq.request_id)
                 seq.error = f"{type(e).__name__}: {e}"
                 self.scheduler.finish(seq, "error")
-        outputs = [self._output(r) for r in touched.values()]
-        for out in outputs:
-            if out.finished:
-                del self.requests[out.request_id]
+        outputs = []
+        for req in touched.values():
+            if all(s.finished for s in req.seqs):
+                del self.requests[req.request_id]
+            out = self._output(req)
+            if out is not None:
+                outputs.append(out)
         return outputs
 
-    def _record_prompt_logprobs(self, seq: Sequence, rows) -> None:
-        """rows: logprobs over this step's fed tokens; row j scores prompt token start + j + 1."""
+    def _record_prompt_logprobs(self, seq: Sequence, start: int, rows) -> None:
+        """rows: logprobs over a step's fed tokens, from position start; row j scores prompt token start + j + 1."""
         chosen, rank, ids, lps = rows
         entries = self.requests[seq.request_id].prompt_logprobs
         k = seq.params.prompt_logprobs
-        start = seq.num_computed_tokens
         for j in range(min(len(chosen), seq.num_prompt_tokens - 1 - start)):
             p = start + j + 1
             entries[p] = self._logprob_entry((seq.token_ids[p], float(chosen[j]), int(rank[j]), ids[j, :k].tolist(),
@@ -246,27 +280,34 @@ class LLMEngine:
             return self.scheduler.finish(seq, "stop", token)
         elif (stop := seq.detokenizer.append(token)) is not None:
             return self.scheduler.finish(seq, "stop", stop)
-        if (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) or len(seq) >= self.max_model_len:
+        if len(seq) >= seq.max_len:
             return self.scheduler.finish(seq, "length")
 
-    def _output(self, req: _Request) -> RequestOutput:
+    def _output(self, req: _Request) -> RequestOutput | None:
+        """The request's output after a step, as its output_kind asks (None: FINAL_ONLY and not finished)."""
+        kind = req.seqs[0].params.output_kind
+        finished = all(s.finished for s in req.seqs)
+        if kind is RequestOutputKind.FINAL_ONLY and not finished:
+            return None
         outs = []
         for s in req.seqs:
             sent, detok = s.num_sent_tokens, s.detokenizer
             delta_text = detok.take_delta(s.finished, s.num_output_tokens)
-            s.num_sent_tokens = detok.num_released  # a token goes out with its text, never before it
-            delta_logprobs = None
+            released = s.num_sent_tokens = detok.num_released  # a token goes out with its text, never before it
+            new_ids = s.token_ids[s.num_prompt_tokens + sent:s.num_prompt_tokens + released]
+            new_logprobs = None
             if s.params.logprobs is not None:
-                delta_logprobs = [self._logprob_entry(s.logprobs[j], detok.piece(j))
-                                  for j in range(sent, detok.num_released)]
-                s.logprob_entries += delta_logprobs
-            outs.append(CompletionOutput(
-                s.index, detok.text, list(s.output_token_ids), s.finish_reason, s.stop_reason,
-                list(s.logprob_entries) if s.params.logprobs is not None else None, delta_text=delta_text,
-                delta_token_ids=s.output_token_ids[sent:detok.num_released], delta_logprobs=delta_logprobs,
-                error=s.error, error_invalid=s.error_invalid))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs,
-                             finished=all(s.finished for s in req.seqs),
+                new_logprobs = [self._logprob_entry(s.logprobs[j], detok.piece(j)) for j in range(sent, released)]
+            if kind is RequestOutputKind.DELTA:
+                text, ids, logprobs = delta_text, new_ids, new_logprobs
+            else:
+                if new_logprobs is not None:
+                    s.logprob_entries += new_logprobs
+                text, ids = detok.text, s.output_token_ids
+                logprobs = list(s.logprob_entries) if s.params.logprobs is not None else None
+            outs.append(CompletionOutput(s.index, text, ids, s.finish_reason, s.stop_reason, logprobs, error=s.error,
+                                         error_invalid=s.error_invalid))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=finished,
                              num_cached_tokens=req.seqs[0].num_cached_tokens, prompt_logprobs=req.prompt_logprobs)
 
     def _logprob_entry(self, entry, text: str | None = None) -> dict[int, Logprob]:
@@ -286,6 +327,7 @@ class LLMEngine:
         its buffers were donated leaves the KV cache unusable, and with it every cached prefix."""
         for request_id in list(self.requests):
             self.abort(request_id)
+        self._launched = None
         self.block_manager = BlockManager(self.block_manager.num_pages, self.block_manager.page_size,
                                           self.block_manager.enable_prefix_caching)
         self.scheduler.blocks = self.block_manager
@@ -311,6 +353,7 @@ class LLMEngine:
             "prefix_cache_hit_tokens": self.block_manager.hit_tokens,
             "prefix_cache_queried_tokens": self.block_manager.queried_tokens,
             "computed_tokens": self.num_computed_tokens,
+            "generated_tokens": self.num_generated_tokens,
             "compile_count": compilation.compile_count(),
             # Host work per step vs time blocked on the device: while steps do not overlap, the device idles
             # for the host part.

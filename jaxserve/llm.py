@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterator
 from collections.abc import Sequence as Seq
@@ -12,7 +13,7 @@ from jaxserve import chat_template as templating
 from jaxserve import tool_parsers
 from jaxserve.engine import EngineConfig, LLMEngine
 from jaxserve.outputs import ChatMessage, ChatOutput, RequestOutput
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 
 _ENGINE_FIELDS = {f.name for f in EngineConfig.__dataclass_fields__.values()}
 
@@ -39,6 +40,7 @@ class LLM:
             prompts = [prompts]
         params = sampling_params or self.get_default_sampling_params()
         params = list(params) if isinstance(params, Seq) else [params] * len(prompts)
+        params = [dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params]
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
         priority = list(priority) if priority is not None else [0] * len(prompts)
@@ -100,13 +102,15 @@ class LLM:
             prompt = self._encode_chat(prompt)
         text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, list(prompt))
         rid = f"offline-{next(self._ids)}"
-        self.engine.add_request(rid, ids, sampling_params or self.get_default_sampling_params(), prompt=text)
+        params = dataclasses.replace(sampling_params or self.get_default_sampling_params(),
+                                     output_kind=RequestOutputKind.DELTA)
+        self.engine.add_request(rid, ids, params, prompt=text)
         try:
             while True:
                 for out in self.engine.step():
                     if out.request_id == rid:
-                        if out.outputs[0].delta_text:
-                            yield out.outputs[0].delta_text
+                        if out.outputs[0].text:
+                            yield out.outputs[0].text
                         if out.finished:
                             return
         finally:

@@ -1,12 +1,15 @@
-"""Turns a scheduled step into device work: pad to a bucket, run the model, then the sampler; return token ids.
+"""Turns a scheduled step into device work: run the model, then the sampler; hand back token ids on the device.
 
-A step is two jitted calls. The model's forward pass is dispatched first and runs while the host fills the
-grammar masks of constrained requests (llguidance, on the host); then the sampler runs on the logits, which stay
-on the device.
+A step is two jitted calls, dispatched without waiting for the step before: the model's forward pass (which
+first applies the step's updates to the per-slot state, input_batch.py), then the sampler on the logits, which
+stay on the device. Between the two the host reads back the previous step's tokens and processes them, so the
+grammar masks of constrained sequences (filled on the host by llguidance) can be computed from every token up
+to the previous step and still reach this step's sampler.
 
 Shapes come from a fixed ladder of token-count buckets (1, 8, 16, 32, ... up to the token budget); the
 sequence count is tied to the token bucket (min(tokens, max_num_seqs)) so there is one compile per rung,
-all done by `warm_up` before serving. The KV cache is donated to each step so XLA updates it in place.
+all done by `warm_up` before serving. The KV cache and the per-slot state are donated to each call so XLA
+updates them in place.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from jaxserve import model as model_lib
 from jaxserve import sharding
 from jaxserve.attention import Backend
 from jaxserve.config import ModelConfig
-from jaxserve.sampler import (SamplerState, SamplingBatch, fill_grammar_masks, init_slot, logprobs_of, record_tokens,
-                              sample, slot_rows)
+from jaxserve.input_batch import (FRESH, RESET_COUNTS, ROW_PARAMS, SAMPLES, SLOT, InputBatch, Scheduled, StepInput,
+                                  model_batch, num_table_writes, write_tables)
+from jaxserve.sampler import (SamplerState, admit, apply_masks, finish_rows, init_slot, logprobs_of, record_tokens,
+                              rows_of, sample, slot_rows)
 from jaxserve.sequence import Sequence
 
 # Measured with SmolLM2 on 2 CPU cores: XLA's CPU dot is a bandwidth-bound matrix-vector product for one row
@@ -51,11 +56,15 @@ def token_buckets(max_num_batched_tokens: int) -> list[int]:
 PROMPT_LOGPROB_ROWS = 64
 
 
-def _forward(params, cache, batch, cfg, backend):
-    """The model step. Also returns the last layer's output of every token [T, hidden]: it stays on the device,
-    read only by `_prompt_logprobs` in steps where a request asked for them."""
+def _forward(params, cache, tables, last_token, step: StepInput, cfg, backend):
+    """The model step: the step's block-table writes, then the forward pass. Returns each row's logits [S, V], the
+    cache and tables, the last layer's output of every token [T, hidden] (it stays on the device, read only by
+    `_prompt_logprobs` in steps where a request asked for them) and the fed token ids [T], placeholders resolved."""
+    tables = write_tables(tables, step.table_writes)
+    batch = model_batch(step, tables, last_token, cache.page_size)
     hidden, cache = model_lib.hidden_states(params, cache, batch, cfg, backend)
-    return model_lib.final_logits(params, hidden[batch.logits_indices], cfg), cache, hidden
+    logits = model_lib.final_logits(params, hidden[batch.logits_indices], cfg)
+    return logits, cache, tables, hidden, batch.token_ids
 
 
 def _prompt_logprobs(params, hidden, targets, cfg):
@@ -70,33 +79,37 @@ def _prompt_logprobs(params, hidden, targets, cfg):
     return jax.tree.map(lambda a: a[:, 0], out)
 
 
-def _prompt_targets(scheduled: list[tuple[Sequence, int]], num_tokens: int) -> np.ndarray:
-    """[num_tokens] int32: the token that follows each fed token. The last fed token's successor may not be
-    sampled yet (or lie past the end): 0 there, never read."""
-    targets = np.zeros(num_tokens, np.int32)
-    t = 0
-    for seq, n in scheduled:
-        start = seq.num_computed_tokens
-        following = seq.token_ids[start + 1:start + n + 1]
-        targets[t:t + len(following)] = following
-        t += n
-    return targets
+def _sample(logits, raw, state: SamplerState, token_ids, step: StepInput):
+    """The sampler step: admit this step's fresh rows, count the fed output tokens [T] (for penalties, before
+    sampling), draw one token per row from logits [S, V] (raw: before grammar masks, for logprobs), and keep each
+    sampling row's token in its slot for the next step's placeholder."""
+    rows = step.rows
+    s, n = rows.shape[0], state.counts.shape[0]
+    slot = rows[:, SLOT]
+    fresh = jnp.where((rows[:, FRESH] == 1) & (slot >= 0), slot, n)
+    state = admit(state, fresh, step.row_params, rows[:, ROW_PARAMS:], rows[:, RESET_COUNTS] == 1)
+    row_slot = jnp.where(slot >= 0, slot, n)
+    token_slot = jnp.where(step.token_rows < s, row_slot[jnp.minimum(step.token_rows, s - 1)], n)
+    state = record_tokens(state, token_ids, token_slot, step.positions)
+    tokens, logprobs = sample(logits, state, rows_of(state, jnp.minimum(row_slot, n - 1), slot >= 0), raw)
+    state = finish_rows(state, row_slot, rows[:, SAMPLES] == 1, tokens)
+    return tokens, logprobs, state
 
 
-def _split_rows(scheduled: list[tuple[Sequence, int]], wanted: list[bool], arrays: list[np.ndarray]):
-    """Per scheduled sequence: None, or its slice of each [T, ...] array where it wanted prompt logprobs."""
-    out, t = [], 0
-    for (_, n), want in zip(scheduled, wanted):
-        out.append(tuple(a[t:t + n] for a in arrays) if want else None)
-        t += n
-    return out
+# Grammar masks go to the device for the constrained rows only, padded to this many rows (or to the whole
+# batch when more are constrained): two small programs per bucket.
+MASK_ROWS = 8
 
 
-def _sample(logits, sampler_state, token_ids, sampling):
-    """logits: [S, V]; token_ids: [T], this step's fed tokens (counted for penalties before sampling)."""
-    sampler_state = record_tokens(sampler_state, token_ids, sampling)
-    tokens, logprobs = sample(logits, sampler_state, sampling)
-    return tokens, logprobs, sampler_state
+@dataclasses.dataclass
+class Launched:
+    """A dispatched step: the host's record of it and its outputs, still on the device."""
+
+    record: Scheduled
+    wanted: list[bool]  # per row: sample 0 of a request that wants prompt logprobs
+    prompt: tuple | None = None  # prompt logprobs over the fed tokens (device arrays)
+    tokens: jax.Array | None = None  # [S]
+    logprobs: tuple | None = None
 
 
 class ModelRunner:
@@ -110,21 +123,25 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.buckets = token_buckets(max_num_batched_tokens)
         self.mesh = mesh
+        self.inputs = InputBatch(cache.page_size)
         rep = sharding.replicated(mesh)
+        self.tables = jnp.zeros((max_num_seqs, pages_per_seq), jnp.int32, device=rep)
         self.sampler_state = SamplerState.zeros(max_num_seqs, cfg.vocab_size, rep)
         # Pinning the state's output shardings to its input shardings keeps every step on one compiled program.
-        state_shardings = (jax.tree.map(lambda x: x.sharding, cache), jax.tree.map(lambda x: x.sharding,
-                                                                                    self.sampler_state))
+        cache_shardings = jax.tree.map(lambda x: x.sharding, cache)
+        state_shardings = jax.tree.map(lambda x: x.sharding, self.sampler_state)
         # The hidden states keep whatever placement XLA gives them (None): they never leave the device.
-        self._forward = jax.jit(functools.partial(_forward, cfg=cfg, backend=backend), donate_argnums=(1,),
-                                out_shardings=(rep, state_shardings[0], None))
+        self._forward = jax.jit(functools.partial(_forward, cfg=cfg, backend=backend), donate_argnums=(1, 2),
+                                out_shardings=(rep, cache_shardings, rep, None, None))
         self._prompt_logprobs = jax.jit(functools.partial(_prompt_logprobs, cfg=cfg), out_shardings=rep)
-        self._sample = jax.jit(_sample, donate_argnums=(1,), out_shardings=(rep, rep, state_shardings[1]))
-        self._pending = None  # (logits, placed token ids, hidden states) between a step's forward and sample calls
+        self._masks = jax.jit(apply_masks, out_shardings=rep)
+        self._sample = jax.jit(_sample, donate_argnums=(2,), out_shardings=(rep, rep, state_shardings))
+        self._init_slot = jax.jit(init_slot, donate_argnums=(0,), out_shardings=state_shardings)
+        self._write_tables = jax.jit(write_tables, donate_argnums=(0,), out_shardings=rep)
+        self._pending = None  # (logits, fed token ids, hidden states, step input) between forward and sample
         # Shapes and shardings of the device state, to rebuild it after a failed step (donated buffers are gone).
         self._shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                    (cache, self.sampler_state))
-        self._init_slot = jax.jit(init_slot, donate_argnums=(0,), out_shardings=state_shardings[1])
+                                    (cache, self.tables, self.sampler_state))
         self.device_wait_seconds = 0.0  # host time spent blocked on step results (the device still busy)
         self.peers = None  # with several processes, the leader's channel to the followers (distributed.py)
 
@@ -132,57 +149,37 @@ class ModelRunner:
         tokens = next(b for b in self.buckets if b >= num_tokens)
         return tokens, min(tokens, self.max_num_seqs)
 
-    def build_batch(self, scheduled: list[tuple[Sequence, int]], pad_to: int = 0) -> tuple[model_lib.Batch, SamplingBatch]:
-        """Host-side numpy arrays for one step (padding: slot -1, zero-length sequences)."""
-        num_tokens, num_seqs = self._sizes(max(pad_to, sum(n for _, n in scheduled)))
-        page_size = self.cache.page_size
-        token_ids = np.zeros(num_tokens, np.int32)
-        positions = np.zeros(num_tokens, np.int32)
-        slots = np.full(num_tokens, -1, np.int32)
-        kv_lens = np.zeros(num_seqs, np.int32)
-        tables = np.zeros((num_seqs, self.pages_per_seq), np.int32)
-        cu = np.zeros(num_seqs + 1, np.int32)
-        last = np.zeros(num_seqs, np.int32)
-        t = 0
-        for i, (seq, n) in enumerate(scheduled):
-            start = seq.num_computed_tokens
-            pos = np.arange(start, start + n)
-            table = np.asarray(seq.block_table, np.int32)
-            token_ids[t:t + n] = seq.token_ids[start:start + n]
-            positions[t:t + n] = pos
-            slots[t:t + n] = table[pos // page_size] * page_size + pos % page_size
-            kv_lens[i] = start + n
-            tables[i, :len(table)] = table
-            t += n
-            cu[i + 1] = t
-            last[i] = t - 1
-        cu[len(scheduled) + 1:] = t
-        batch = model_lib.Batch(token_ids, positions, slots, kv_lens, tables, cu,
-                                np.array([len(scheduled)], np.int32), last)
-        return batch, SamplingBatch.build(scheduled, num_seqs, num_tokens, self.max_num_seqs,
-                                          -(-self.cfg.vocab_size // 32))
+    def _max_writes(self, num_tokens: int) -> int:
+        return num_table_writes(num_tokens, min(num_tokens, self.max_num_seqs), self.cache.page_size)
 
-    def _place_batch(self, batch: model_lib.Batch) -> model_lib.Batch:
-        """Token-level arrays split over the mesh's `data` axis, per-sequence metadata replicated; built shard by
-        shard from host arrays that every process holds, so it also works across processes."""
-        tok = sharding.sharding_for(self.mesh, ("tokens",), batch.token_ids.shape)
+    def _place(self, step: StepInput) -> StepInput:
+        """Token-level arrays split over the mesh's `data` axis, per-row data replicated; built shard by shard
+        from host arrays that every process holds, so it also works across processes."""
+        tok = sharding.sharding_for(self.mesh, ("tokens",), step.token_ids.shape)
         rep = sharding.replicated(self.mesh)
-        return sharding.put_tree(batch, model_lib.Batch(tok, tok, tok, rep, rep, rep, rep, rep))
-
-    def _place_sampling(self, sampling: SamplingBatch) -> SamplingBatch:
-        tok = sharding.sharding_for(self.mesh, ("tokens",), sampling.token_slot.shape)
-        rep = sharding.replicated(self.mesh)
-        shardings = dataclasses.replace(jax.tree.map(lambda _: rep, sampling), token_slot=tok, token_is_prompt=tok)
-        return sharding.put_tree(sampling, shardings)
+        return sharding.put_tree(step, StepInput(tok, tok, tok, rep, rep, rep))
 
     # --- the only places that launch device work; with several processes the followers mirror them ---
 
-    def _device_forward(self, batch: model_lib.Batch) -> None:
+    def _device_write_tables(self, writes: np.ndarray) -> None:
         if self.peers is not None:
-            self.peers.send(("forward", batch))
-        placed = self._place_batch(batch)
-        logits, self.cache, hidden = self._forward(self.params, self.cache, placed)
-        self._pending = (logits, placed.token_ids, hidden)
+            self.peers.send(("write_tables", writes))
+        self.tables = self._write_tables(self.tables, sharding.put(writes, sharding.replicated(self.mesh)))
+
+    def _device_init_slot(self, slot: int, rows: tuple[np.ndarray, ...]) -> None:
+        if self.peers is not None:
+            self.peers.send(("init_slot", slot, rows))
+        rep = sharding.replicated(self.mesh)
+        args = [sharding.put(np.asarray(x), rep) for x in (np.int32(slot), *rows)]
+        self.sampler_state = self._init_slot(self.sampler_state, *args)
+
+    def _device_forward(self, step: StepInput) -> None:
+        if self.peers is not None:
+            self.peers.send(("forward", step))
+        placed = self._place(step)
+        logits, self.cache, self.tables, hidden, token_ids = self._forward(
+            self.params, self.cache, self.tables, self.sampler_state.last_token, placed)
+        self._pending = (logits, token_ids, hidden, placed)
 
     def _device_prompt_logprobs(self, targets: np.ndarray):
         """Between a step's forward and sample: logprobs of targets [T] under each fed token's distribution."""
@@ -192,27 +189,24 @@ class ModelRunner:
         tok = sharding.sharding_for(self.mesh, ("tokens",), targets.shape)
         return self._prompt_logprobs(self.params, hidden, sharding.put(targets, tok))
 
-    def _device_sample(self, sampling: SamplingBatch):
+    def _device_sample(self, mask_rows: np.ndarray | None = None, masks: np.ndarray | None = None):
+        """mask_rows [M], masks [M, W]: the grammar masks of the constrained rows (None: no row is)."""
         if self.peers is not None:
-            self.peers.send(("sample", sampling))
-        logits, token_ids, _ = self._pending
+            self.peers.send(("sample",) if masks is None else ("sample", mask_rows, masks))
+        logits, token_ids, _, placed = self._pending
         self._pending = None
-        tokens, logprobs, self.sampler_state = self._sample(logits, self.sampler_state, token_ids,
-                                                            self._place_sampling(sampling))
+        raw = logits
+        if masks is not None:
+            rep = sharding.replicated(self.mesh)
+            logits = self._masks(logits, sharding.put(mask_rows, rep), sharding.put(masks, rep))
+        tokens, logprobs, self.sampler_state = self._sample(logits, raw, self.sampler_state, token_ids, placed)
         return tokens, logprobs
-
-    def _device_init_slot(self, slot: int, rows: tuple[np.ndarray, ...]) -> None:
-        if self.peers is not None:
-            self.peers.send(("init_slot", slot, rows))
-        rep = sharding.replicated(self.mesh)
-        args = [sharding.put(np.asarray(x), rep) for x in (np.int32(slot), *rows)]
-        self.sampler_state = self._init_slot(self.sampler_state, *args)
 
     def follow(self, channel) -> None:
         """Follower processes: make the leader's device calls, in its order, until it says stop."""
         calls = {"forward": self._device_forward, "prompt_logprobs": self._device_prompt_logprobs,
                  "sample": self._device_sample, "init_slot": self._device_init_slot,
-                 "reset": self.reset_device_state}
+                 "write_tables": self._device_write_tables, "reset": self.reset_device_state}
         while True:
             kind, *args = channel.recv()
             if kind == "stop":
@@ -220,50 +214,97 @@ class ModelRunner:
             calls[kind](*args)
 
     def reset_device_state(self) -> None:
-        """Fresh (zeroed) KV cache and sampler state with the same shapes and placement (on every process)."""
+        """Fresh (zeroed) KV cache, block tables and sampler state with the same shapes and placement (on every
+        process)."""
         if self.peers is not None:
             self.peers.send(("reset",))
-        self.cache = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self._shapes[0])
-        self.sampler_state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self._shapes[1])
+        self.cache, self.tables, self.sampler_state = jax.tree.map(
+            lambda x: jnp.zeros(x.shape, x.dtype, device=x.sharding), self._shapes)
         self._pending = None
 
-    def init_slot(self, seq: Sequence) -> None:
-        self._device_init_slot(seq.slot, slot_rows(seq, self.cfg.vocab_size, self.eos_token_ids))
+    # --- one step, in two halves ---
 
-    def run(self, scheduled: list[tuple[Sequence, int]]):
-        """Runs one step. Returns, for each scheduled sequence in order, its sampled token [n], and the logprobs
-        (chosen [n], its rank [n], top ids [n, K], top logprobs [n, K]; None when no sequence asked for them);
-        then the prompt logprobs: None in a step where nobody wants them (no extra device work), else per
-        scheduled sequence None or the four arrays over its fed tokens [m], [m], [m, K], [m, K] (row j: the prompt
-        token after its j-th fed token)."""
-        for seq, _ in scheduled:
-            if seq.slot_fresh:
-                self.init_slot(seq)
-                seq.slot_fresh = False
-        batch, sampling = self.build_batch(scheduled)
-        self._device_forward(batch)  # asynchronous: the masks below are computed while it runs
+    def launch(self, scheduled: list[tuple[Sequence, int]]) -> Launched:
+        """Dispatches the step's forward pass (and its prompt logprobs) without waiting for anything; the
+        sequences' state on the host is not touched beyond what was sent (see `Scheduled`)."""
+        num_tokens, num_seqs = self._sizes(sum(n for _, n in scheduled))
+        max_writes = self._max_writes(num_tokens)
+        step, extra, record, dense = self.inputs.build(scheduled, num_tokens, num_seqs, max_writes)
+        overflow = self._max_writes(self.buckets[-1])
+        for i in range(0, len(extra), overflow):  # many pages at once: a long cached prefix admitted
+            chunk = np.full((overflow, 3), -1, np.int32)
+            chunk[:len(extra[i:i + overflow])] = extra[i:i + overflow]
+            self._device_write_tables(chunk)
+        for seq in dense:
+            self._device_init_slot(seq.slot, slot_rows(seq, self.cfg.vocab_size, self.eos_token_ids))
+        self._device_forward(step)
         wanted = [seq.needs_prompt_logprobs for seq, _ in scheduled]
-        prompt = self._device_prompt_logprobs(_prompt_targets(scheduled, len(batch.token_ids))) if any(wanted) else None
-        fill_grammar_masks(sampling, scheduled)
-        tokens, logprobs = self._device_sample(sampling)
-        n = len(scheduled)
+        launched = Launched(record, wanted)
+        if any(wanted):
+            targets = np.zeros(num_tokens, np.int32)
+            t = 0
+            for seq, n, start in zip(record.seqs, record.num_tokens, record.starts):
+                following = seq.token_ids[start + 1:start + n + 1]  # a sampled successor is not a prompt target
+                targets[t:t + len(following)] = following
+                t += n
+            launched.prompt = self._device_prompt_logprobs(targets)
+        return launched
+
+    def sample(self, launched: Launched) -> None:
+        """Dispatches the step's sampler, with the grammar masks of its constrained rows as their grammars
+        stand now (every token up to the previous step accepted)."""
+        record = launched.record
+        constrained = [i for i, (seq, samples) in enumerate(zip(record.seqs, record.samples))
+                       if samples and seq.grammar is not None and not seq.finished]
+        masks = rows = None
+        if constrained:
+            num_seqs = self._sizes(sum(record.num_tokens))[1]
+            m = min(num_seqs, MASK_ROWS) if len(constrained) <= MASK_ROWS else num_seqs
+            masks = np.zeros((m, -(-self.cfg.vocab_size // 32)), np.int32)
+            rows = np.full(m, num_seqs, np.int32)
+            for j, i in enumerate(constrained):
+                if record.seqs[i].grammar.fill(masks[j]):
+                    rows[j] = i
+        launched.tokens, launched.logprobs = self._device_sample(rows, masks)
+
+    def results(self, launched: Launched):
+        """Waits for a sampled step. Returns, for each scheduled sequence in order, its sampled token [n], and the
+        logprobs (chosen [n], its rank [n], top ids [n, K], top logprobs [n, K]; None when no sequence asked for
+        them); then the prompt logprobs: None in a step where nobody wants them, else per scheduled sequence
+        None or the four arrays over its fed tokens [m], [m], [m, K], [m, K] (row j: the prompt token after its
+        j-th fed token)."""
+        record = launched.record
+        n = len(record.seqs)
         waited = time.perf_counter()  # from here the host only waits for the device's results
-        if prompt is not None:
-            prompt = _split_rows(scheduled, wanted, [sharding.host(x) for x in prompt])
+        tokens = sharding.host(launched.tokens)[:n]
         # Logprob arrays cross to the host only in steps where some sequence asked for them.
-        wants = any(seq.params.logprobs is not None for seq, _ in scheduled)
-        out = sharding.host(tokens)[:n], tuple(sharding.host(x)[:n] for x in logprobs) if wants else None, prompt
+        wants = any(seq.params.logprobs is not None for seq in record.seqs)
+        logprobs = tuple(sharding.host(x)[:n] for x in launched.logprobs) if wants else None
+        prompt = None
+        if launched.prompt is not None:
+            arrays = [sharding.host(x) for x in launched.prompt]
+            prompt, t = [], 0
+            for m, want in zip(record.num_tokens, launched.wanted):
+                prompt.append(tuple(a[t:t + m] for a in arrays) if want else None)
+                t += m
         self.device_wait_seconds += time.perf_counter() - waited
-        return out
+        return tokens, logprobs, prompt
 
     def warm_up(self, progress: bool = True) -> None:
-        """Compiles every bucket with an all-padding batch (it writes nothing and reads nothing)."""
+        """Compiles every bucket with an all-padding step (it writes nothing and reads nothing)."""
+        words = -(-self.cfg.vocab_size // 32)
         for size in tqdm(self.buckets, desc="Compiling step buckets", unit="bucket", disable=not progress):
-            batch, sampling = self.build_batch([], pad_to=size)
-            self._device_forward(batch)
-            jax.block_until_ready(self._device_prompt_logprobs(np.zeros(size, np.int32)))
-            tokens, _ = self._device_sample(sampling)
-            jax.block_until_ready(tokens)
+            num_tokens, num_seqs = self._sizes(size)
+            for m in sorted({0, min(num_seqs, MASK_ROWS), num_seqs}):
+                step, *_ = self.inputs.build([], num_tokens, num_seqs, self._max_writes(num_tokens))
+                self._device_forward(step)
+                if m == 0:
+                    jax.block_until_ready(self._device_prompt_logprobs(np.zeros(num_tokens, np.int32)))
+                    tokens, _ = self._device_sample()
+                else:
+                    tokens, _ = self._device_sample(np.full(m, num_seqs, np.int32), np.zeros((m, words), np.int32))
+                jax.block_until_ready(tokens)
         vocab = self.cfg.vocab_size
         self._device_init_slot(0, (np.zeros(vocab, np.int32), np.zeros(vocab, np.bool_), np.zeros(vocab, np.float32),
                                    np.zeros(vocab, np.bool_)))
+        self._device_write_tables(np.full((self._max_writes(self.buckets[-1]), 3), -1, np.int32))

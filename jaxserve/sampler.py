@@ -3,10 +3,12 @@
 Order, as vLLM: raw logprobs are taken from the model's logits; then min_tokens (stop ids masked), logit bias
 with allowed/banned ids, repetition/frequency/presence penalties, temperature, min-p, top-k/top-p, and the draw.
 
-Per-request state that would be costly to send every step lives on device in `SamplerState`, one row per
-scheduler slot: output-token counts and the prompt's token set (for penalties), a bias row and a stop-id row.
-A slot's rows are written when its sequence is admitted (`init_slot`, with what the host knows: the prompt, and
-the output tokens already in cached pages); then its counts grow with the output tokens each step feeds the
+Per-request state lives on the device in `SamplerState`, one row per scheduler slot, for as long as the
+sequence runs: its sampling parameters (written by `admit` in the step that first runs it), how many tokens it
+has sampled and the last of them (which the next step feeds back before the host has seen it), output-token
+counts and the prompt's token set (penalties), a bias row and a stop-id row. The [V] rows are written by a
+separate `init_slot` only for requests that use them (bias, repetition penalty, min_tokens, or output tokens in
+cached pages); otherwise admission only zeroes the counts. Counts grow with the output tokens each step feeds the
 model, so a token sampled in one step is counted when it is fed back in the next, before that step samples.
 
 Each request's random stream is a function of its own seed and the index of the token being sampled, so its
@@ -19,13 +21,16 @@ behind `lax.cond`, so a batch that does not ask for it does not pay for it.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.sampling_params import MAX_LOGPROBS
-from jaxserve.sequence import Sequence
+from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
+
+if TYPE_CHECKING:
+    from jaxserve.sequence import Sequence
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily, as in vLLM
 NO_TOKEN = -1  # sampled for a row where every token was masked out
@@ -34,17 +39,53 @@ NO_TOKEN = -1  # sampled for a row where every token was masked out
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplerState:
+    """Per scheduler slot, on the device for as long as its sequence runs."""
+
     counts: jax.Array  # [slots, V] int32: how often each token occurs in the sequence's output so far
     in_prompt: jax.Array  # [slots, V] bool: tokens of the prompt (repetition penalty)
     bias: jax.Array  # [slots, V] float32: logit_bias, -inf for banned / not allowed ids
     stop_ids: jax.Array  # [slots, V] bool: EOS and stop_token_ids, masked while min_tokens is not reached
+    floats: jax.Array  # [slots, len(FLOAT_PARAMS)] float32: the request's sampling parameters
+    ints: jax.Array  # [slots, len(INT_PARAMS)] int32: more of them, and the slot's progress
+    last_token: jax.Array  # [slots] int32: the token the slot sampled last (what a placeholder stands for)
 
     @classmethod
     def zeros(cls, slots: int, vocab: int, sharding=None) -> "SamplerState":
-        def z(dtype):
-            return jnp.zeros((slots, vocab), dtype, device=sharding)
+        def z(shape, dtype):
+            return jnp.zeros(shape, dtype, device=sharding)
 
-        return cls(z(jnp.int32), z(jnp.bool_), z(jnp.float32), z(jnp.bool_))
+        return cls(z((slots, vocab), jnp.int32), z((slots, vocab), jnp.bool_), z((slots, vocab), jnp.float32),
+                   z((slots, vocab), jnp.bool_), z((slots, len(FLOAT_PARAMS)), jnp.float32),
+                   z((slots, len(INT_PARAMS)), jnp.int32), z((slots,), jnp.int32))
+
+
+# A slot's parameters, as columns of SamplerState.floats / .ints (and of the step rows that admit a sequence).
+FLOAT_PARAMS = ("temperature", "top_p", "min_p", "presence", "frequency", "repetition")
+# num_output: tokens the slot has sampled (the index of its next sample; min_tokens); num_prompt: where its
+# output starts (fed tokens before it are not counted for penalties); seed_hi/lo: the request seed's words.
+INT_PARAMS = ("top_k", "min_tokens", "use_bias", "want_logprobs", "seed_hi", "seed_lo", "num_output", "num_prompt")
+_F = {name: i for i, name in enumerate(FLOAT_PARAMS)}
+_I = {name: i for i, name in enumerate(INT_PARAMS)}
+
+
+def slot_params(params: SamplingParams, seed: int) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """A request's FLOAT_PARAMS and the fixed part of its INT_PARAMS (num_output and num_prompt are the
+    sequence's, set at admission). The seed's words are stored as int32 bit patterns."""
+    # Below GREEDY_BELOW a draw is greedy anyway, and logits / 1e-40 overflow float32 to inf.
+    temperature = params.temperature if params.temperature >= GREEDY_BELOW else 0.0
+    floats = (temperature, params.top_p, params.min_p, params.presence_penalty, params.frequency_penalty,
+              params.repetition_penalty)
+    hi, lo = ((seed >> 32) & 0xFFFFFFFF, seed & 0xFFFFFFFF)
+    ints = (params.top_k, params.min_tokens, int(params.needs_bias_row), int(params.logprobs is not None),
+            hi - (hi >> 31 << 32), lo - (lo >> 31 << 32))
+    return floats, ints
+
+
+def needs_dense_rows(seq: Sequence) -> bool:
+    """Whether admitting `seq` needs its [V] rows written (`slot_rows`), rather than only its counts zeroed."""
+    p = seq.params
+    return (p.needs_bias_row or p.repetition_penalty != 1 or p.min_tokens > 0
+            or seq.num_computed_tokens > seq.num_prompt_tokens)
 
 
 def slot_rows(seq: Sequence, vocab: int, eos_ids) -> tuple[np.ndarray, ...]:
@@ -68,14 +109,35 @@ def slot_rows(seq: Sequence, vocab: int, eos_ids) -> tuple[np.ndarray, ...]:
 
 
 def init_slot(state: SamplerState, slot, counts, in_prompt, bias, stop_ids) -> SamplerState:
-    """Writes a newly admitted sequence's rows (jitted once; the state is donated)."""
-    return SamplerState(counts=state.counts.at[slot].set(counts), in_prompt=state.in_prompt.at[slot].set(in_prompt),
-                        bias=state.bias.at[slot].set(bias), stop_ids=state.stop_ids.at[slot].set(stop_ids))
+    """Writes a newly admitted sequence's [V] rows (jitted once; the state is donated)."""
+    return dataclasses.replace(state, counts=state.counts.at[slot].set(counts),
+                               in_prompt=state.in_prompt.at[slot].set(in_prompt),
+                               bias=state.bias.at[slot].set(bias), stop_ids=state.stop_ids.at[slot].set(stop_ids))
+
+
+def admit(state: SamplerState, slot, floats, ints, reset_counts) -> SamplerState:
+    """Writes the parameters of the sequences admitted in this step (slot [S]: their slots, the slot count for
+    other rows, dropped; floats [S, F], ints [S, I]) and zeroes the counts of those whose rows were not written
+    by `init_slot` (reset_counts [S])."""
+    n = state.counts.shape[0]
+    cleared = jnp.where(reset_counts, slot, n)
+    return dataclasses.replace(
+        state, floats=state.floats.at[slot].set(floats, mode="drop"), ints=state.ints.at[slot].set(ints, mode="drop"),
+        counts=state.counts.at[cleared].set(0, mode="drop"))
+
+
+def finish_rows(state: SamplerState, slot, samples, tokens) -> SamplerState:
+    """After a draw: rows that sampled (samples [S]) keep their token as the slot's last and count it."""
+    at = jnp.where(samples, slot, state.counts.shape[0])
+    ints = state.ints.at[at, _I["num_output"]].add(1, mode="drop")
+    return dataclasses.replace(state, ints=ints, last_token=state.last_token.at[at].set(tokens, mode="drop"))
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplingBatch:
+    """Per row of a step: its slot's parameters, gathered on the device by `rows_of`."""
+
     slot: jax.Array  # [S] int32 scheduler slot of each sequence
     temperature: jax.Array  # [S] float32, 0 = greedy
     top_k: jax.Array  # [S] int32, 0 = disabled
@@ -87,60 +149,48 @@ class SamplingBatch:
     use_bias: jax.Array  # [S] bool: the slot's bias row is not all zero
     block_stop: jax.Array  # [S] bool: fewer than min_tokens generated, stop ids masked
     want_logprobs: jax.Array  # [S] bool
-    use_mask: jax.Array  # [S] bool: the row is constrained by a grammar
-    mask: jax.Array  # [S, ceil(V/32)] int32: bit t of a row allows token t (structured output)
     seed: jax.Array  # [S, 2] uint32: the request seed's high and low words
     sample_index: jax.Array  # [S] int32: index of the token being sampled in the sequence's output
-    token_slot: jax.Array  # [T] int32: slot of each fed token; padding -> number of slots (dropped)
-    token_is_prompt: jax.Array  # [T] bool: the fed token belongs to the prompt (else to the output)
-
-    @classmethod
-    def build(cls, scheduled: list[tuple[Sequence, int]], num_seqs: int, num_tokens: int, num_slots: int,
-              mask_words: int):
-        """Host-side arrays for one step, padded to `num_seqs` rows (greedy) and `num_tokens` tokens.
-        Grammar masks start empty: `fill_grammar_masks` writes them while the model runs."""
-        f32, i32 = np.float32, np.int32
-        cols = {name: np.zeros(num_seqs, f32) for name in ("temperature", "presence", "frequency", "min_p")}
-        cols |= {"top_p": np.ones(num_seqs, f32), "repetition": np.ones(num_seqs, f32),
-                 "top_k": np.zeros(num_seqs, i32), "slot": np.zeros(num_seqs, i32),
-                 "sample_index": np.zeros(num_seqs, i32), "seed": np.zeros((num_seqs, 2), np.uint32)}
-        cols |= {name: np.zeros(num_seqs, np.bool_) for name in ("use_bias", "block_stop", "want_logprobs",
-                                                                 "use_mask")}
-        cols["mask"] = np.zeros((num_seqs, mask_words), i32)
-        token_slot = np.full(num_tokens, num_slots, i32)
-        token_is_prompt = np.zeros(num_tokens, np.bool_)
-        t = 0
-        for i, (s, n) in enumerate(scheduled):
-            p = s.params
-            # Below GREEDY_BELOW a draw is greedy anyway, and logits / 1e-40 overflow float32 to inf.
-            temperature = p.temperature if p.temperature >= GREEDY_BELOW else 0.0
-            cols["temperature"][i], cols["top_k"][i], cols["top_p"][i], cols["min_p"][i] = (
-                temperature, p.top_k, p.top_p, p.min_p)
-            cols["presence"][i], cols["frequency"][i], cols["repetition"][i] = (
-                p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
-            cols["use_bias"][i] = p.needs_bias_row
-            cols["block_stop"][i] = s.num_output_tokens < p.min_tokens
-            cols["want_logprobs"][i] = p.logprobs is not None
-            cols["slot"][i] = s.slot
-            cols["seed"][i] = (s.seed >> 32) & 0xFFFFFFFF, s.seed & 0xFFFFFFFF
-            cols["sample_index"][i] = s.num_output_tokens
-            token_slot[t:t + n] = s.slot
-            token_is_prompt[t:t + n] = np.arange(s.num_computed_tokens, s.num_computed_tokens + n) < s.num_prompt_tokens
-            t += n
-        return cls(**cols, token_slot=token_slot, token_is_prompt=token_is_prompt)
 
 
-def fill_grammar_masks(sb: SamplingBatch, scheduled: list[tuple[Sequence, int]]) -> None:
-    """Host: the allowed-token rows of constrained sequences that sample in this step (in place)."""
-    for i, (s, n) in enumerate(scheduled):
-        if s.grammar is not None and s.num_computed_tokens + n == len(s):
-            sb.use_mask[i] = s.grammar.fill(sb.mask[i])
+def rows_of(state: SamplerState, slot, valid=None) -> SamplingBatch:
+    """slot: [S] int32 (in range); valid: [S] bool (None: all), rows that are not get neutral, greedy
+    parameters -> the rows' parameters."""
+    f, i = state.floats[slot], state.ints[slot]
+    if valid is not None:
+        neutral = jnp.asarray([1.0 if name in ("top_p", "repetition") else 0.0 for name in FLOAT_PARAMS])
+        f = jnp.where(valid[:, None], f, neutral)
+        i = jnp.where(valid[:, None], i, 0)
+
+    def col(name):
+        return i[:, _I[name]]
+
+    seed = jax.lax.bitcast_convert_type(jnp.stack([col("seed_hi"), col("seed_lo")], -1), jnp.uint32)
+    return SamplingBatch(
+        slot=slot, temperature=f[:, _F["temperature"]], top_k=col("top_k"), top_p=f[:, _F["top_p"]],
+        min_p=f[:, _F["min_p"]], presence=f[:, _F["presence"]], frequency=f[:, _F["frequency"]],
+        repetition=f[:, _F["repetition"]], use_bias=col("use_bias") != 0,
+        block_stop=col("num_output") < col("min_tokens"), want_logprobs=col("want_logprobs") != 0, seed=seed,
+        sample_index=col("num_output"))
 
 
-def record_tokens(state: SamplerState, token_ids, sb: SamplingBatch) -> SamplerState:
-    """Counts this step's fed output tokens [T] in their slots (prompt tokens are in `in_prompt` already)."""
-    slot = jnp.where(sb.token_is_prompt, state.counts.shape[0], sb.token_slot)
+def record_tokens(state: SamplerState, token_ids, token_slot, positions) -> SamplerState:
+    """Counts this step's fed output tokens in their slots. token_ids, token_slot (the slot count for padding,
+    dropped), positions: [T]. Prompt tokens are not counted (they are in `in_prompt`)."""
+    n = state.counts.shape[0]
+    num_prompt = state.ints[jnp.minimum(token_slot, n - 1), _I["num_prompt"]]
+    slot = jnp.where(positions < num_prompt, n, token_slot)
     return dataclasses.replace(state, counts=state.counts.at[slot, token_ids].add(1, mode="drop"))
+
+
+def apply_masks(logits, rows, masks):
+    """Grammar masks of the constrained rows: rows [M] (the row count for padding, dropped), masks [M, ceil(V/32)]
+    int32 where bit t allows token t; tokens whose bit is clear get -inf."""
+    v = logits.shape[1]
+    bits = (masks[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [M, W, 32]
+    allowed = bits.reshape(masks.shape[0], -1)[:, :v].astype(jnp.bool_)
+    picked = logits[jnp.minimum(rows, logits.shape[0] - 1)]
+    return logits.at[rows].set(jnp.where(allowed, picked, -jnp.inf), mode="drop")
 
 
 def _row_keys(seed, sample_index):
@@ -282,14 +332,6 @@ def _inverse_cdf(weights, uniform):
     return (g * _GROUP + j).astype(jnp.int32)
 
 
-def _apply_mask(logits, sb: SamplingBatch):
-    """Grammar masks: tokens whose bit is clear get -inf, in constrained rows only."""
-    s, v = logits.shape
-    bits = (sb.mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, W, 32]
-    allowed = bits.reshape(s, -1)[:, :v].astype(jnp.bool_)
-    return jnp.where(sb.use_mask[:, None] & ~allowed, -jnp.inf, logits)
-
-
 def _adjust(logits, state: SamplerState, sb: SamplingBatch):
     """min_tokens, bias rows and penalties; skipped entirely when no request in the batch uses them."""
     stop_ids, bias = state.stop_ids[sb.slot], state.bias[sb.slot]
@@ -312,14 +354,25 @@ def logprobs_of(logits, tokens):
     return chosen[:, 0], rank, top_ids.astype(jnp.int32), top_lp
 
 
-def sample(logits, state: SamplerState, sb: SamplingBatch):
-    """logits: [S, V] float32 -> (tokens [S] int32, (chosen logprob [S], its rank [S], top ids [S, K],
-    top logprobs [S, K])), logprobs taken from the raw logits."""
-    raw = logits
-    logits = jax.lax.cond(jnp.any(sb.use_mask), lambda x: _apply_mask(x, sb), lambda x: x, logits)
+def sample(logits, state: SamplerState, sb: SamplingBatch, raw=None):
+    """logits: [S, V] float32, grammar masks applied (`apply_masks`); raw: the model's logits before them (None:
+    the same) -> (tokens [S] int32, (chosen logprob [S], its rank [S], top ids [S, K], top logprobs [S, K])),
+    logprobs taken from the raw logits, as vLLM reports them."""
     needs_adjust = jnp.any(sb.block_stop | sb.use_bias | (sb.presence != 0) | (sb.frequency != 0)
                            | (sb.repetition != 1))
-    logits = jax.lax.cond(needs_adjust, lambda x: _adjust(x, state, sb), lambda x: x, logits)
+    # Each branch ends in the tokens: a cond that returned adjusted [S, V] logits would copy them (on CPU that
+    # copy, and the unfused pass after it, cost several times the argmax).
+    tokens = jax.lax.cond(needs_adjust, lambda: _choose(_adjust(logits, state, sb), sb), lambda: _choose(logits, sb))
+    s, k = logits.shape[0], min(MAX_LOGPROBS, logits.shape[-1])
+    no_logprobs = (jnp.zeros(s, jnp.float32), jnp.zeros(s, jnp.int32), jnp.zeros((s, k), jnp.int32),
+                   jnp.zeros((s, k), jnp.float32))
+    lp = jax.lax.cond(jnp.any(sb.want_logprobs), lambda: logprobs_of(logits if raw is None else raw, jnp.maximum(tokens, 0)),
+                      lambda: no_logprobs)
+    return tokens, lp
+
+
+def _choose(logits, sb: SamplingBatch):
+    """The token of each row [S]: greedy, or drawn at the row's temperature after min-p / top-k / top-p."""
     greedy = _argmax(logits)
 
     def draw():
@@ -338,9 +391,4 @@ def sample(logits, state: SamplerState, sb: SamplingBatch):
     tokens = jax.lax.cond(jnp.all(sb.temperature == 0), lambda: greedy, draw)
     # A row the constraints left without a candidate (a grammar and allowed_token_ids that do not meet, or a
     # finished grammar that only allows EOS while min_tokens blocks it) has no token to draw.
-    tokens = jnp.where(jnp.isfinite(jnp.max(logits, axis=-1)), tokens, NO_TOKEN)
-    s, k = logits.shape[0], min(MAX_LOGPROBS, logits.shape[-1])
-    no_logprobs = (jnp.zeros(s, jnp.float32), jnp.zeros(s, jnp.int32), jnp.zeros((s, k), jnp.int32),
-                   jnp.zeros((s, k), jnp.float32))
-    lp = jax.lax.cond(jnp.any(sb.want_logprobs), lambda: logprobs_of(raw, tokens), lambda: no_logprobs)
-    return tokens, lp
+    return jnp.where(jnp.isfinite(jnp.max(logits, axis=-1)), tokens, NO_TOKEN)

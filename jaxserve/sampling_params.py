@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 from jaxserve import reasoning
 from jaxserve.structured_output import StructuredOutput
 
 MAX_LOGPROBS = 20
+
+
+class RequestOutputKind(enum.Enum):
+    """What each RequestOutput of a request carries (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything generated so far
+    DELTA = 1  # only what is new since the request's previous output
+    FINAL_ONLY = 2  # one output, when the request finishes, with everything
 
 
 @dataclasses.dataclass
@@ -42,6 +51,7 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     cache_salt: str | None = None  # prefix-cache isolation: only requests with the same salt share cached pages
 
     def __post_init__(self):

@@ -6,6 +6,10 @@ into chunks so a long prompt never stalls the running decodes. When pages run ou
 running sequence is preempted: its pages are freed and it goes back to the front of the waiting queue,
 to be recomputed later (its tokens so far are kept, so greedy output is unchanged).
 
+Steps overlap (engine.py): a sequence's token sampled in the step before may not have reached the host yet. It
+counts as a token to compute (`num_uncomputed`), fed as a placeholder; a sequence whose token in flight is its
+last by length is not scheduled again, and a preempted one is readmitted only once its token is read.
+
 Policies (vLLM's --scheduling-policy): "fcfs" serves in arrival order; "priority" keeps the waiting queue ordered
 by (priority, arrival), lower first, and preempts the running sequence that comes last in that order.
 """
@@ -68,7 +72,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status != Status.RUNNING:  # preempted earlier in this loop
+            if seq.status != Status.RUNNING or seq.ends_in_flight:  # preempted earlier in this loop; or done
                 continue
             n = min(seq.num_uncomputed, budget)
             while not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):
@@ -83,6 +87,8 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_in_flight:  # preempted with a token still on the device: admitted once it is read
+                break
             self.blocks.match_prefix(seq)
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(seq, seq.num_computed_tokens + n):

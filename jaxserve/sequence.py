@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 
 from jaxserve.detokenizer import Detokenizer
+from jaxserve.sampler import slot_params
 from jaxserve.sampling_params import SamplingParams
 
 
@@ -16,7 +17,7 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
-                 params: SamplingParams, seed: int, detokenizer: Detokenizer, priority: int = 0):
+                 params: SamplingParams, seed: int, detokenizer: Detokenizer, max_len: int, priority: int = 0):
         self.seq_id = seq_id
         self.request_id = request_id
         self.index = index  # which of the request's n samples
@@ -32,7 +33,12 @@ class Sequence:
         self.block_table: list[int] = []
         self.page_keys: list[bytes] = []  # prefix-cache keys of the full pages computed so far
         self.slot: int | None = None  # the scheduler slot (sampler-state row) while admitted
-        self.slot_fresh = False  # admitted since the last step: its sampler rows must be written
+        self.slot_fresh = False  # admitted since the last step: its slot's parameters must be written
+        self.num_pages_on_device = 0  # entries of block_table that the slot's table on the device has
+        self.num_in_flight = 0  # tokens sampled on the device that the host has not read back yet
+        self.slot_params = slot_params(params, seed)  # what admission writes into the slot (sampler.py)
+        # Tokens (prompt + output) at which the sequence ends by length: max_tokens, or the engine's max_model_len.
+        self.max_len = max_len if params.max_tokens is None else min(max_len, len(prompt_token_ids) + params.max_tokens)
         self.logprobs: list[tuple] = []  # per output token, when requested: (token, logprob, rank, top ids, top lps)
         self.logprob_entries: list[dict] = []  # the released tokens' logprobs as outputs report them
         self.grammar = None  # a structured_output.GrammarState when the output is constrained or has a thinking budget
@@ -55,7 +61,13 @@ class Sequence:
 
     @property
     def num_uncomputed(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        """Tokens to feed before the sequence is computed, counting one sampled on the device and not yet read."""
+        return len(self.token_ids) + self.num_in_flight - self.num_computed_tokens
+
+    @property
+    def ends_in_flight(self) -> bool:
+        """Its token on the device is its last by length: nothing more to schedule."""
+        return self.num_in_flight > 0 and len(self.token_ids) + self.num_in_flight >= self.max_len
 
     @property
     def needs_prompt_logprobs(self) -> bool:

@@ -137,19 +137,19 @@ async def _stream(state: ServerState, req: ChatCompletionRequest, plan: ChatPlan
             for o in out.outputs:
                 if o.index in finished:  # the engine reports every sample each step; a finished one only once here
                     continue
-                completion_tokens += len(o.delta_token_ids)
+                completion_tokens += len(o.token_ids)
                 shaper = shapers[o.index]
                 step = [ChunkChoice(index=o.index, delta=Delta(**d))
-                        for d in shaper.feed(o.delta_text, final=o.finish_reason is not None)]
+                        for d in shaper.feed(o.text, final=o.finish_reason is not None)]
                 # The engine releases tokens with their text, so for plain content this step's one delta is exactly
                 # the text of its tokens; parsed reasoning or calls carry them (and their logprobs) on their first.
-                if (req.logprobs and o.delta_logprobs) or (req.return_token_ids and o.delta_token_ids):
+                if (req.logprobs and o.logprobs) or (req.return_token_ids and o.token_ids):
                     step = step or [ChunkChoice(index=o.index, delta=Delta())]
-                    if req.logprobs and o.delta_logprobs:
+                    if req.logprobs and o.logprobs:
                         step[0].logprobs = ChoiceLogprobs(content=token_logprobs(
-                            o.delta_logprobs, req.top_logprobs or 0, req.return_tokens_as_token_ids))
+                            o.logprobs, req.top_logprobs or 0, req.return_tokens_as_token_ids))
                     if req.return_token_ids:
-                        step[0].token_ids = list(o.delta_token_ids)
+                        step[0].token_ids = list(o.token_ids)
                 choices += step
                 if o.finish_reason:
                     finished.add(o.index)

@@ -25,7 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
                           tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
                           seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
                           scheduling_policy=args.scheduling_policy,
-                          kv_cache_memory_gb=args.kv_cache_memory_gb)
+                          kv_cache_memory_gb=args.kv_cache_memory_gb, async_scheduling=not args.no_async_scheduling)
     cluster = Cluster.from_args(args.distributed_coordinator, args.num_processes, args.process_id,
                                 args.distributed_secret)
     if cluster is not None:
@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--distributed-secret", help="shared secret that authenticates the processes' step channel "
                        "(default: $JAXSERVE_DISTRIBUTED_SECRET); several processes refuse to start without one")
     serve.add_argument("--no-enable-prefix-caching", action="store_true")
+    serve.add_argument("--no-async-scheduling", action="store_true",
+                       help="wait for each step's tokens before scheduling the next (no overlap; same outputs)")
     serve.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
                        help="priority: waiting requests run by their `priority` field (lower first), then arrival")
     serve.add_argument("--generation-config", choices=["auto", "vllm"], default="auto",

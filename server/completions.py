@@ -164,16 +164,16 @@ async def _stream(state: ServerState, req: CompletionRequest, request_id: str, p
                     continue
                 if echo_later and index not in started:
                     yield first_chunk(i, o.index, item)
-                completion_tokens += len(o.delta_token_ids)
-                if not (o.delta_text or o.delta_logprobs or o.finish_reason):
+                completion_tokens += len(o.token_ids)
+                if not (o.text or o.logprobs or o.finish_reason):
                     continue
                 if o.finish_reason:
                     finished.add(index)
                 lp = None
-                if o.delta_logprobs is not None:
-                    lp, offsets[index] = _logprobs(o.delta_logprobs, offsets.get(index, 0), as_ids)
-                choice = CompletionChoice(index=index, text=o.delta_text, logprobs=lp, finish_reason=o.finish_reason,
-                                          stop_reason=o.stop_reason, **_token_ids(req, None, o.delta_token_ids))
+                if o.logprobs is not None:
+                    lp, offsets[index] = _logprobs(o.logprobs, offsets.get(index, 0), as_ids)
+                choice = CompletionChoice(index=index, text=o.text, logprobs=lp, finish_reason=o.finish_reason,
+                                          stop_reason=o.stop_reason, **_token_ids(req, None, o.token_ids))
                 # One choice per chunk, as OpenAI streams.
                 yield chunk([choice], usage(sum(map(len, prompts)), completion_tokens, cached) if continuous else None)
         if include_usage:

@@ -10,18 +10,19 @@ from fastapi import Request
 
 from jaxserve.async_engine import RequestFailed
 from jaxserve.engine import InvalidRequest
-from jaxserve.outputs import Logprob, RequestOutput
+from jaxserve.outputs import Logprob, RequestOutput, accumulate
 from server.protocol import PromptLogprob, PromptTokensDetails, TokenLogprob, TopLogprob, Usage
 
 
 async def final_output(outputs: AsyncIterator[RequestOutput], http_request: Request) -> RequestOutput | None:
-    """Runs a request to the end; returns None if the client disconnected first (the request is then aborted)."""
+    """Runs a request (delta outputs) to the end and returns its whole output; None if the client disconnected
+    first (the request is then aborted)."""
 
     async def run():
-        last = None
+        total = None
         async for out in outputs:
-            last = out
-        return last
+            total = accumulate(total, out)
+        return total
 
     task = asyncio.create_task(run())
     while not task.done():

@@ -115,7 +115,7 @@ class RequestTimer:
         now = time.perf_counter()
         m = self.metrics
         for o in out.outputs:
-            new = len(o.delta_token_ids)
+            new = len(o.token_ids)
             if new:
                 if self.ttft is None:
                     self.ttft = now - self.start

@@ -13,7 +13,7 @@ from jaxserve.async_engine import AsyncEngine
 from jaxserve.distributed import Cluster
 from jaxserve.engine import EngineConfig
 from jaxserve.outputs import RequestOutput
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 from server.metrics import Metrics
 
 log = logging.getLogger("jaxserve")
@@ -130,7 +130,9 @@ class ServerState:
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams, priority: int = 0
                        ) -> AsyncIterator[RequestOutput]:
-        """engine.generate with metrics and the one log line per request."""
+        """engine.generate with metrics and the one log line per request. Outputs are deltas (RequestOutputKind.DELTA):
+        each carries the tokens and text that are new since the one before."""
+        params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
         timer = self.metrics.request(len(prompt), params.n)
         error = None
         try:

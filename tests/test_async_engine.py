@@ -1,12 +1,14 @@
 """AsyncEngine: concurrent streams, aborts that free pages at once, isolation of a failing request, overload."""
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
 
 import tiny
 from jaxserve import SamplingParams
+from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed
 from jaxserve.engine import EngineConfig, InvalidRequest, LLMEngine
 
@@ -24,11 +26,12 @@ def engine(tmp_path_factory):
     eng.shutdown()
 
 
-async def _collect(eng, rid, prompt, params):
+async def _collect(eng, rid, prompt, params, kind=RequestOutputKind.DELTA):
+    """The request's text and token ids put together from its delta outputs, and its last output."""
     text, tokens, last = "", [], None
-    async for out in eng.generate(rid, prompt, params):
-        text += out.outputs[0].delta_text
-        tokens += out.outputs[0].delta_token_ids
+    async for out in eng.generate(rid, prompt, dataclasses.replace(params, output_kind=kind)):
+        text += out.outputs[0].text
+        tokens += out.outputs[0].token_ids
         last = out
     return text, tokens, last
 
@@ -47,11 +50,13 @@ def test_concurrent_streams_concatenate_to_the_final_output(engine):
 
     async def main():
         params = SamplingParams(max_tokens=10, stop=["zz"], **GREEDY)
-        return await asyncio.gather(*[_collect(engine, f"c{i}", p, params) for i, p in enumerate(prompts)])
+        deltas = await asyncio.gather(*[_collect(engine, f"c{i}", p, params) for i, p in enumerate(prompts)])
+        wholes = await asyncio.gather(*[_collect(engine, f"w{i}", p, params, RequestOutputKind.CUMULATIVE)
+                                        for i, p in enumerate(prompts)])
+        return zip(deltas, wholes)
 
-    results = asyncio.run(main())
-    for text, tokens, last in results:
-        assert last.finished and text == last.outputs[0].text and tokens == last.outputs[0].token_ids
+    for (text, tokens, _), (_, _, whole) in asyncio.run(main()):
+        assert whole.finished and text == whole.outputs[0].text and tokens == whole.outputs[0].token_ids
     asyncio.run(_wait_idle(engine))
 
 

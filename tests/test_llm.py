@@ -9,6 +9,7 @@ import pytest
 
 import tiny
 from jaxserve import LLM, SamplingParams
+from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.engine import InvalidRequest
 from jaxserve.structured_output import StructuredOutput
 from paged import run_logits
@@ -80,18 +81,25 @@ def test_streamed_logprobs_travel_with_their_text(llm):
     stop = text[len(text) // 2: len(text) // 2 + 4]
     for k, params in enumerate([sampled, dataclasses.replace(sampled, stop=["\u00e9\u00e9\u00e9 never"]),
                                 dataclasses.replace(sampled, stop=[stop])]):
-        engine.add_request(f"lp{k}", prompt, params)
-        chunks, tokens, split_char = [], [], False
+        engine.add_request(f"lp{k}", prompt, dataclasses.replace(params, output_kind=RequestOutputKind.DELTA))
+        engine.add_request(f"lp{k}-all", prompt, params)  # CUMULATIVE: each output holds everything so far
+        chunks, tokens, split_char, whole = [], [], False, None
         while engine.has_unfinished():
             for out in engine.step():
                 o = out.outputs[0]
-                pieces = [next(iter(e.values())).decoded_token for e in o.delta_logprobs]
-                assert "".join(pieces) == o.delta_text
-                assert [next(iter(e)) for e in o.delta_logprobs] == o.delta_token_ids
-                chunks.append(o.delta_text)
-                tokens += o.delta_token_ids
-                split_char |= any("\ufffd" in engine.token_text(t) for t in o.delta_token_ids)
-        assert "".join(chunks) == o.text and tokens == o.token_ids and out.finished
+                if out.request_id.endswith("-all"):
+                    whole = o
+                    continue
+                pieces = [next(iter(e.values())).decoded_token for e in o.logprobs]
+                assert "".join(pieces) == o.text
+                assert [next(iter(e)) for e in o.logprobs] == o.token_ids
+                chunks.append(o.text)
+                tokens += o.token_ids
+                split_char |= any("\ufffd" in engine.token_text(t) for t in o.token_ids)
+                final = o
+        assert final.finish_reason is not None
+        o = whole
+        assert "".join(chunks) == o.text and tokens == o.token_ids and o.finish_reason == final.finish_reason
         assert "".join(next(iter(e.values())).decoded_token for e in o.logprobs) == o.text
         if k == 2:
             assert o.text == text[: text.index(stop)] and o.stop_reason == stop

@@ -128,8 +128,7 @@ def test_a_client_that_leaves_aborts_its_request(server):
 
 def _output(*deltas, finished=()) -> RequestOutput:
     """One step's output: deltas[i] new tokens for sample i; the samples in `finished` stop at this step."""
-    return RequestOutput("r", None, [1, 2], [CompletionOutput(i, "", [], "stop" if i in finished else None,
-                                                              delta_token_ids=[7] * k)
+    return RequestOutput("r", None, [1, 2], [CompletionOutput(i, "", [7] * k, "stop" if i in finished else None)
                                              for i, k in enumerate(deltas)], finished=False)
 
 

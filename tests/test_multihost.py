@@ -119,14 +119,15 @@ def test_the_step_channel_carries_no_pickles():
     import numpy as np
 
     from jaxserve.distributed import decode, encode
-    from jaxserve.model import Batch
+    from jaxserve.input_batch import NUM_ROW_COLS, StepInput
 
     rng = np.random.default_rng(0)
-    batch = Batch(*(rng.integers(0, 100, shape).astype(np.int32) for shape in [(8,), (8,), (8,), (2,), (2, 4), (3,),
-                                                                               (1,), (2,)]))
+    step = StepInput(*(rng.integers(-1, 100, shape).astype(np.int32) for shape in [(8,), (8,), (8,), (2, NUM_ROW_COLS)]),
+                     rng.random((2, 6), np.float32), rng.integers(-1, 9, (5, 3)).astype(np.int32))
     rows = (np.arange(5, dtype=np.int32), np.ones(5, np.bool_), np.linspace(0, 1, 5, dtype=np.float32))
-    for message in [("forward", batch), ("init_slot", 3, rows), ("prompt_logprobs", np.arange(4, dtype=np.int32)),
-                    ("reset",), ("stop",)]:
+    masks = (np.array([1, 2], np.int32), rng.integers(0, 2**31, (2, 3)).astype(np.int32))
+    for message in [("forward", step), ("init_slot", 3, rows), ("prompt_logprobs", np.arange(4, dtype=np.int32)),
+                    ("sample",), ("sample", *masks), ("write_tables", step.table_writes), ("reset",), ("stop",)]:
         frames = encode(message)
         assert all(isinstance(f, bytes) for f in frames)
         got = decode(frames)

@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve.sampler import SamplerState, SamplingBatch, record_tokens, sample
+from jaxserve import sampler
+from jaxserve.sampler import SamplerState, SamplingBatch, apply_masks, record_tokens, sample
+from jaxserve.sampling_params import SamplingParams
 
 DRAWS = 6000
 LOGITS = np.log(np.array([0.30, 0.22, 0.15, 0.12, 0.09, 0.06, 0.04, 0.02], np.float32))
@@ -23,10 +25,8 @@ def _batch(rows, **cols):
                 top_k=np.zeros(rows, np.int32), top_p=np.ones(rows, np.float32), min_p=np.zeros(rows, np.float32),
                 presence=np.zeros(rows, np.float32), frequency=np.zeros(rows, np.float32),
                 repetition=np.ones(rows, np.float32), use_bias=np.zeros(rows, bool), block_stop=np.zeros(rows, bool),
-                want_logprobs=np.zeros(rows, bool), use_mask=np.zeros(rows, bool),
-                mask=np.zeros((rows, -(-V // 32)), np.int32), seed=np.zeros((rows, 2), np.uint32),
-                sample_index=np.zeros(rows, np.int32), token_slot=np.zeros(1, np.int32),
-                token_is_prompt=np.ones(1, bool))
+                want_logprobs=np.zeros(rows, bool), seed=np.zeros((rows, 2), np.uint32),
+                sample_index=np.zeros(rows, np.int32))
     for k, v in cols.items():
         base[k] = np.broadcast_to(np.asarray(v, base[k].dtype), base[k].shape).copy()
     return SamplingBatch(**base)
@@ -72,8 +72,8 @@ def test_stream_depends_only_on_seed_and_index():
 def _state_with(counts=None, in_prompt=None, bias=None, stop_ids=None, rows=1):
     s = SamplerState.zeros(rows, V)
     put = lambda x, new, dtype: x if new is None else jnp.asarray(np.asarray(new, dtype).reshape(rows, V))  # noqa: E731
-    return SamplerState(put(s.counts, counts, np.int32), put(s.in_prompt, in_prompt, bool),
-                        put(s.bias, bias, np.float32), put(s.stop_ids, stop_ids, bool))
+    return dataclasses.replace(s, counts=put(s.counts, counts, np.int32), in_prompt=put(s.in_prompt, in_prompt, bool),
+                               bias=put(s.bias, bias, np.float32), stop_ids=put(s.stop_ids, stop_ids, bool))
 
 
 def _greedy_logprobs(state, **cols):
@@ -113,11 +113,15 @@ def test_bias_min_tokens_and_logprobs():
 
 
 def test_grammar_mask_applies_to_constrained_rows_only():
-    mask = np.zeros((2, 1), np.int32)
-    mask[:, 0] = (1 << 3) | (1 << 6)  # tokens 3 and 6 allowed
-    sb = _batch(2, use_mask=[True, False], mask=mask)
-    tokens, _ = sample(jnp.tile(jnp.asarray(LOGITS), (2, 1)), SamplerState.zeros(2, V), sb)
-    assert np.asarray(tokens).tolist() == [3, 0]  # the best allowed token; the unconstrained row is untouched
+    masks = np.zeros((2, 1), np.int32)
+    masks[:, 0] = (1 << 3) | (1 << 6)  # tokens 3 and 6 allowed
+    rows = np.array([1, 3], np.int32)  # row 1 is constrained; the second mask row is padding (row 3 of 3: dropped)
+    raw = jnp.tile(jnp.asarray(LOGITS), (3, 1))
+    logits = apply_masks(raw, rows, masks)
+    tokens, (chosen, *_) = sample(logits, SamplerState.zeros(3, V), _batch(3, want_logprobs=True), raw)
+    assert np.asarray(tokens).tolist() == [0, 3, 0]  # the best allowed token; unconstrained rows are untouched
+    ref = LOGITS - np.log(np.exp(LOGITS).sum())
+    assert np.allclose(np.asarray(chosen), ref[[0, 3, 0]], atol=1e-5)  # logprobs from the logits before the mask
 
 
 @pytest.mark.parametrize("temperature", [1.0, 1e-9])
@@ -131,12 +135,37 @@ def test_a_vanishing_top_p_keeps_the_most_likely_token(temperature):
 
 def test_record_tokens_counts_output_tokens_only():
     state = SamplerState.zeros(2, V)
-    sb = _batch(2, token_slot=[0], token_is_prompt=[True])
-    sb = SamplingBatch(**{**sb.__dict__, "token_slot": np.array([0, 0, 1, 2], np.int32),
-                          "token_is_prompt": np.array([True, False, False, False])})
-    state = record_tokens(state, jnp.array([4, 4, 6, 7]), sb)
+    num_prompt = sampler.INT_PARAMS.index("num_prompt")
+    state = dataclasses.replace(state, ints=state.ints.at[:, num_prompt].set(jnp.array([1, 3])))
+    # Slot 0: position 0 is its prompt, 1 its output; slot 1: position 5 is output; slot 2 is padding (dropped).
+    state = record_tokens(state, jnp.array([4, 4, 6, 7]), jnp.array([0, 0, 1, 2]), jnp.array([0, 1, 5, 0]))
     counts = np.asarray(state.counts)
-    assert counts[0, 4] == 1 and counts[1, 6] == 1 and counts.sum() == 2  # padding slot 2 is dropped
+    assert counts[0, 4] == 1 and counts[1, 6] == 1 and counts.sum() == 2
+
+
+def test_admitted_parameters_come_back_per_row():
+    """admit writes a fresh row's parameters into its slot; rows_of reads them back (seed words with the high bit
+    set included); finish_rows counts the sample and keeps the token; padding rows read as neutral and greedy."""
+    params = SamplingParams(temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5,
+                            frequency_penalty=-0.25, repetition_penalty=1.2, min_tokens=3, logprobs=2,
+                            logit_bias={1: 2.0})
+    seed = (0xDEADBEEF << 32) | 0x9ABCDEF0
+    floats, ints = sampler.slot_params(params, seed)
+    state = SamplerState.zeros(4, V)
+    state = dataclasses.replace(state, counts=state.counts.at[2].set(5))
+    state = sampler.admit(state, jnp.array([2, 4]), jnp.asarray([floats, floats], jnp.float32),
+                          jnp.asarray([(*ints, 1, 7)] * 2, jnp.int32), jnp.array([True, True]))
+    assert int(np.asarray(state.counts)[2].sum()) == 0  # a fresh row's counts are zeroed
+    sb = sampler.rows_of(state, jnp.array([2, 0]), jnp.array([True, False]))
+    got = {f.name: np.asarray(getattr(sb, f.name)) for f in dataclasses.fields(sb)}
+    assert np.allclose(got["temperature"], [0.7, 0]) and np.allclose(got["top_p"], [0.9, 1])
+    assert got["top_k"].tolist() == [40, 0] and np.allclose(got["min_p"], [0.05, 0])
+    assert np.allclose(got["presence"], [0.5, 0]) and np.allclose(got["frequency"], [-0.25, 0])
+    assert np.allclose(got["repetition"], [1.2, 1]) and got["use_bias"].tolist() == [True, False]
+    assert got["want_logprobs"].tolist() == [True, False] and got["block_stop"].tolist() == [True, False]
+    assert got["seed"].tolist()[0] == [0xDEADBEEF, 0x9ABCDEF0] and got["sample_index"].tolist() == [1, 0]
+    state = sampler.finish_rows(state, jnp.array([2, 4]), jnp.array([True, True]), jnp.array([9, 8]))
+    assert int(state.last_token[2]) == 9 and int(sampler.rows_of(state, jnp.array([2])).sample_index[0]) == 2
 
 
 def _reference_cutoff(x, top_k, top_p, min_p=0.0):
@@ -161,7 +190,6 @@ def _reference_cutoff(x, top_k, top_p, min_p=0.0):
 def test_truncation_equals_the_exact_definitions(vocab):
     """Random rows, with ties (logits on a coarse grid), peaked and flat, with and without min-p, across the
     candidate width and past it; a row said to lie within its candidates keeps only candidate tokens."""
-    from jaxserve import sampler
 
     rng = np.random.default_rng(vocab)
     rows, settings = [], []
@@ -186,7 +214,6 @@ def test_truncation_equals_the_exact_definitions(vocab):
 
 
 def test_grouped_argmax_takes_the_first_maximum():
-    from jaxserve import sampler
 
     rng = np.random.default_rng(1)
     x = np.round(rng.normal(size=(64, 1000)), 1).astype(np.float32)  # ties for the maximum are common
@@ -202,9 +229,7 @@ def test_draws_across_groups_match_the_distribution(top_k):
     logits = np.full(vocab, -np.inf, np.float32)
     heavy = [0, 255, 256, 511, 600, 699]
     logits[heavy] = np.log([0.25, 0.2, 0.15, 0.2, 0.1, 0.1])
-    sb = dataclasses.replace(_batch(draws, slot=0, temperature=1.0, top_k=top_k, seed=[0, 3],
-                                    sample_index=np.arange(draws)),
-                             mask=np.zeros((draws, -(-vocab // 32)), np.int32))
+    sb = _batch(draws, slot=0, temperature=1.0, top_k=top_k, seed=[0, 3], sample_index=np.arange(draws))
     tokens, _ = jax.jit(sample)(jnp.tile(jnp.asarray(logits), (draws, 1)), SamplerState.zeros(1, vocab), sb)
     got = np.bincount(np.asarray(tokens), minlength=vocab) / draws
     expected = np.where(np.isfinite(logits), np.exp(logits), 0)

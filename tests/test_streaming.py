@@ -16,8 +16,8 @@ from server.protocol import ChatCompletionRequest, CompletionRequest
 
 
 def _script(texts: list[list[str]]) -> list[RequestOutput]:
-    """texts[i]: sample i's text per step; a sample stops after its last piece (length) and keeps being
-    reported, with its finish_reason and no new text, as the engine does."""
+    """texts[i]: sample i's text per step, as delta outputs; a sample stops after its last piece (length) and keeps
+    being reported, with its finish_reason and no new text, as the engine does."""
     steps = max(map(len, texts))
     outs = []
     for step in range(steps):
@@ -25,8 +25,7 @@ def _script(texts: list[list[str]]) -> list[RequestOutput]:
         for i, pieces in enumerate(texts):
             done = step >= len(pieces) - 1
             new = pieces[step] if step < len(pieces) else ""
-            choices.append(CompletionOutput(i, "".join(pieces[:step + 1]), [], "length" if done else None,
-                                            delta_text=new, delta_token_ids=[0] if new else []))
+            choices.append(CompletionOutput(i, new, [0] if new else [], "length" if done else None))
         outs.append(RequestOutput("r", None, [1], choices, finished=step == steps - 1))
     return outs
 
