@@ -1,8 +1,12 @@
-"""The engine for concurrent callers: one background thread steps `LLMEngine`; callers stream with asyncio.
+"""The engine for concurrent callers: the engine core steps on one background thread, the output processor
+turns its token ids into outputs on another; callers stream with asyncio.
 
-Only the engine thread touches the engine. Callers send it commands (add, abort) through a queue and receive
-their request's outputs on an asyncio queue of their own event loop. When a caller stops listening (it is
-cancelled, or its client disconnected), the request is aborted and its pages are freed at the next step.
+Only the core thread touches the core and only the output thread the processor. Callers send the core thread
+commands (add, abort) through a queue; it passes each step's token ids, in order with the requests' arrivals and
+departures, to the output thread, which makes text of them and puts each request's outputs on an asyncio queue
+of the caller's event loop. A stop string found there goes back to the core as a command (the core may have made
+a token or two more for that sample by then: they are dropped). When a caller stops listening (it is cancelled,
+or its client disconnected), the request is aborted and its pages are freed at the next step.
 """
 
 from __future__ import annotations
@@ -49,9 +53,13 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._stats = engine.stats()
         self._window = (time.monotonic(), 0)  # for tokens/s: (start, tokens generated at start)
+        self._outputs: queue.Queue = queue.Queue()  # core thread -> output thread, in order
+        self._encode_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
+        self._output_thread = threading.Thread(target=self._run_outputs, name="jaxserve-outputs", daemon=True)
         self._running = True
         self._thread.start()
+        self._output_thread.start()
 
     @property
     def num_in_flight(self) -> int:
@@ -70,9 +78,11 @@ class AsyncEngine:
             if len(self._streams) >= self.max_in_flight:
                 raise EngineOverloaded(f"the server is at capacity ({self.max_in_flight} requests in flight)")
             self._streams[request_id] = stream
-        self._commands.put(("add", request_id, prompt, params, priority))
         finished = False
         try:
+            text = prompt if isinstance(prompt, str) else None
+            ids, bad = await asyncio.to_thread(self._tokenize, prompt, params)
+            self._commands.put(("add", request_id, text, ids, params, priority, bad))
             while True:
                 item = await stream.queue.get()
                 if item is _STOP:
@@ -95,6 +105,12 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    def _tokenize(self, prompt: str | list[int], params: SamplingParams):
+        """A caller's text work, on a worker thread: the prompt's ids (text is encoded) and its bad words'."""
+        with self._encode_lock:  # one tokenizer, shared by the worker threads
+            ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            return ids, self.engine.bad_word_ids(params)
+
     def stats(self) -> dict:
         """The engine's counters as of its last step (safe to read from any thread)."""
         return dict(self._stats)
@@ -103,80 +119,111 @@ class AsyncEngine:
         self._running = False
         self._commands.put(("stop",))
         self._thread.join(timeout)
+        self._output_thread.join(timeout)
 
     # --- the engine thread ---------------------------------------------------------------------------------
 
     def _run(self) -> None:
+        core = self.engine.core
         while True:
-            idle = not self.engine.has_unfinished()
+            idle = not core.has_unfinished()
             if not self._handle_commands(block=idle):
                 break
-            if self.engine.has_unfinished():
+            if core.has_unfinished():
                 self._step()
             self._update_stats()
-        for request_id in list(self.engine.requests):
-            self.engine.abort(request_id)
-        self.engine.close()
-        with self._lock:
-            streams = list(self._streams.values())
-        for stream in streams:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _STOP)
+        for request_id in list(core.requests):
+            core.abort(request_id)
+        core.close()
+        self._outputs.put(("stop",))
 
     def _handle_commands(self, block: bool) -> bool:
         """Applies queued commands (waiting for one when idle); False once asked to stop."""
+        core = self.engine.core
         try:
             cmd = self._commands.get(timeout=1.0) if block else self._commands.get_nowait()
         except queue.Empty:
             return True
         while True:
-            if cmd[0] == "stop":
+            kind, *args = cmd
+            if kind == "stop":
                 return False
-            if cmd[0] == "add":
-                _, request_id, prompt, params, priority = cmd
+            if kind == "add":
+                request_id, text, ids, params, priority, bad = args
                 try:
-                    text, ids = (prompt, self.engine.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, prompt)
-                    self.engine.add_request(request_id, list(ids), params, prompt=text, priority=priority)
+                    core.add_request(request_id, ids, params, priority, bad)
+                    self._outputs.put(("add", request_id, text, ids, params))
                 except Exception as e:  # invalid input: the caller gets the exception, the loop goes on
                     self._deliver(request_id, e)
-            elif cmd[0] == "abort":
-                self.engine.abort(cmd[1])
+            elif kind == "abort":
+                core.abort(args[0])
+                self._outputs.put(("forget", args[0]))
+            elif kind == "finish":  # a stop string, found by the output processor
+                core.finish(*args)
             try:
                 cmd = self._commands.get_nowait()
             except queue.Empty:
                 return True
 
     def _step(self) -> None:
+        core = self.engine.core
         try:
-            outputs = self.engine.step()
+            outputs = core.step()
         except Exception as e:
             # A failure of the whole batch (e.g. on the device): fail every request in flight, rebuild the device
             # state and keep serving; if even that fails, exit non-zero rather than hang.
-            log.exception("engine step failed; failing %d requests and resetting the KV cache",
-                          len(self.engine.requests))
-            failed = list(self.engine.requests)
+            log.exception("engine step failed; failing %d requests and resetting the KV cache", len(core.requests))
+            failed = list(core.requests)
             try:
-                self.engine.recover()
+                core.recover()
             except Exception:
                 log.critical("could not recover from a failed step; exiting", exc_info=True)
                 os._exit(1)
-            for request_id in failed:
-                self._deliver(request_id, RequestFailed(f"engine step failed: {type(e).__name__}: {e}"))
+            self._outputs.put(("fail", failed, f"engine step failed: {type(e).__name__}: {e}"))
             return
-        for out in outputs:
-            self._deliver(out.request_id, out)
+        if outputs:
+            self._outputs.put(("outputs", outputs))
+
+    # --- the output thread ---------------------------------------------------------------------------------
+
+    def _run_outputs(self) -> None:
+        processor = self.engine.output
+        while True:
+            kind, *args = self._outputs.get()
+            if kind == "stop":
+                break
+            if kind == "add":
+                processor.add_request(*args)
+            elif kind == "forget":
+                processor.forget(args[0])
+            elif kind == "fail":
+                failed, message = args
+                for request_id in failed:
+                    processor.forget(request_id)
+                    self._deliver(request_id, RequestFailed(message))
+            elif kind == "outputs":
+                outputs, finishes = processor.process(args[0])
+                for finish in finishes:
+                    self._commands.put(("finish", *finish))
+                for out in outputs:
+                    self._deliver(out.request_id, out)
+        with self._lock:
+            streams = list(self._streams.values())
+        for stream in streams:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, _STOP)
 
     def _deliver(self, request_id: str, item) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
         if stream is None:  # the caller is gone: make sure the engine lets go of the request too
-            self.engine.abort(request_id)
+            self._commands.put(("abort", request_id))
             return
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _update_stats(self) -> None:
         now = time.monotonic()
         start, base = self._window
-        stats = self.engine.stats()
+        stats = self.engine.core.stats()
         generated = stats["generated_tokens"]
         stats["generation_tokens_per_s"] = (generated - base) / max(now - start, 1e-9)
         if now - start > 10:  # a 10 s window; at its end, a status line like vLLM's while there is work

@@ -1,64 +1,22 @@
 """The synchronous engine: requests in, one scheduled step at a time, RequestOutputs out.
 
-`LLM` drives it to completion; the async server engine drives it from a background thread.
+The engine core (engine_core.py) works on token ids; the output processor (output_processor.py) makes text of
+them. Here they run on one thread, the processor's work for step N overlapping the device's work on step N+1.
+`LLM` drives this to completion; the async server engine runs the core and the processor on threads of their
+own.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import random
-import time
-
-import jax
-
-from jaxserve import attention, bad_words, compilation, sharding
-from jaxserve.block_manager import BlockManager
-from jaxserve.detokenizer import Detokenizer
+from jaxserve import bad_words
 from jaxserve.distributed import Cluster
-from jaxserve.loader import LoadedModel, load_model
-from jaxserve.model import init_cache
-from jaxserve.model_runner import ModelRunner
-from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
-from jaxserve.sampler import NO_TOKEN
-from jaxserve.sampling_params import MAX_LOGPROBS, RequestOutputKind, SamplingParams
-from jaxserve.scheduler import Scheduler
-from jaxserve.structured_output import GrammarCompiler, GrammarState
-from jaxserve.sequence import Sequence
+from jaxserve.engine_core import EngineConfig, EngineCore, InvalidRequest
+from jaxserve.loader import LoadedModel
+from jaxserve.output_processor import OutputProcessor
+from jaxserve.outputs import RequestOutput
+from jaxserve.sampling_params import SamplingParams
 
-log = logging.getLogger("jaxserve")
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    max_model_len: int | None = None  # None: the model's own context length
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 512
-    page_size: int = 16
-    num_kv_pages: int | None = None  # None: derived from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 2.0
-    attention_backend: str = "auto"
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    seed: int = 0
-    enable_prefix_caching: bool = True
-    scheduling_policy: str = "fcfs"  # or "priority" (scheduler.py)
-    compile_cache_dir: str | None = None  # None: <jaxserve cache>/jax-compile; "" turns it off
-    warm_up: bool = True
-    async_scheduling: bool = True  # overlap each step with the host's processing of the one before (see step)
-
-
-@dataclasses.dataclass
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[Sequence]
-    prompt_logprobs: list | None = None  # filled by position as sample 0's prompt is computed (None first)
-
-
-class InvalidRequest(ValueError):
-    """A request the engine cannot serve as asked (too long a prompt, bad token ids, ...)."""
+__all__ = ["EngineConfig", "InvalidRequest", "LLMEngine"]
 
 
 class LLMEngine:
@@ -66,298 +24,78 @@ class LLMEngine:
                  config: EngineConfig = EngineConfig(), progress: bool = True, cluster: Cluster | None = None):
         """cluster: this process's place among several (already initialized); followers only mirror device calls
         (see `follow`), the leader schedules."""
-        from jaxserve.default_model import cache_dir
+        self.core = EngineCore(model, dtype=dtype, config=config, progress=progress, cluster=cluster)
+        self.tokenizer = self.core.tokenizer
+        self.output = OutputProcessor(self.tokenizer, self.core.token_text)
 
-        compilation.install_counter()
-        cache_folder = config.compile_cache_dir
-        compilation.enable_persistent_cache(cache_dir() / "jax-compile" if cache_folder is None else cache_folder or None)
-        self.mesh = sharding.make_mesh(config.tensor_parallel_size, config.data_parallel_size)
-        if isinstance(model, LoadedModel):
-            model = dataclasses.replace(model, params=sharding.shard_params(model.params, self.mesh, model.cfg))
-        else:
-            model = load_model(model, dtype=dtype, mesh=self.mesh, progress=progress)
-        self.model = model
-        cfg = self.model.cfg
-        self.tokenizer = self.model.tokenizer
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        pages_per_seq = -(-self.max_model_len // config.page_size)
-        num_pages = config.num_kv_pages or self._pages_for_memory(config)
-        # Every sequence must fit alone, and no more pages than max_num_seqs full-length sequences can use.
-        num_pages = max(pages_per_seq, min(num_pages, pages_per_seq * config.max_num_seqs))
-        cache_shape = (cfg.num_kv_heads, num_pages, config.page_size, cfg.head_dim)
-        cache = init_cache(cfg, num_pages, config.page_size, self.model.dtype,
-                           sharding.cache_sharding(self.mesh, cfg, cache_shape))
-        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   max(config.max_num_batched_tokens, config.max_num_seqs), config.scheduling_policy)
-        backend = attention.resolve_backend(config.attention_backend, self.mesh)
-        self.runner = ModelRunner(cfg, self.model.params, cache, backend=backend,
-                                  max_num_seqs=config.max_num_seqs,
-                                  max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
-                                  pages_per_seq=pages_per_seq, mesh=self.mesh,
-                                  eos_token_ids=self.model.eos_token_ids)
-        self.eos_token_ids = set(self.model.eos_token_ids)
-        self.requests: dict[str, _Request] = {}
-        self._rng = random.Random(config.seed)
-        self._next_seq_id = 0
-        self._launched = None  # the step dispatched last, whose tokens are still on the device
-        self.async_scheduling = config.async_scheduling
-        self.num_computed_tokens = 0  # tokens run through the model (prefix-cache hits excluded)
-        self.num_generated_tokens = 0
-        self.step_seconds = 0.0  # wall time in step(); the runner's device_wait_seconds is the part spent waiting
-        self.grammars = GrammarCompiler(self.tokenizer, cfg.vocab_size)
-        self.cluster = cluster
-        if cluster is not None and cluster.is_leader:
-            self.runner.peers = cluster.leader_channel()
-        if config.warm_up and (cluster is None or cluster.is_leader):
-            self.runner.warm_up(progress=progress)
-        log.info("engine ready: max_model_len %d, %d KV pages of %d tokens, %d step buckets, backend %s",
-                 self.max_model_len, num_pages, config.page_size, len(self.runner.buckets), backend.kernel)
+    # What callers read of the core.
+    @property
+    def model(self):
+        return self.core.model
 
-    def _pages_for_memory(self, config: EngineConfig) -> int:
-        cfg = self.model.cfg
-        page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * config.page_size * self.model.dtype.itemsize
-        return int(config.kv_cache_memory_gb * 2**30 // page_bytes)
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def block_manager(self):
+        return self.core.block_manager
+
+    @property
+    def runner(self):
+        return self.core.runner
+
+    @property
+    def grammars(self):
+        return self.core.grammars
+
+    @property
+    def requests(self):
+        return self.core.requests
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, priority: int = 0) -> None:
-        if request_id in self.requests:
-            raise InvalidRequest(f"request id {request_id!r} is already in use")
-        self.validate(prompt_token_ids, params)
-        bad = bad_words.token_sequences(self.tokenizer, params.bad_words) if params.bad_words else None
-        seqs = []
-        for i in range(params.n):
-            base = params.seed if params.seed is not None else self._rng.getrandbits(63)
-            seed = (base ^ (i * 0x9E3779B97F4A7C15)) & (2**63 - 1)  # distinct stream per sample
-            detok = Detokenizer(self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens,
-                                params.include_stop_str_in_output)
-            seq = Sequence(self._next_seq_id, request_id, i, prompt_token_ids, params, seed, detok, self.max_model_len,
-                           priority)
-            if params.structured_output is not None or params.thinking_token_budget is not None or bad:
-                seq.grammar = GrammarState(self.grammars, params.structured_output, params.reasoning,
-                                           params.thinking_token_budget, bad_words.BadWords(bad) if bad else None)
-            seqs.append(seq)
-            self._next_seq_id += 1
-        self.requests[request_id] = _Request(request_id, prompt, list(prompt_token_ids), seqs,
-                                             None if params.prompt_logprobs is None else [None] * len(prompt_token_ids))
-        # Samples 1..n-1 wait until sample 0 has computed the prompt, then take its pages from the prefix cache
-        # (they join the head of the queue then, see step).
-        self.scheduler.add(seqs[0])
+        self.core.add_request(request_id, prompt_token_ids, params, priority, self.bad_word_ids(params))
+        self.output.add_request(request_id, prompt, prompt_token_ids, params)
+
+    def bad_word_ids(self, params: SamplingParams) -> list[list[int]] | None:
+        """The request's bad_words as the token sequences the core bans."""
+        return bad_words.token_sequences(self.tokenizer, params.bad_words) if params.bad_words else None
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Raises InvalidRequest if the engine cannot serve this; reads only fixed configuration (thread-safe)."""
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise InvalidRequest("the prompt is empty")
-        if n >= self.max_model_len:
-            raise InvalidRequest(f"the prompt has {n} tokens, but this model's maximum context length is "
-                                 f"{self.max_model_len} tokens (the prompt must leave room for at least one new token)")
-        if params.max_tokens is not None and n + params.max_tokens > self.max_model_len:
-            raise InvalidRequest(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                                 f"requested {n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} "
-                                 "for the completion). Please reduce the prompt or max_tokens.")
-        vocab = self.model.cfg.vocab_size
-        if params.prompt_logprobs == -1:  # vLLM's whole-vocabulary request, refused past its limit as vLLM does
-            raise InvalidRequest(f"Requested prompt logprobs of {vocab}, which is greater than max allowed: "
-                                 f"{MAX_LOGPROBS}")
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise InvalidRequest(f"prompt token ids must be in [0, {vocab})")
-        if any(not 0 <= t < vocab for t in params.token_ids_used()):
-            raise InvalidRequest(f"token ids in logit_bias, allowed/banned or stop token ids must be in [0, {vocab})")
-        if params.structured_output is not None:
-            self.grammars.grammar(params.structured_output, params.reasoning)  # raises InvalidGrammar: the reason
+        self.core.validate(prompt_token_ids, params)
 
     def abort(self, request_id: str) -> None:
-        req = self.requests.pop(request_id, None)
-        for seq in req.seqs if req else []:
-            if not seq.finished:
-                self.scheduler.finish(seq, "abort")
+        self.core.abort(request_id)
+        self.output.forget(request_id)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work() or self._launched is not None
+        return self.core.has_unfinished()
 
     def step(self) -> list[RequestOutput]:
-        """Dispatches the next step and processes the one before; returns an output for every request that got
-        new tokens in that one (finished requests are removed)."""
-        started = time.perf_counter()
-        try:
-            return self._step()
-        finally:
-            self.step_seconds += time.perf_counter() - started
-
-    def _step(self) -> list[RequestOutput]:
-        # Step N+1 is scheduled and its forward pass dispatched before step N's tokens are read: a sequence that
-        # sampled in step N feeds a placeholder for that token, resolved on the device. While N+1's forward
-        # runs, the host processes N's tokens; then N+1's sampler goes out with grammar masks that have seen
-        # them. A sequence that N's tokens end has run one step too many: that row is dropped.
-        scheduled = self.scheduler.schedule()
-        launched = self.runner.launch(scheduled) if scheduled else None
-        if launched is not None:
-            for seq, n, samples in zip(launched.record.seqs, launched.record.num_tokens, launched.record.samples):
-                seq.num_computed_tokens += n
-                # Pages of known tokens go to the prefix cache now: this step writes them before any later step
-                # can read them.
-                self.block_manager.register_full_pages(seq)
-                if samples and seq.index == 0 and seq.num_output_tokens + seq.num_in_flight == 0:
-                    # Sample 0 has computed the prompt: the other samples join the head of the queue (not its
-                    # tail), so the request's samples run together, ahead of requests that arrived later.
-                    self.scheduler.add_first(self.requests[seq.request_id].seqs[1:])
-                seq.num_in_flight += samples
-        previous, self._launched = self._launched, launched
-        outputs = self._process(previous) if previous is not None else []
-        if launched is not None:
-            self.runner.sample(launched)
-            if not self.async_scheduling:  # each step waits for its own tokens (the same results, no overlap)
-                self._launched = None
-                outputs += self._process(launched)
+        """Runs one core step; returns an output for every request that got new tokens (as its output_kind asks)."""
+        outputs, finishes = self.output.process(self.core.step())
+        for finish in finishes:
+            self.core.finish(*finish)
         return outputs
-
-    def _process(self, launched) -> list[RequestOutput]:
-        """Reads back a step's tokens and applies them: outputs, stops, prompt logprobs, prefix-cache pages."""
-        tokens, logprobs, prompt_rows = self.runner.results(launched)
-        record = launched.record
-        touched: dict[str, _Request] = {}
-        for i, (seq, n, start, samples) in enumerate(zip(record.seqs, record.num_tokens, record.starts,
-                                                         record.samples)):
-            if seq.finished:
-                continue  # it ended (or was aborted) after this step was dispatched: its row is dropped
-            self.num_computed_tokens += n
-            if prompt_rows is not None and prompt_rows[i] is not None:
-                self._record_prompt_logprobs(seq, start, prompt_rows[i])
-            if not samples:
-                continue  # a prefill chunk that does not reach the prompt's end samples nothing
-            seq.num_in_flight -= 1
-            token = int(tokens[i])
-            touched[seq.request_id] = self.requests[seq.request_id]
-            if token == NO_TOKEN:
-                seq.error = ("no token satisfies all of the request's constraints at once (its structured output, "
-                             "allowed or banned token ids, or min_tokens blocking the end of a finished grammar)")
-                seq.error_invalid = True
-                self.scheduler.finish(seq, "error")
-                continue
-            seq.token_ids.append(token)  # its K/V is written by the step that feeds it back
-            self.num_generated_tokens += 1
-            self.block_manager.register_full_pages(seq)  # a page whose last token was in flight
-            k = seq.params.logprobs
-            if k is not None:
-                chosen_lp, chosen_rank, top_ids, top_lps = logprobs
-                seq.logprobs.append((token, float(chosen_lp[i]), int(chosen_rank[i]), top_ids[i, :k].tolist(),
-                                     top_lps[i, :k].tolist()))
-            try:
-                if seq.grammar is not None:
-                    seq.grammar.accept(token)
-                self._check_finish(seq, token)
-            except Exception as e:  # e.g. a tokenizer that cannot decode: fail this sequence, not the batch
-                log.exception("request %s failed while processing its output", seq.request_id)
-                seq.error = f"{type(e).__name__}: {e}"
-                self.scheduler.finish(seq, "error")
-        outputs = []
-        for req in touched.values():
-            if all(s.finished for s in req.seqs):
-                del self.requests[req.request_id]
-            out = self._output(req)
-            if out is not None:
-                outputs.append(out)
-        return outputs
-
-    def _record_prompt_logprobs(self, seq: Sequence, start: int, rows) -> None:
-        """rows: logprobs over a step's fed tokens, from position start; row j scores prompt token start + j + 1."""
-        chosen, rank, ids, lps = rows
-        entries = self.requests[seq.request_id].prompt_logprobs
-        k = seq.params.prompt_logprobs
-        for j in range(min(len(chosen), seq.num_prompt_tokens - 1 - start)):
-            p = start + j + 1
-            entries[p] = self._logprob_entry((seq.token_ids[p], float(chosen[j]), int(rank[j]), ids[j, :k].tolist(),
-                                              lps[j, :k].tolist()))
-
-    def _check_finish(self, seq: Sequence, token: int) -> None:
-        p = seq.params
-        if seq.num_output_tokens <= p.min_tokens:  # no stop of any kind before min_tokens (EOS is masked too)
-            seq.detokenizer.append(token, check_stop=False)
-        elif token in self.eos_token_ids and not p.ignore_eos:
-            return self.scheduler.finish(seq, "stop")
-        elif token in p.stop_token_ids:
-            return self.scheduler.finish(seq, "stop", token)
-        elif (stop := seq.detokenizer.append(token)) is not None:
-            return self.scheduler.finish(seq, "stop", stop)
-        if len(seq) >= seq.max_len:
-            return self.scheduler.finish(seq, "length")
-
-    def _output(self, req: _Request) -> RequestOutput | None:
-        """The request's output after a step, as its output_kind asks (None: FINAL_ONLY and not finished)."""
-        kind = req.seqs[0].params.output_kind
-        finished = all(s.finished for s in req.seqs)
-        if kind is RequestOutputKind.FINAL_ONLY and not finished:
-            return None
-        outs = []
-        for s in req.seqs:
-            sent, detok = s.num_sent_tokens, s.detokenizer
-            delta_text = detok.take_delta(s.finished, s.num_output_tokens)
-            released = s.num_sent_tokens = detok.num_released  # a token goes out with its text, never before it
-            new_ids = s.token_ids[s.num_prompt_tokens + sent:s.num_prompt_tokens + released]
-            new_logprobs = None
-            if s.params.logprobs is not None:
-                new_logprobs = [self._logprob_entry(s.logprobs[j], detok.piece(j)) for j in range(sent, released)]
-            if kind is RequestOutputKind.DELTA:
-                text, ids, logprobs = delta_text, new_ids, new_logprobs
-            else:
-                if new_logprobs is not None:
-                    s.logprob_entries += new_logprobs
-                text, ids = detok.text, s.output_token_ids
-                logprobs = list(s.logprob_entries) if s.params.logprobs is not None else None
-            outs.append(CompletionOutput(s.index, text, ids, s.finish_reason, s.stop_reason, logprobs, error=s.error,
-                                         error_invalid=s.error_invalid))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished=finished,
-                             num_cached_tokens=req.seqs[0].num_cached_tokens, prompt_logprobs=req.prompt_logprobs)
-
-    def _logprob_entry(self, entry, text: str | None = None) -> dict[int, Logprob]:
-        """{token id: Logprob} for the chosen token (first) and the top-k, as vLLM reports them. text: the chosen
-        token's piece of the output (its own decoding when None, as for prompt tokens)."""
-        token, lp, rank, ids, lps = entry
-        out = {token: Logprob(lp, rank, self.token_text(token) if text is None else text)}
-        for r, (t, tlp) in enumerate(zip(ids, lps), start=1):
-            out.setdefault(t, Logprob(tlp, r, self.token_text(t)))
-        return out
 
     def token_text(self, token_id: int) -> str:
-        return self.grammars.token_text(token_id)  # one cache of single-token decodings per engine
+        return self.core.token_text(token_id)
 
     def recover(self) -> None:
-        """After a failed step: every request is dropped and the device state rebuilt. A step that failed after
-        its buffers were donated leaves the KV cache unusable, and with it every cached prefix."""
-        for request_id in list(self.requests):
-            self.abort(request_id)
-        self._launched = None
-        self.block_manager = BlockManager(self.block_manager.num_pages, self.block_manager.page_size,
-                                          self.block_manager.enable_prefix_caching)
-        self.scheduler.blocks = self.block_manager
-        self.runner.reset_device_state()
+        for request_id in list(self.core.requests):
+            self.output.forget(request_id)
+        self.core.recover()
 
     def follow(self) -> None:
-        """On a follower process: run the leader's device calls until it stops."""
-        self.runner.follow(self.cluster.follower_channel())
+        self.core.follow()
 
     def close(self) -> None:
-        if self.runner.peers is not None:
-            self.runner.peers.close()
-            self.runner.peers = None
+        self.core.close()
 
     def stats(self) -> dict:
-        return {
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "kv_pages_total": self.block_manager.num_pages,
-            "kv_pages_free": self.block_manager.num_free,
-            "preemptions": self.scheduler.num_preemptions,
-            "prefix_cache_hit_rate": self.block_manager.hit_rate,
-            "prefix_cache_hit_tokens": self.block_manager.hit_tokens,
-            "prefix_cache_queried_tokens": self.block_manager.queried_tokens,
-            "computed_tokens": self.num_computed_tokens,
-            "generated_tokens": self.num_generated_tokens,
-            "compile_count": compilation.compile_count(),
-            # Host work per step vs time blocked on the device: while steps do not overlap, the device idles
-            # for the host part.
-            "step_host_seconds": self.step_seconds - self.runner.device_wait_seconds,
-            "step_device_seconds": self.runner.device_wait_seconds,
-            "devices": len(jax.devices()),
-        }
+        return self.core.stats()

@@ -1,10 +1,9 @@
-"""One generation stream: its tokens, how far the cache has computed them, and its pages."""
+"""One generation stream in the engine core: its token ids, how far the cache has computed them, and its pages."""
 
 from __future__ import annotations
 
 import enum
 
-from jaxserve.detokenizer import Detokenizer
 from jaxserve.sampler import slot_params
 from jaxserve.sampling_params import SamplingParams
 
@@ -17,7 +16,7 @@ class Status(enum.Enum):
 
 class Sequence:
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
-                 params: SamplingParams, seed: int, detokenizer: Detokenizer, max_len: int, priority: int = 0):
+                 params: SamplingParams, seed: int, max_len: int, priority: int = 0):
         self.seq_id = seq_id
         self.request_id = request_id
         self.index = index  # which of the request's n samples
@@ -26,7 +25,6 @@ class Sequence:
         self.params = params
         self.seed = seed
         self.priority = priority  # lower is served first under the priority policy
-        self.detokenizer = detokenizer
         self.status = Status.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache
@@ -39,12 +37,7 @@ class Sequence:
         self.slot_params = slot_params(params, seed)  # what admission writes into the slot (sampler.py)
         # Tokens (prompt + output) at which the sequence ends by length: max_tokens, or the engine's max_model_len.
         self.max_len = max_len if params.max_tokens is None else min(max_len, len(prompt_token_ids) + params.max_tokens)
-        self.logprobs: list[tuple] = []  # per output token, when requested: (token, logprob, rank, top ids, top lps)
-        self.logprob_entries: list[dict] = []  # the released tokens' logprobs as outputs report them
         self.grammar = None  # a structured_output.GrammarState when the output is constrained or has a thinking budget
-        self.num_sent_tokens = 0  # output tokens already reported in deltas (with their text)
-        self.error: str | None = None
-        self.error_invalid = False  # the request contradicted itself (a client error), not an engine fault
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
 

@@ -7,6 +7,7 @@ A reasoning parser, when configured, splits `<think>` text into `reasoning_conte
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -67,8 +68,9 @@ def _plan(state: ServerState, req: ChatCompletionRequest, tools, tool_choice, re
                     parallel_tool_calls=req.parallel_tool_calls is not False, tool_names=names)
 
 
-async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, http_request: Request):
-    """Returns a ChatCompletion, an async iterator of SSE strings, or None when the client went away."""
+def _prepare(state: ServerState, req: ChatCompletionRequest):
+    """The request's text work (template rendering, tokenization, grammar checks; on a worker thread): its plan,
+    prompt ids and sampling params. Raises what becomes a 400."""
     state.check_model(req.model)
     tools, tool_choice = req.effective_tools()
     # tool_choice "none" keeps the tools in the prompt (OpenAI's meaning: the model knows them, must not call).
@@ -88,6 +90,12 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         raise ValueError("thinking_token_budget needs a server started with --reasoning-parser")
     params.thinking_token_budget = req.thinking_budget() if reasoning_state is not None else None
     state.check_request(prompt, params, req.priority)  # before a stream starts: errors must be a 400, not an SSE event
+    return plan, prompt, params
+
+
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, http_request: Request):
+    """Returns a ChatCompletion, an async iterator of SSE strings, or None when the client went away."""
+    plan, prompt, params = await asyncio.to_thread(_prepare, state, req)
     request_id = random_id("chatcmpl")
     echo = req.messages[-1].text() if req.echo and req.messages[-1].role == "assistant" else ""
     if req.stream:

@@ -55,8 +55,9 @@ def encode_prompts(tokenizer, req: CompletionRequest) -> list[list[int]]:
     return prompts
 
 
-async def create_completion(state: ServerState, req: CompletionRequest, http_request: Request):
-    """Returns a Completion, an async iterator of SSE strings, or None when the client went away."""
+def _prepare(state: ServerState, req: CompletionRequest):
+    """The request's text work (tokenization, grammar checks, echoed text; on a worker thread): each prompt's ids,
+    sampling params and echo. Raises what becomes a 400."""
     state.check_model(req.model)
     tokenizer = state.tokenizer
     prompts = encode_prompts(tokenizer, req)
@@ -64,8 +65,13 @@ async def create_completion(state: ServerState, req: CompletionRequest, http_req
     for ids, p in zip(prompts, params):
         state.check_grammar_size(p.structured_output)
         state.check_request(ids, p, req.priority)  # before a stream starts: errors must be a 400, not an SSE event
+    return prompts, params, [tokenizer.decode(ids) if req.echo else "" for ids in prompts]
+
+
+async def create_completion(state: ServerState, req: CompletionRequest, http_request: Request):
+    """Returns a Completion, an async iterator of SSE strings, or None when the client went away."""
+    prompts, params, echoes = await asyncio.to_thread(_prepare, state, req)
     request_id = random_id("cmpl")
-    echoes = [tokenizer.decode(ids) if req.echo else "" for ids in prompts]
     if req.stream:
         return _stream(state, req, request_id, prompts, params, echoes)
     tasks = [asyncio.create_task(final_output(state.generate(f"{request_id}-{i}", ids, p, req.priority), http_request))
@@ -85,7 +91,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, http_req
             if o.logprobs is not None:
                 lp, _ = _logprobs(o.logprobs, len(echoes[i]), as_ids)
                 if req.echo:
-                    lp = _join(_echo_logprobs(out, tokenizer, as_ids), lp)
+                    lp = _join(_echo_logprobs(out, state.tokenizer, as_ids), lp)
             choices.append(CompletionChoice(
                 index=i * req.n + o.index, text=echoes[i] + o.text, finish_reason=o.finish_reason,
                 stop_reason=o.stop_reason, logprobs=lp,

@@ -11,6 +11,7 @@ from jaxserve import SamplingParams
 from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed
 from jaxserve.engine import EngineConfig, InvalidRequest, LLMEngine
+from jaxserve.output_processor import OutputProcessor
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
@@ -60,6 +61,23 @@ def test_concurrent_streams_concatenate_to_the_final_output(engine):
     asyncio.run(_wait_idle(engine))
 
 
+def test_a_stop_string_found_on_the_output_thread_ends_the_sample_in_the_core(engine):
+    """The output thread finds the stop string; the core, told later, may have made more tokens for the sample:
+    they are not shown, and its pages are freed."""
+    async def main():
+        prompt = "Hello world " * 3
+        text, tokens, _ = await _collect(engine, "full", prompt, SamplingParams(max_tokens=40, **GREEDY))
+        stop = text[len(text) // 2:len(text) // 2 + 3]
+        cut = await _collect(engine, "cut", prompt, SamplingParams(max_tokens=40, stop=[stop], **GREEDY))
+        return text, tokens, stop, cut, await _wait_idle(engine)
+
+    text, tokens, stop, (cut_text, cut_tokens, last), stats = asyncio.run(main())
+    assert cut_text == text[:text.index(stop)]
+    assert last.outputs[0].finish_reason == "stop" and last.outputs[0].stop_reason == stop
+    assert cut_tokens == tokens[:len(cut_tokens)] and len(cut_tokens) < len(tokens)
+    assert stats["kv_pages_free"] == stats["kv_pages_total"]
+
+
 def test_cancelled_stream_aborts_and_frees_pages(engine):
     async def main():
         gen = engine.generate("long", "The quick brown fox", SamplingParams(max_tokens=200, **GREEDY))
@@ -83,14 +101,14 @@ def test_invalid_request_raises_and_the_engine_keeps_serving(engine):
 
 
 def test_a_failing_request_leaves_the_others_running(engine, monkeypatch):
-    original = LLMEngine._check_finish
+    original = OutputProcessor._apply
 
-    def failing(self, seq, token):
-        if seq.request_id == "boom":
+    def failing(self, req, sample, update):
+        if req.request_id == "boom":
             raise RuntimeError("detokenizer exploded")
-        return original(self, seq, token)
+        return original(self, req, sample, update)
 
-    monkeypatch.setattr(LLMEngine, "_check_finish", failing)
+    monkeypatch.setattr(OutputProcessor, "_apply", failing)
 
     async def main():
         params = SamplingParams(max_tokens=8, **GREEDY)

@@ -13,7 +13,7 @@ NUM_PAGES = 24
 
 
 def _seq(i, tokens, cache_salt=None):
-    return Sequence(i, str(i), 0, tokens, params=SamplingParams(cache_salt=cache_salt), seed=0, detokenizer=None,
+    return Sequence(i, str(i), 0, tokens, params=SamplingParams(cache_salt=cache_salt), seed=0,
                     max_len=1 << 20)
 
 

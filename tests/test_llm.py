@@ -172,7 +172,7 @@ def test_stop_token_ids_and_eos(llm):
     out = llm.generate([prompt], SamplingParams(max_tokens=20, stop_token_ids=[target], **GREEDY),
                        use_tqdm=False)[0].outputs[0]
     assert out.token_ids == tokens[: first + 1] and out.stop_reason == target and out.finish_reason == "stop"
-    engine = llm.engine
+    engine = llm.engine.core
     saved = engine.eos_token_ids
     engine.eos_token_ids = {target}
     try:
@@ -284,7 +284,7 @@ def test_bias_allowed_banned_and_min_tokens(llm):
     assert set(run(allowed_token_ids=allowed, temperature=1.0, seed=3).token_ids) <= set(allowed)
     banned = set(plain.token_ids)
     assert not banned & set(run(banned_token_ids=sorted(banned)).token_ids)
-    engine = llm.engine
+    engine = llm.engine.core
     saved = engine.eos_token_ids
     engine.eos_token_ids = {plain.token_ids[0]}  # the model's first greedy token now counts as EOS
     try:

@@ -26,13 +26,13 @@ def llm(folder):
 
 
 def _run(llm, prompts, params, overlap: bool):
-    llm.engine.async_scheduling = overlap
+    llm.engine.core.async_scheduling = overlap
     try:
         before = llm.engine.stats()["computed_tokens"]
         outs = llm.generate(prompts, params, use_tqdm=False)
         return outs, llm.engine.stats()["computed_tokens"] - before
     finally:
-        llm.engine.async_scheduling = True
+        llm.engine.core.async_scheduling = True
 
 
 def _plain(outs):
