@@ -86,7 +86,7 @@ class EngineSender:
 
     async def send(self, req: Request):
         from jaxserve.sampling_params import RequestOutputKind, SamplingParams
-        from jaxserve.structured_output import StructuredOutput
+        from jaxserve.text.structured_output import StructuredOutput
 
         params = SamplingParams(max_tokens=req.max_tokens, temperature=self.temperature, ignore_eos=not req.constrained,
                                 structured_output=StructuredOutput.from_schema(PERSON_SCHEMA) if req.constrained

@@ -113,8 +113,8 @@ def main() -> None:
     p.add_argument("--llama-cpp-python", action="store_true",
                    help="also measure llama-cpp-python's server (one request at a time), as a secondary column")
     args = p.parse_args()
-    from jaxserve.default_model import default_model_path
-    from jaxserve.gguf_loader import load_gguf
+    from jaxserve.weights.default_model import default_model_path
+    from jaxserve.weights.gguf_file import load_gguf
 
     gguf = default_model_path()
     llama_server.ensure_built()

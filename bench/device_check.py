@@ -140,9 +140,9 @@ def _random_model(cfg_dict: dict, dtype):
     import jax.numpy as jnp
     from host_overhead import word_tokenizer
 
-    from jaxserve.config import ModelConfig
-    from jaxserve.loader import LoadedModel
-    from jaxserve.model import Layer, Params
+    from jaxserve.models.config import ModelConfig
+    from jaxserve.weights.loader import LoadedModel
+    from jaxserve.models.llama import Layer, Params
 
     cfg = ModelConfig.from_hf(cfg_dict)
     keys = iter(jax.random.split(jax.random.key(0), 16 + 16 * cfg.num_layers))
@@ -165,7 +165,7 @@ def _admit_computed(engine, batch: int, context: int) -> None:
     """Adds `batch` requests whose first context-1 tokens count as computed (their pages allocated, their K/V
     left as the cache holds it), so the first step already decodes: no prefill program is compiled."""
     from jaxserve import SamplingParams
-    from jaxserve.sequence import Status
+    from jaxserve.core.sequence import Status
 
     rng = np.random.default_rng(batch)
     for i in range(batch):
@@ -184,7 +184,7 @@ def stage_engine(report: Report, batches, context: int, steps: int) -> None:
     import jax
     import jax.numpy as jnp
 
-    from jaxserve import compilation
+    from jaxserve.core import compilation
     from jaxserve.engine import EngineConfig, LLMEngine
 
     start = time.perf_counter()

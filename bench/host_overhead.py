@@ -75,7 +75,7 @@ def main() -> None:
     args = p.parse_args()
 
     from jaxserve import LLM, SamplingParams
-    from jaxserve import compilation
+    from jaxserve.core import compilation
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model(pathlib.Path(tmp) / "model")

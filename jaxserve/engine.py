@@ -8,11 +8,11 @@ own.
 
 from __future__ import annotations
 
-from jaxserve import bad_words
-from jaxserve.distributed import Cluster
-from jaxserve.engine_core import EngineConfig, EngineCore, InvalidRequest
-from jaxserve.loader import LoadedModel
-from jaxserve.output_processor import OutputProcessor
+from jaxserve.text import bad_words
+from jaxserve.parallel.distributed import Cluster
+from jaxserve.core.engine_core import EngineConfig, EngineCore, InvalidRequest
+from jaxserve.weights.loader import LoadedModel
+from jaxserve.text.output_processor import OutputProcessor
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 

@@ -9,8 +9,8 @@ from collections.abc import Sequence as Seq
 
 from tqdm.auto import tqdm
 
-from jaxserve import chat_template as templating
-from jaxserve import tool_parsers
+from jaxserve.text import chat_template as templating
+from jaxserve.text import tool_parsers
 from jaxserve.engine import EngineConfig, LLMEngine
 from jaxserve.outputs import ChatMessage, ChatOutput, RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from jaxserve import reasoning
-from jaxserve.structured_output import StructuredOutput
+from jaxserve.text import reasoning
+from jaxserve.text.structured_output import StructuredOutput
 
 MAX_LOGPROBS = 20
 
@@ -39,7 +39,7 @@ class SamplingParams:
     # vocabulary") is refused by the engine, which knows the vocabulary size, as vLLM refuses it past 20.
     prompt_logprobs: int | None = None
     structured_output: StructuredOutput | None = None  # constrained decoding (JSON schema, regex, choice, grammar)
-    # For reasoning models, where the prompt leaves the output (jaxserve.reasoning: "opened" inside a think block,
+    # For reasoning models, where the prompt leaves the output (jaxserve.text.reasoning: "opened" inside a think block,
     # "closed" after one, "absent" before an optional one); None: no reasoning. Constraints start after the block.
     reasoning: str | None = None
     # At most this many tokens inside the think block, then "</think>" is forced (needs reasoning opened/absent).

@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
-from jaxserve import chat_template as templating
-from jaxserve import reasoning
-from jaxserve import tool_parsers
+from jaxserve.text import chat_template as templating
+from jaxserve.text import reasoning
+from jaxserve.text import tool_parsers
 from jaxserve.async_engine import RequestFailed
 from jaxserve.engine import InvalidRequest
-from jaxserve.tool_choice import forced_structure
+from jaxserve.text.tool_choice import forced_structure
 from server.chat_output import ChatPlan, StreamShaper, final_message
 from server.generation import final_output, prompt_logprobs, sse, sse_failure, token_logprobs, usage
 from server.protocol import (ChatChoice, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChoiceLogprobs,

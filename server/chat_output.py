@@ -11,9 +11,9 @@ import dataclasses
 import json
 import re
 
-from jaxserve import reasoning, tool_parsers
-from jaxserve.tool_choice import forced_calls, named_tool
-from jaxserve.tool_parsers import ToolCall
+from jaxserve.text import reasoning, tool_parsers
+from jaxserve.text.tool_choice import forced_calls, named_tool
+from jaxserve.text.tool_parsers import ToolCall
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ _MODEL_HELP = "a .gguf file, a transformers folder or a hub id (default: the emb
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from jaxserve.distributed import Cluster
+    from jaxserve.parallel.distributed import Cluster
     from jaxserve.engine import EngineConfig, LLMEngine
     from server.app import build_app
     from server.state import ServerConfig, ServerState

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
-from jaxserve.structured_output import StructuredOutput
+from jaxserve.text.structured_output import StructuredOutput
 
 
 def random_id(prefix: str) -> str:

@@ -10,7 +10,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from jaxserve.async_engine import AsyncEngine
-from jaxserve.distributed import Cluster
+from jaxserve.parallel.distributed import Cluster
 from jaxserve.engine import EngineConfig
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams

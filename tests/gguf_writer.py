@@ -1,6 +1,6 @@
 """Test utility: write a tiny HF checkpoint as a GGUF file the way llama.cpp's converter does.
 
-It is written independently of jaxserve.gguf_loader (its own name table, its own Q/K permutation,
+It is written independently of jaxserve.weights.gguf_file (its own name table, its own Q/K permutation,
 the gguf package's writer and quantizers), so that reading its output back tests the loader.
 """
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxserve import model as model_lib
-from jaxserve.attention import resolve_backend
+from jaxserve.models import base as model_base
+from jaxserve.models import llama as model_lib
+from jaxserve.models.attention import resolve_backend
 
 
 def run_logits(loaded, prompts: list[list[int]], decode_steps: int, page_size: int = 4, backend: str = "reference",
@@ -22,7 +23,7 @@ def run_logits(loaded, prompts: list[list[int]], decode_steps: int, page_size: i
     num_pages = pages_per_seq * len(prompts) + 3
     order = np.random.default_rng(0).permutation(num_pages)
     tables = order[: pages_per_seq * len(prompts)].reshape(len(prompts), pages_per_seq).astype(np.int32)
-    cache = model_lib.init_cache(cfg, num_pages, page_size, loaded.dtype)
+    cache = model_base.init_cache(cfg, num_pages, page_size, loaded.dtype)
     attn = resolve_backend(backend, mesh)
     step = jax.jit(lambda p, c, b: model_lib.forward(p, c, b, cfg, attn))
     seqs = [list(p) for p in prompts]
@@ -52,4 +53,4 @@ def _batch(chunks, starts, tables, page_size):
         last.append(cu[-1] - 1)
     kv_lens = [s + len(c) for s, c in zip(starts, chunks)]
     i32 = lambda x: np.asarray(x, np.int32)  # noqa: E731
-    return model_lib.Batch(i32(ids), i32(pos), i32(slots), i32(kv_lens), tables, i32(cu), i32([len(chunks)]), i32(last))
+    return model_base.Batch(i32(ids), i32(pos), i32(slots), i32(kv_lens), tables, i32(cu), i32([len(chunks)]), i32(last))

@@ -11,7 +11,7 @@ from jaxserve import SamplingParams
 from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.async_engine import AsyncEngine, EngineOverloaded, RequestFailed
 from jaxserve.engine import EngineConfig, InvalidRequest, LLMEngine
-from jaxserve.output_processor import OutputProcessor
+from jaxserve.text.output_processor import OutputProcessor
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 import tiny
-from jaxserve.attention import resolve_backend
-from jaxserve.loader import load_model
-from jaxserve.sharding import make_mesh, shard_params
+from jaxserve.models.attention import resolve_backend
+from jaxserve.weights.loader import load_model
+from jaxserve.parallel.sharding import make_mesh, shard_params
 from paged import run_logits
 
 PROMPTS = [list(range(3, 23)), list(range(30, 37))]

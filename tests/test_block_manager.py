@@ -4,9 +4,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxserve.block_manager import BlockManager
+from jaxserve.core.block_manager import BlockManager
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.sequence import Sequence
+from jaxserve.core.sequence import Sequence
 
 PAGE = 4
 NUM_PAGES = 24

@@ -6,7 +6,7 @@ import pathlib
 import pytest
 
 import tiny
-from jaxserve.chat_template import ChatTemplateError, render
+from jaxserve.text.chat_template import ChatTemplateError, render
 
 TEMPLATES = pathlib.Path(__file__).parent / "templates"
 WEATHER = {"type": "function", "function": {

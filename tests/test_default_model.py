@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from jaxserve import default_model
-from jaxserve.default_model import cache_dir, default_model_path
+from jaxserve.weights import default_model
+from jaxserve.weights.default_model import cache_dir, default_model_path
 
 
 def _sha256(path):

@@ -3,7 +3,7 @@
 import torch
 
 from jaxserve import SamplingParams
-from jaxserve.default_model import default_model_path
+from jaxserve.weights.default_model import default_model_path
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -38,7 +38,7 @@ def test_no_compilation_after_warm_up(default_llm):
 
 def test_default_model_samples_as_its_card_recommends(default_llm):
     """The GGUF carries no generation config, so the embedded model's card values are its defaults."""
-    from jaxserve import default_model
+    from jaxserve.weights import default_model
 
     params = default_llm.get_default_sampling_params()
     assert default_model.SAMPLING == {"temperature": 0.2, "top_p": 0.9}

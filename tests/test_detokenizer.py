@@ -5,7 +5,7 @@ import random
 import pytest
 
 import tiny
-from jaxserve.detokenizer import Detokenizer
+from jaxserve.text.detokenizer import Detokenizer
 
 TEXTS = ["Ünïcödé tëxt, 日本語, emoji 🙂 and symbols", "Hello world! 🙂🙂 The quick brown fox. 12345",
          "jax serve 日本語 tpu gpu cpu"]

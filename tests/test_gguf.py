@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from gguf_writer import CONTROL, NORMAL, write_gguf_from_hf
-from jaxserve.gguf_loader import load_gguf
+from jaxserve.weights.gguf_file import load_gguf
 
 torch.set_num_threads(1)
 
@@ -371,7 +371,7 @@ def test_sentencepiece_tokenizer_matches_transformers(hf_dirs, tmp_path):
 
 @pytest.fixture(scope="session")
 def default_gguf():
-    from jaxserve.default_model import default_model_path
+    from jaxserve.weights.default_model import default_model_path
 
     return default_model_path(progress=False)
 

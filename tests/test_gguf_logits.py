@@ -6,7 +6,7 @@ from gguf import GGMLQuantizationType as QT
 
 import tiny
 from gguf_writer import write_gguf_from_hf
-from jaxserve.loader import load_model
+from jaxserve.weights.loader import load_model
 from paged import run_logits
 
 PROMPTS = [list(range(3, 27)), list(range(50, 61))]

@@ -11,7 +11,7 @@ import tiny
 from jaxserve import LLM, SamplingParams
 from jaxserve.sampling_params import RequestOutputKind
 from jaxserve.engine import InvalidRequest
-from jaxserve.structured_output import StructuredOutput
+from jaxserve.text.structured_output import StructuredOutput
 from paged import run_logits
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
@@ -140,7 +140,7 @@ def test_priority_policy_admits_lower_values_first(folder):
 
 
 def test_bad_words_ban_every_spelling(llm):
-    from jaxserve.bad_words import token_sequences
+    from jaxserve.text.bad_words import token_sequences
 
     prompt = _prompts(llm, [8], seed=21)[0]
     free = llm.generate([prompt], SamplingParams(max_tokens=16, **GREEDY), use_tqdm=False)[0].outputs[0].token_ids

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import tiny
-from jaxserve.loader import load_model
+from jaxserve.weights.loader import load_model
 from paged import run_logits
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,

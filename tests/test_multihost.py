@@ -87,7 +87,7 @@ def test_server_with_tensor_and_data_parallel_on_four_devices(folder, tmp_path):
 
 
 def test_several_processes_need_a_secret(monkeypatch):
-    from jaxserve.distributed import Cluster
+    from jaxserve.parallel.distributed import Cluster
 
     monkeypatch.delenv("JAXSERVE_DISTRIBUTED_SECRET", raising=False)
     with pytest.raises(ValueError, match="--distributed-secret"):
@@ -118,8 +118,8 @@ def test_the_step_channel_carries_no_pickles():
 
     import numpy as np
 
-    from jaxserve.distributed import decode, encode
-    from jaxserve.input_batch import NUM_ROW_COLS, StepInput
+    from jaxserve.parallel.distributed import decode, encode
+    from jaxserve.core.input_batch import NUM_ROW_COLS, StepInput
 
     rng = np.random.default_rng(0)
     step = StepInput(*(rng.integers(-1, 100, shape).astype(np.int32) for shape in [(8,), (8,), (8,), (2, NUM_ROW_COLS)]),
@@ -156,7 +156,7 @@ def test_recovery_resets_the_followers_too(folder):
     channel (a follower left with its old state would hang the next collective)."""
     from multiprocessing import Pipe
 
-    from jaxserve.distributed import FollowerChannel, LeaderChannel
+    from jaxserve.parallel.distributed import FollowerChannel, LeaderChannel
     from jaxserve.engine import EngineConfig, LLMEngine
 
     engine = LLMEngine(str(folder), config=EngineConfig(max_model_len=128, max_num_seqs=2, max_num_batched_tokens=16,

@@ -11,7 +11,7 @@ import pytest
 
 import tiny
 from jaxserve import LLM, SamplingParams
-from jaxserve.structured_output import StructuredOutput
+from jaxserve.text.structured_output import StructuredOutput
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxserve.reasoning import ABSENT, CLOSED, OPENED, StreamingReasoningParser, parse, prompt_state
+from jaxserve.text.reasoning import ABSENT, CLOSED, OPENED, StreamingReasoningParser, parse, prompt_state
 
 CASES = [
     ("qwen3", "<think>\nLet me think. 2+2=4\n</think>\n\nThe answer is 4.", "Let me think. 2+2=4", "The answer is 4."),

@@ -15,8 +15,8 @@ import pytest
 import tiny
 from jaxserve.async_engine import AsyncEngine
 from jaxserve.engine import EngineConfig, LLMEngine
-from jaxserve.reasoning import CLOSE, OPEN
-from jaxserve.structured_output import GrammarState, StructuredOutput
+from jaxserve.text.reasoning import CLOSE, OPEN
+from jaxserve.text.structured_output import GrammarState, StructuredOutput
 from server import chat
 from server.protocol import ChatCompletionRequest
 from server.state import ServerConfig, ServerState

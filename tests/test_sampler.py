@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserve import sampler
-from jaxserve.sampler import SamplerState, SamplingBatch, apply_masks, record_tokens, sample
+from jaxserve.core import sampler
+from jaxserve.core.sampler import SamplerState, SamplingBatch, apply_masks, record_tokens, sample
 from jaxserve.sampling_params import SamplingParams
 
 DRAWS = 6000

@@ -6,8 +6,8 @@ import pytest
 
 import tiny
 from jaxserve import LLM, SamplingParams
-from jaxserve.loader import load_model
-from jaxserve.sharding import make_mesh, shard_params
+from jaxserve.weights.loader import load_model
+from jaxserve.parallel.sharding import make_mesh, shard_params
 from paged import run_logits
 
 MESHES = [(2, 1), (4, 1), (2, 2)]  # (tensor_parallel_size, data_parallel_size)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import tiny
-from jaxserve.reasoning import ABSENT, CLOSED, OPENED
-from jaxserve.structured_output import GrammarCompiler, GrammarState, InvalidGrammar, StructuredOutput
-from jaxserve.tool_choice import forced_calls, forced_structure
+from jaxserve.text.reasoning import ABSENT, CLOSED, OPENED
+from jaxserve.text.structured_output import GrammarCompiler, GrammarState, InvalidGrammar, StructuredOutput
+from jaxserve.text.tool_choice import forced_calls, forced_structure
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -94,7 +94,7 @@ def test_required_tool_choice(compiler):
 
 
 def test_strict_schemas_close_objects():
-    from jaxserve.structured_output import close_objects
+    from jaxserve.text.structured_output import close_objects
 
     schema = {"type": "object", "properties": {"a": {"type": "object", "properties": {"x": {"type": "integer"}}},
                                                "b": {"type": "object", "additionalProperties": True},

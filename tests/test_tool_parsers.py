@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxserve.tool_parsers import StreamingToolParser, parse, parser_for_template
+from jaxserve.text.tool_parsers import StreamingToolParser, parse, parser_for_template
 
 W = {"city": "Paris", "unit": "c"}
 CASES = {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import json
 
-from jaxserve.tool_parsers import ToolCall
+from jaxserve.text.tool_parsers import ToolCall
 
 
 def split(text: str, final: bool) -> tuple[str, list[ToolCall], str]:

@@ -30,7 +30,7 @@ import numpy as np
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 if TYPE_CHECKING:
-    from jaxserve.sequence import Sequence
+    from jaxserve.core.sequence import Sequence
 
 GREEDY_BELOW = 1e-5  # temperatures under this sample greedily, as in vLLM
 NO_TOKEN = -1  # sampled for a row where every token was masked out

@@ -10,11 +10,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jaxserve import sharding
-from jaxserve.config import ModelConfig
-from jaxserve.hf_loader import Checkpoint, load_hf_folder
-from jaxserve.model import Params
-from jaxserve.weights import count_params, params_from_hf
+from jaxserve import models
+from jaxserve.models.base import count_params
+from jaxserve.models.config import ModelConfig
+from jaxserve.parallel import sharding
+from jaxserve.weights.hf_folder import Checkpoint, load_hf_folder
 
 log = logging.getLogger("jaxserve")
 
@@ -23,11 +23,11 @@ log = logging.getLogger("jaxserve")
 class LoadedModel:
     name: str
     cfg: ModelConfig
-    params: Params
+    params: object  # the model family's params pytree (jaxserve.models)
     tokenizer: object
     eos_token_ids: tuple[int, ...]
     dtype: jnp.dtype
-    generation_config: dict = dataclasses.field(default_factory=dict)  # sampling defaults (hf_loader.Checkpoint)
+    generation_config: dict = dataclasses.field(default_factory=dict)  # sampling defaults (hf_folder.Checkpoint)
 
 
 def resolve_dtype(dtype: str | None) -> jnp.dtype:
@@ -43,7 +43,7 @@ def resolve_dtype(dtype: str | None) -> jnp.dtype:
 def read_checkpoint(model: str | None, *, progress: bool = True) -> tuple[str, Checkpoint]:
     """Returns (display name, checkpoint). None means the embedded default model."""
     if model is None:
-        from jaxserve import default_model
+        from jaxserve.weights import default_model
 
         path = default_model.default_model_path(progress=progress)
         ckpt = _load_gguf(path, progress)  # a GGUF carries no generation config: the model card's sampling
@@ -61,9 +61,9 @@ def read_checkpoint(model: str | None, *, progress: bool = True) -> tuple[str, C
 
 
 def _load_gguf(path: pathlib.Path, progress: bool) -> Checkpoint:
-    from jaxserve import gguf_loader  # the gguf package is only needed for .gguf files
+    from jaxserve.weights import gguf_file  # the gguf package is only needed for .gguf files
 
-    g = gguf_loader.load_gguf(path, progress=progress)
+    g = gguf_file.load_gguf(path, progress=progress)
     return Checkpoint(g.hf_config, g.tensors, g.tokenizer, g.eos_token_ids)
 
 
@@ -87,7 +87,7 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
     name, ckpt = read_checkpoint(model, progress=progress)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
     jdtype = resolve_dtype(dtype)
-    params = params_from_hf(ckpt.tensors, cfg, jdtype, put=sharding.param_put(mesh, cfg) if mesh else None)
+    params = models.family(cfg.model_type).params_from_hf(ckpt.tensors, cfg, jdtype, put=sharding.param_put(mesh, cfg) if mesh else None)
     jax.block_until_ready(params)
     log.info("loaded %s: %s, %.1fM parameters, %s, %.1f s", name, cfg.model_type,
              count_params(params) / 1e6, jdtype.name, time.perf_counter() - start)

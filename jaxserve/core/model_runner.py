@@ -25,15 +25,16 @@ from tqdm.auto import tqdm
 
 from jax.sharding import Mesh
 
-from jaxserve import model as model_lib
-from jaxserve import sharding
-from jaxserve.attention import Backend
-from jaxserve.config import ModelConfig
-from jaxserve.input_batch import (FRESH, RESET_COUNTS, ROW_PARAMS, SAMPLES, SLOT, InputBatch, Scheduled, StepInput,
+from jaxserve import models
+from jaxserve.models.attention import Backend
+from jaxserve.models.base import KVCache
+from jaxserve.models.config import ModelConfig
+from jaxserve.parallel import sharding
+from jaxserve.core.input_batch import (FRESH, RESET_COUNTS, ROW_PARAMS, SAMPLES, SLOT, InputBatch, Scheduled, StepInput,
                                   model_batch, num_table_writes, write_tables)
-from jaxserve.sampler import (SamplerState, admit, apply_masks, finish_rows, init_slot, logprobs_of, record_tokens,
+from jaxserve.core.sampler import (SamplerState, admit, apply_masks, finish_rows, init_slot, logprobs_of, record_tokens,
                               rows_of, sample, slot_rows)
-from jaxserve.sequence import Sequence
+from jaxserve.core.sequence import Sequence
 
 # Measured with SmolLM2 on 2 CPU cores: XLA's CPU dot is a bandwidth-bound matrix-vector product for one row
 # but much less efficient for a few rows, so a lone decode step takes 43 ms as one token and 84 ms padded to 8
@@ -62,8 +63,9 @@ def _forward(params, cache, tables, last_token, step: StepInput, cfg, backend):
     `_prompt_logprobs` in steps where a request asked for them) and the fed token ids [T], placeholders resolved."""
     tables = write_tables(tables, step.table_writes)
     batch = model_batch(step, tables, last_token, cache.page_size)
-    hidden, cache = model_lib.hidden_states(params, cache, batch, cfg, backend)
-    logits = model_lib.final_logits(params, hidden[batch.logits_indices], cfg)
+    family = models.family(cfg.model_type)
+    hidden, cache = family.hidden_states(params, cache, batch, cfg, backend)
+    logits = family.final_logits(params, hidden[batch.logits_indices], cfg)
     return logits, cache, tables, hidden, batch.token_ids
 
 
@@ -72,7 +74,7 @@ def _prompt_logprobs(params, hidden, targets, cfg):
     arrays over T, from the raw model distribution (as vLLM's prompt logprobs)."""
     def rows(args):
         h, t = args
-        return logprobs_of(model_lib.final_logits(params, h, cfg), t)
+        return logprobs_of(models.family(cfg.model_type).final_logits(params, h, cfg), t)
 
     # Each mapped row is a [1, ...] batch of one token; the unit axis is dropped after.
     out = jax.lax.map(rows, (hidden[:, None], targets[:, None]), batch_size=PROMPT_LOGPROB_ROWS)
@@ -113,7 +115,7 @@ class Launched:
 
 
 class ModelRunner:
-    def __init__(self, cfg: ModelConfig, params, cache: model_lib.KVCache, *, backend: Backend, max_num_seqs: int,
+    def __init__(self, cfg: ModelConfig, params, cache: KVCache, *, backend: Backend, max_num_seqs: int,
                  max_num_batched_tokens: int, pages_per_seq: int, mesh: Mesh, eos_token_ids):
         self.cfg = cfg
         self.params = params

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from jaxserve.tool_parsers import ToolCall, call_from_object, partial_marker
+from jaxserve.text.tool_parsers import ToolCall, call_from_object, partial_marker
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 

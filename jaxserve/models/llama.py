@@ -1,4 +1,5 @@
-"""The Llama-family decoder as pure functions over a params pytree.
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM2): its params pytree, the transformers tensors it loads
+from, and its decoder as pure functions.
 
 One forward serves every step of the engine: a flat batch of tokens from many sequences (prefill chunks and
 single decode tokens mixed), their K/V written into the paged cache, attention read back from it. The model
@@ -11,12 +12,15 @@ stacked layers (design.md), at the price of a longer compile.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxserve import attention
-from jaxserve.config import ModelConfig
+from jaxserve.models import attention
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.base import Batch, KVCache, apply_rope, rms_norm
 
 
 @jax.tree_util.register_dataclass
@@ -45,62 +49,6 @@ class Params:
     layers: tuple[Layer, ...]
     final_norm: jax.Array  # [hidden]
     lm_head: jax.Array | None  # [hidden, vocab]; None when tied to `embed`
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class KVCache:
-    """Paged K/V of every layer, laid out as the kernels want: [kv_heads, pages, page_size, head_dim]."""
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-
-    @property
-    def num_pages(self) -> int:
-        return self.k[0].shape[1]
-
-    @property
-    def page_size(self) -> int:
-        return self.k[0].shape[2]
-
-
-def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> KVCache:
-    """sharding: where each layer's [kv_heads, pages, page_size, head_dim] array lives (None: default device)."""
-    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-
-    def zeros():
-        return jnp.zeros(shape, dtype, device=sharding)
-
-    return KVCache(k=tuple(zeros() for _ in range(cfg.num_layers)), v=tuple(zeros() for _ in range(cfg.num_layers)))
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Batch:
-    """One engine step, padded to bucket sizes. T tokens, S sequences, P pages per sequence."""
-
-    token_ids: jax.Array  # [T] int32
-    positions: jax.Array  # [T] int32
-    slot_mapping: jax.Array  # [T] int32: page * page_size + offset, -1 for padding tokens
-    kv_lens: jax.Array  # [S] int32: context length after this step
-    block_tables: jax.Array  # [S, P] int32
-    cu_q_lens: jax.Array  # [S + 1] int32
-    num_seqs: jax.Array  # [1] int32
-    logits_indices: jax.Array  # [S] int32: the token whose logits each sequence needs (its last)
-
-
-def rms_norm(x, weight, eps):
-    # Normalize in float32 and cast back before the weight, as transformers does, so bf16 matches it.
-    x32 = x.astype(jnp.float32)
-    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return x32.astype(x.dtype) * weight
-
-
-def apply_rope(x, cos, sin):
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim // 2]. Half-split (GPT-NeoX) layout, as HF Llama uses."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
 
 
 def _attention_block(layer: Layer, x, cos, sin, k_pages, v_pages, batch: Batch, cfg: ModelConfig,
@@ -151,3 +99,55 @@ def final_logits(params: Params, x, cfg: ModelConfig):
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     head = params.embed.T if params.lm_head is None else params.lm_head
     return jnp.dot(x, head, preferred_element_type=jnp.float32)
+
+
+# transformers' tensor names: linear weights are transposed from HF's [out, in] to [in, out] (the model
+# computes `x @ w`). Both loaders (safetensors folders and GGUF files) produce tensors under these names.
+_LINEAR = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+           "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
+_BIAS = {"bq": "self_attn.q_proj", "bk": "self_attn.k_proj", "bv": "self_attn.v_proj"}
+_NORM = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+_QK_NORM = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype, put=None) -> Params:
+    """`put(array, field_name)` places each converted array on devices (a sharded load passes its own)."""
+    put = put or (lambda a, _name: jax.device_put(a))
+    missing = [n for n in _expected_names(cfg) if n not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def get(name, transpose=False, path=""):
+        a = np.asarray(tensors[name])
+        return put((a.T if transpose else a).astype(dtype), path or name)
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        fields = {k: get(p + v + ".weight", transpose=True, path=k) for k, v in _LINEAR.items()}
+        fields |= {k: get(p + v + ".weight", path=k) for k, v in _NORM.items()}
+        if cfg.qkv_bias:
+            fields |= {k: get(p + v + ".bias", path=k) for k, v in _BIAS.items()}
+        if cfg.qk_norm:
+            fields |= {k: get(p + v + ".weight", path=k) for k, v in _QK_NORM.items()}
+        layers.append(Layer(**fields))
+    return Params(
+        embed=get("model.embed_tokens.weight", path="embed"),
+        layers=tuple(layers),
+        final_norm=get("model.norm.weight", path="final_norm"),
+        lm_head=get("lm_head.weight", transpose=True, path="lm_head") if not cfg.tie_word_embeddings else None,
+    )
+
+
+def _expected_names(cfg: ModelConfig) -> list[str]:
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        names += [p + v + ".weight" for v in (*_LINEAR.values(), *_NORM.values())]
+        if cfg.qkv_bias:
+            names += [p + v + ".bias" for v in _BIAS.values()]
+        if cfg.qk_norm:
+            names += [p + v + ".weight" for v in _QK_NORM.values()]
+    if not cfg.tie_word_embeddings:
+        names.append("lm_head.weight")
+    return names

@@ -25,7 +25,7 @@ import re
 
 import numpy as np
 
-from jaxserve.reasoning import ABSENT, CLOSE, OPEN, OPENED
+from jaxserve.text.reasoning import ABSENT, CLOSE, OPEN, OPENED
 
 
 # JSON as json.dumps writes it. Free whitespace would let a weak model pad with newlines until max_tokens;

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxserve.config import ModelConfig
+from jaxserve.models.config import ModelConfig
 
 RULES = {
     "tokens": "data",

@@ -43,7 +43,7 @@ class ToolCall:
 def get_parser(name: str):
     if name not in PARSERS:
         raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}")
-    return importlib.import_module(f"jaxserve.tool_parsers.{name}")
+    return importlib.import_module(f"jaxserve.text.tool_parsers.{name}")
 
 
 def parser_for_template(template: str | None) -> str:

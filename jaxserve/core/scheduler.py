@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from jaxserve.block_manager import BlockManager
-from jaxserve.sequence import Sequence, Status
+from jaxserve.core.block_manager import BlockManager
+from jaxserve.core.sequence import Sequence, Status
 
 
 POLICIES = ("fcfs", "priority")

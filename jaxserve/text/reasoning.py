@@ -12,7 +12,7 @@ OPENED and `qwen3` ABSENT.
 
 from __future__ import annotations
 
-from jaxserve.tool_parsers import partial_marker
+from jaxserve.text.tool_parsers import partial_marker
 
 PARSERS = ("deepseek_r1", "qwen3")
 OPEN, CLOSE = "<think>", "</think>"

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from jaxserve.sequence import Sequence
+from jaxserve.core.sequence import Sequence
 
 
 class BlockManager:

@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass for the whole Llama family.
 
 Built from a transformers-style `config.json` dict. GGUF files are first translated into such a dict by
-`gguf_loader`, so this is the only place that interprets architecture hyper-parameters.
+`weights/gguf_file.py`, so this is the only place that interprets architecture hyper-parameters.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import math
 
 import numpy as np
 
-# model_type -> what differs from plain Llama. Mistral is Llama with an optional sliding window;
-# Qwen2 adds q/k/v biases; Qwen3 adds per-head RMSNorm on q and k (and no biases).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+from jaxserve.models import FAMILIES
+
+SUPPORTED_MODEL_TYPES = tuple(FAMILIES)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from jaxserve.tool_parsers import ToolCall, call_from_object
+from jaxserve.text.tool_parsers import ToolCall, call_from_object
 
 TAG = "<|python_tag|>"
 

@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.model import Batch
-from jaxserve.sampler import FLOAT_PARAMS, INT_PARAMS, needs_dense_rows
-from jaxserve.sequence import Sequence
+from jaxserve.models.base import Batch
+from jaxserve.core.sampler import FLOAT_PARAMS, INT_PARAMS, needs_dense_rows
+from jaxserve.core.sequence import Sequence
 
 PLACEHOLDER = -1  # a fed token the device takes from the slot's last sampled token
 

@@ -24,7 +24,7 @@ from multiprocessing.connection import Client, Listener
 import jax
 import numpy as np
 
-from jaxserve.input_batch import StepInput
+from jaxserve.core.input_batch import StepInput
 
 log = logging.getLogger("jaxserve")
 

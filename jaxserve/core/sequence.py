@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from jaxserve.sampler import slot_params
+from jaxserve.core.sampler import slot_params
 from jaxserve.sampling_params import SamplingParams
 
 

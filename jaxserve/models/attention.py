@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import kernels_pallas
-from jaxserve.config import ModelConfig
+from jaxserve.models.config import ModelConfig
 
 BACKENDS = ("auto", "reference", "pallas_tpu", "pallas_gpu", "pallas_tpu_interpret", "pallas_gpu_interpret")
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 
-from jaxserve.structured_output import StructuredOutput, close_objects
-from jaxserve.tool_parsers import ToolCall
+from jaxserve.text.structured_output import StructuredOutput, close_objects
+from jaxserve.text.tool_parsers import ToolCall
 
 
 def _parameters(tool: dict) -> dict:

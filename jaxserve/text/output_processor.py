@@ -13,8 +13,8 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-from jaxserve.detokenizer import Detokenizer
-from jaxserve.engine_core import CoreOutput
+from jaxserve.text.detokenizer import Detokenizer
+from jaxserve.core.engine_core import CoreOutput
 from jaxserve.outputs import CompletionOutput, Logprob, RequestOutput
 from jaxserve.sampling_params import RequestOutputKind, SamplingParams
 

@@ -14,17 +14,20 @@ import time
 
 import jax
 
-from jaxserve import attention, bad_words, compilation, sharding
-from jaxserve.block_manager import BlockManager
-from jaxserve.distributed import Cluster
-from jaxserve.loader import LoadedModel, load_model
-from jaxserve.model import init_cache
-from jaxserve.model_runner import ModelRunner
-from jaxserve.sampler import NO_TOKEN
+from jaxserve.models import attention
+from jaxserve.text import bad_words
+from jaxserve.core import compilation
+from jaxserve.parallel import sharding
+from jaxserve.core.block_manager import BlockManager
+from jaxserve.parallel.distributed import Cluster
+from jaxserve.weights.loader import LoadedModel, load_model
+from jaxserve.models.base import init_cache
+from jaxserve.core.model_runner import ModelRunner
+from jaxserve.core.sampler import NO_TOKEN
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
-from jaxserve.scheduler import Scheduler
-from jaxserve.structured_output import GrammarCompiler, GrammarState
-from jaxserve.sequence import Sequence
+from jaxserve.core.scheduler import Scheduler
+from jaxserve.text.structured_output import GrammarCompiler, GrammarState
+from jaxserve.core.sequence import Sequence
 
 log = logging.getLogger("jaxserve")
 
@@ -86,7 +89,7 @@ class EngineCore:
                  config: EngineConfig = EngineConfig(), progress: bool = True, cluster: Cluster | None = None):
         """cluster: this process's place among several (already initialized); followers only mirror device calls
         (see `follow`), the leader schedules."""
-        from jaxserve.default_model import cache_dir
+        from jaxserve.weights.default_model import cache_dir
 
         compilation.install_counter()
         cache_folder = config.compile_cache_dir

@@ -1,0 +1,22 @@
+"""Model families, by transformers' `model_type`.
+
+A family is one file: its params pytree with the logical axes of each weight, the transformers tensor names it
+loads (`params_from_hf`), and its forward pass (`hidden_states`, `final_logits`) over the shared types of
+base.py. Adding one (Gemma, a mixture of experts) is a new file here and its lines in FAMILIES.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+FAMILIES = {  # model_type -> the module under jaxserve.models that implements it
+    "llama": "llama",
+    "mistral": "llama",  # Llama with an optional sliding window
+    "qwen2": "llama",  # q/k/v biases
+    "qwen3": "llama",  # per-head RMSNorm on q and k
+}
+
+
+def family(model_type: str) -> ModuleType:
+    return importlib.import_module(f"jaxserve.models.{FAMILIES[model_type]}")

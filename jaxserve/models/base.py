@@ -1,0 +1,75 @@
+"""What every model family shares: the step's batch, the paged KV cache, and the common layers.
+
+A family (llama.py, ...) is a params pytree with the transformers tensor names it loads from, and a forward
+pass `hidden_states(params, cache, batch, cfg, backend)` plus `final_logits(params, x, cfg)` over these types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.models.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Paged K/V of every layer, laid out as the kernels want: [kv_heads, pages, page_size, head_dim]."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+
+    @property
+    def num_pages(self) -> int:
+        return self.k[0].shape[1]
+
+    @property
+    def page_size(self) -> int:
+        return self.k[0].shape[2]
+
+
+def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> KVCache:
+    """sharding: where each layer's [kv_heads, pages, page_size, head_dim] array lives (None: default device)."""
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+
+    def zeros():
+        return jnp.zeros(shape, dtype, device=sharding)
+
+    return KVCache(k=tuple(zeros() for _ in range(cfg.num_layers)), v=tuple(zeros() for _ in range(cfg.num_layers)))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Batch:
+    """One engine step, padded to bucket sizes. T tokens, S sequences, P pages per sequence."""
+
+    token_ids: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32
+    slot_mapping: jax.Array  # [T] int32: page * page_size + offset, -1 for padding tokens
+    kv_lens: jax.Array  # [S] int32: context length after this step
+    block_tables: jax.Array  # [S, P] int32
+    cu_q_lens: jax.Array  # [S + 1] int32
+    num_seqs: jax.Array  # [1] int32
+    logits_indices: jax.Array  # [S] int32: the token whose logits each sequence needs (its last)
+
+
+def rms_norm(x, weight, eps):
+    # Normalize in float32 and cast back before the weight, as transformers does, so bf16 matches it.
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return x32.astype(x.dtype) * weight
+
+
+def apply_rope(x, cos, sin):
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim // 2]. Half-split (GPT-NeoX) layout, as HF Llama uses."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+
+
+def count_params(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))

@@ -1,0 +1,1 @@
+"""Loading weights: safetensors folders, GGUF files, the embedded default model."""
