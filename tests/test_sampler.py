@@ -201,12 +201,15 @@ def test_truncation_equals_the_exact_definitions(vocab):
         top_k = int(rng.choice([0, 1, 5, sampler.CANDIDATES, sampler.CANDIDATES + 7, vocab, vocab + 3]))
         top_p = float(rng.choice([1.0, 0.9, 0.5, 0.05, 1e-30]))
         min_p = float(rng.choice([0.0, 0.0, 0.01, 0.3]))
+        temperature = float(rng.choice([0.5, 1.0, 2.0]))  # powers of two: scaling keeps every tie exactly
         rows.append(x)
-        settings.append((top_k, top_p, min_p))
+        settings.append((temperature, top_k, top_p, min_p))
     logits = np.asarray(rows, np.float32)
-    cols = [jnp.asarray(np.array(c, dtype)) for c, dtype in zip(zip(*settings), (np.int32, np.float32, np.float32))]
+    cols = [jnp.asarray(np.array(c, dtype))
+            for c, dtype in zip(zip(*settings), (np.float32, np.int32, np.float32, np.float32))]
     cut, inside, _, ids = (np.asarray(a) for a in jax.jit(sampler._truncation)(jnp.asarray(logits), *cols))
-    for row, (k, p, m), c, within, candidates in zip(logits, settings, cut, inside, ids):
+    for row, (t, k, p, m), c, within, candidates in zip(logits, settings, cut, inside, ids):
+        row = row / np.float32(t)
         expected = _reference_cutoff(row, k, p, m)
         assert np.array_equal(row >= c, expected), (k, p, m)
         if within:
@@ -218,7 +221,8 @@ def test_grouped_argmax_takes_the_first_maximum():
     rng = np.random.default_rng(1)
     x = np.round(rng.normal(size=(64, 1000)), 1).astype(np.float32)  # ties for the maximum are common
     x[3, :] = -np.inf
-    assert np.array_equal(np.asarray(jax.jit(sampler._argmax)(jnp.asarray(x))), np.argmax(x, -1))
+    index, best = jax.jit(sampler._argmax)(jnp.asarray(x))
+    assert np.array_equal(np.asarray(index), np.argmax(x, -1)) and np.array_equal(np.asarray(best), x.max(-1))
 
 
 @pytest.mark.parametrize("top_k", [0, 5])  # drawn over the whole row / among the candidates

@@ -274,7 +274,8 @@ class EngineCore:
             seq.token_ids.append(token)  # its K/V is written by the step that feeds it back
             update.token_ids.append(token)
             self.num_generated_tokens += 1
-            self.block_manager.register_full_pages(seq)  # a page whose last token was in flight
+            if len(seq.token_ids) % self.block_manager.page_size == 0:  # a page whose last token was in flight
+                self.block_manager.register_full_pages(seq)
             k = seq.params.logprobs
             if k is not None:
                 chosen_lp, chosen_rank, top_ids, top_lps = logprobs

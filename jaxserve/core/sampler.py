@@ -215,12 +215,13 @@ def _grouped(x, fill=-jnp.inf):
 
 
 def _argmax(x):
-    """First index of each row's maximum [S] int32, through group maxima: one pass over the row and two short
-    argmaxes (XLA's CPU argmax over a whole row is a slow paired reduction)."""
+    """First index of each row's maximum [S] int32, and the maximum [S], through group maxima: one pass over the
+    row and two short argmaxes (XLA's CPU argmax over a whole row is a slow paired reduction)."""
     groups = _grouped(x)
-    g = jnp.argmax(groups.max(-1), -1)
+    maxima = groups.max(-1)
+    g = jnp.argmax(maxima, -1)
     inner = jnp.take_along_axis(groups, g[:, None, None], 1)[:, 0]
-    return (g * _GROUP + jnp.argmax(inner, -1)).astype(jnp.int32)
+    return (g * _GROUP + jnp.argmax(inner, -1)).astype(jnp.int32), jnp.max(maxima, -1)
 
 
 def _candidates(x, width: int):
@@ -273,18 +274,26 @@ def _cutoffs_exact(x, k, top_p):
     return _from_order_key(cut)
 
 
-def _truncation(scaled, top_k, top_p, min_p):
-    """Which tokens a row may draw, at its temperature (scaled: [S, V] logits / temperature), as the threshold
-    `cut` [S] (keep scaled >= cut), with the row's candidates (values, ids [S, CANDIDATES]) and whether the kept
-    set lies within them (`inside` [S]).
+def _truncation(logits, temperature, top_k, top_p, min_p):
+    """Which tokens a row may draw at its temperature (logits: [S, V]; temperature [S] > 0), as the threshold `cut`
+    [S] on the scaled logits (keep logits / temperature >= cut), with the row's candidates (scaled values, ids
+    [S, CANDIDATES]) and whether the kept set lies within them (`inside` [S]).
 
     The exact definitions, no sort: min-p keeps tokens with p >= min_p * p_max; top-k keeps every survivor at or
     above the k-th largest value (ties at the edge stay); top-p keeps the smallest set of the most likely of those
-    holding top_p of their mass, with the ties of its least likely member."""
-    s, vocab = scaled.shape
+    holding top_p of their mass, with the ties of its least likely member. Dividing by a positive temperature
+    keeps the order, so the candidates come from the raw logits and only they are scaled; the whole row is
+    scaled only in the branches for rows the candidates cannot decide."""
+    s, vocab = logits.shape
     width = min(CANDIDATES, vocab)
     covers = width == vocab  # the candidates are the whole row
-    top, ids = _candidates(scaled, width)
+    raw_top, ids = _candidates(logits, width)
+    temp = temperature[:, None]
+    top = raw_top / temp
+
+    def scaled():
+        return logits / temp
+
     floor = top[:, 0] + jnp.log(min_p)  # p >= min_p * p_max, in logit space (-inf for min_p 0)
     top = jnp.where(top >= floor[:, None], top, -jnp.inf)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
@@ -294,8 +303,13 @@ def _truncation(scaled, top_k, top_p, min_p):
     edge_inside = covers | ((k <= width) & (kth > top[:, -1]))
     mass = jnp.sum(jnp.where(top >= kth[:, None], weights, 0.0), -1)
     full = ~edge_inside & (top_p < 1)
-    mass = jax.lax.cond(jnp.any(full), lambda: jnp.where(full, jnp.sum(jnp.where(
-        scaled >= jnp.maximum(kth, floor)[:, None], jnp.exp(scaled - top[:, :1]), 0.0), -1), mass), lambda: mass)
+
+    def full_mass():
+        x = scaled()
+        return jnp.where(full, jnp.sum(jnp.where(x >= jnp.maximum(kth, floor)[:, None], jnp.exp(x - top[:, :1]), 0.0),
+                                       -1), mass)
+
+    mass = jax.lax.cond(jnp.any(full), full_mass, lambda: mass)
     before = (jnp.cumsum(weights, -1) - weights) / mass[:, None]
     ranks = jnp.arange(width)[None, :]
     # The most likely token is always kept: a top_p that rounds to 0 in float32 (5e-324) must not empty the row.
@@ -304,8 +318,12 @@ def _truncation(scaled, top_k, top_p, min_p):
     cut = jnp.where(no_filter, floor, jnp.maximum(jnp.min(jnp.where(keep, top, jnp.inf), -1), floor))
     # Undecided: the top-k set's edge lies past the candidates, or top_p is not reached within them.
     undecided = ~covers & (k > width) & ((k < vocab) | (keep[:, -1] & (top_p < 1)))
-    cut = jax.lax.cond(jnp.any(undecided), lambda: jnp.where(undecided, _cutoffs_exact(
-        jnp.where(scaled >= floor[:, None], scaled, -jnp.inf), k, top_p), cut), lambda: cut)
+
+    def exact():
+        x = scaled()
+        return jnp.where(undecided, _cutoffs_exact(jnp.where(x >= floor[:, None], x, -jnp.inf), k, top_p), cut)
+
+    cut = jax.lax.cond(jnp.any(undecided), exact, lambda: cut)
     inside = ~undecided & (covers | (~no_filter & (cut > top[:, -1])))
     return cut, inside, top, ids
 
@@ -373,22 +391,26 @@ def sample(logits, state: SamplerState, sb: SamplingBatch, raw=None):
 
 def _choose(logits, sb: SamplingBatch):
     """The token of each row [S]: greedy, or drawn at the row's temperature after min-p / top-k / top-p."""
-    greedy = _argmax(logits)
+    greedy, best = _argmax(logits)
 
     def draw():
         temp = jnp.where(sb.temperature > 0, sb.temperature, 1.0)
-        scaled = logits / temp[:, None]
-        cut, inside, top, ids = _truncation(scaled, sb.top_k, sb.top_p, sb.min_p)
+        cut, inside, top, ids = _truncation(logits, temp, sb.top_k, sb.top_p, sb.min_p)
         uniform = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(_row_keys(sb.seed, sb.sample_index))
-        # A kept set within the candidates is drawn among them; others over the whole row.
+        # A kept set within the candidates is drawn among them; others over the whole (scaled) row.
         among = jnp.where(top >= cut[:, None], jnp.exp(top - top[:, :1]), 0.0)
         picked = jnp.take_along_axis(ids, _inverse_cdf(among, uniform)[:, None], -1)[:, 0]
         whole = (sb.temperature > 0) & ~inside
-        drawn = jax.lax.cond(jnp.any(whole), lambda: jnp.where(inside, picked, _inverse_cdf(
-            jnp.where(scaled >= cut[:, None], jnp.exp(scaled - top[:, :1]), 0.0), uniform)), lambda: picked)
+
+        def over_row():
+            x = logits / temp[:, None]
+            return jnp.where(inside, picked, _inverse_cdf(jnp.where(x >= cut[:, None], jnp.exp(x - top[:, :1]), 0.0),
+                                                          uniform))
+
+        drawn = jax.lax.cond(jnp.any(whole), over_row, lambda: picked)
         return jnp.where(sb.temperature > 0, drawn, greedy)
 
     tokens = jax.lax.cond(jnp.all(sb.temperature == 0), lambda: greedy, draw)
     # A row the constraints left without a candidate (a grammar and allowed_token_ids that do not meet, or a
     # finished grammar that only allows EOS while min_tokens blocks it) has no token to draw.
-    return jnp.where(jnp.isfinite(jnp.max(logits, axis=-1)), tokens, NO_TOKEN)
+    return jnp.where(jnp.isfinite(best), tokens, NO_TOKEN)
