@@ -6,7 +6,9 @@
     python bench/host_overhead.py --streams 64 --runs 3
 
 Prints output tokens/s and milliseconds per step (one step decodes every stream once) for each setting, the
-sampled/greedy cost ratio, and the compile count across the timed runs (it must not move).
+sampled/greedy cost ratio, the compile count across the timed runs (it must not move), and the share of step
+time spent blocked on the device's results (jaxserve_step_device_seconds against _host_seconds). Runs against
+an older checkout too: `PYTHONPATH=<checkout> python bench/host_overhead.py`.
 """
 
 from __future__ import annotations
@@ -75,7 +77,6 @@ def main() -> None:
     args = p.parse_args()
 
     from jaxserve import LLM, SamplingParams
-    from jaxserve.core import compilation
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_model(pathlib.Path(tmp) / "model")
@@ -90,7 +91,7 @@ def main() -> None:
             params = [SamplingParams(max_tokens=args.output_len, ignore_eos=True, seed=i, **sampling)
                       for i in range(args.streams)]
             llm.generate(prompts, params, use_tqdm=False)  # warm-up: every bucket this run needs is compiled
-            before = compilation.compile_count()
+            before = llm.engine.stats()
             times = []
             for _ in range(args.runs):
                 start = time.perf_counter()
@@ -100,10 +101,17 @@ def main() -> None:
             tokens = args.streams * args.output_len
             results[name] = {"tok_s": [round(tokens / t, 1) for t in times],
                              "ms_per_step": [round(t / args.output_len * 1e3, 2) for t in times],
-                             "compiles": compilation.compile_count() - before}
+                             "compiles": llm.engine.stats()["compile_count"] - before["compile_count"]}
+            # Time step() spent blocked on the device's results vs the rest (host work): with overlapped steps
+            # the device runs during the host part, so the blocked share is what the host could not hide.
+            after = llm.engine.stats()
+            blocked = after["step_device_seconds"] - before["step_device_seconds"]
+            host = after["step_host_seconds"] - before["step_host_seconds"]
+            results[name]["blocked_share"] = round(blocked / (blocked + host), 3)
             print(f"{name:8s} {args.streams} streams: {', '.join(f'{x:,.0f}' for x in results[name]['tok_s'])} "
                   f"output tok/s; {', '.join(map(str, results[name]['ms_per_step']))} ms per step; "
-                  f"{results[name]['compiles']} compilations while timed")
+                  f"{results[name]['compiles']} compilations while timed; {results[name]['blocked_share']:.0%} of "
+                  "step time blocked on the device")
         ratio = min(results["sampled"]["ms_per_step"]) / min(results["greedy"]["ms_per_step"])
         print(f"sampled / greedy step time: {ratio:.2f}")
         if args.json:

@@ -4,6 +4,7 @@ Frequency tests draw enough samples for 5-sigma bounds with fixed seeds, so they
 """
 
 import dataclasses
+import types
 
 import jax
 import jax.numpy as jnp
@@ -143,6 +144,24 @@ def test_record_tokens_counts_output_tokens_only():
     assert counts[0, 4] == 1 and counts[1, 6] == 1 and counts.sum() == 2
 
 
+def test_stale_rows_of_a_reused_slot_leave_a_plain_request_alone():
+    """admit writes no [V] rows: a slot keeps its last request's counts, prompt set, bias and stop ids, which a
+    request without penalties, bias or min_tokens (no dense rows) must not feel, in a batch where another row
+    does use them."""
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(0, 2, (2, V)).astype(np.float32))
+    stale = _state_with(counts=rng.integers(0, 9, (2, V)), in_prompt=rng.random((2, V)) < 0.5,
+                        bias=rng.normal(0, 5, (2, V)), stop_ids=rng.random((2, V)) < 0.5, rows=2)
+    plain = SamplingParams(temperature=0.0)
+    assert not sampler.needs_dense_rows(types.SimpleNamespace(params=plain, num_computed_tokens=0,
+                                                              num_prompt_tokens=1))
+    # Row 1 uses penalties, so the batch takes the adjusting branch; row 0 is the plain request.
+    sb = _batch(2, presence=[0.0, 0.7], frequency=[0.0, 0.3], repetition=[1.0, 1.4])
+    got, _ = sample(logits, stale, sb)
+    want, _ = sample(logits, SamplerState.zeros(2, V), sb)
+    assert int(got[0]) == int(want[0]) == int(np.argmax(np.asarray(logits)[0]))
+
+
 def test_admitted_parameters_come_back_per_row():
     """admit writes a fresh row's parameters into its slot; rows_of reads them back (seed words with the high bit
     set included); finish_rows counts the sample and keeps the token; padding rows read as neutral and greedy."""
@@ -152,10 +171,10 @@ def test_admitted_parameters_come_back_per_row():
     seed = (0xDEADBEEF << 32) | 0x9ABCDEF0
     floats, ints = sampler.slot_params(params, seed)
     state = SamplerState.zeros(4, V)
-    state = dataclasses.replace(state, counts=state.counts.at[2].set(5))
     state = sampler.admit(state, jnp.array([2, 4]), jnp.asarray([floats, floats], jnp.float32),
-                          jnp.asarray([(*ints, 1, 7)] * 2, jnp.int32), jnp.array([True, True]))
-    assert int(np.asarray(state.counts)[2].sum()) == 0  # a fresh row's counts are zeroed
+                          jnp.asarray([(*ints, 1, 7)] * 2, jnp.int32))
+    assert sampler.needs_dense_rows(types.SimpleNamespace(params=params, num_computed_tokens=0,
+                                                          num_prompt_tokens=1))
     sb = sampler.rows_of(state, jnp.array([2, 0]), jnp.array([True, False]))
     got = {f.name: np.asarray(getattr(sb, f.name)) for f in dataclasses.fields(sb)}
     assert np.allclose(got["temperature"], [0.7, 0]) and np.allclose(got["top_p"], [0.9, 1])

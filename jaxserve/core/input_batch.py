@@ -28,9 +28,9 @@ PLACEHOLDER = -1  # a fed token the device takes from the slot's last sampled to
 
 # Columns of StepInput.rows. SAMPLES: the row's query reaches the end of its sequence, so it samples a token;
 # FRESH: the sequence was admitted in this step (its parameters follow in the INT_PARAMS columns and
-# row_params); RESET_COUNTS: zero its penalty counts (a fresh row whose [V] rows were not written by init_slot).
-SLOT, KV_LEN, Q_END, SAMPLES, FRESH, RESET_COUNTS = range(6)
-ROW_PARAMS = 6  # INT_PARAMS start here
+# row_params).
+SLOT, KV_LEN, Q_END, SAMPLES, FRESH = range(5)
+ROW_PARAMS = 5  # INT_PARAMS start here
 NUM_ROW_COLS = ROW_PARAMS + len(INT_PARAMS)
 
 
@@ -128,8 +128,6 @@ class InputBatch:
                 row[FRESH] = 1
                 if needs_dense_rows(seq):
                     dense.append(seq)
-                else:
-                    row[RESET_COUNTS] = 1
                 row[ROW_PARAMS:] = (*ints, seq.num_output_tokens, seq.num_prompt_tokens)
                 row_params[i] = floats
             table = seq.block_table

@@ -30,7 +30,7 @@ from jaxserve.models.attention import Backend
 from jaxserve.models.base import KVCache
 from jaxserve.models.config import ModelConfig
 from jaxserve.parallel import sharding
-from jaxserve.core.input_batch import (FRESH, RESET_COUNTS, ROW_PARAMS, SAMPLES, SLOT, InputBatch, Scheduled, StepInput,
+from jaxserve.core.input_batch import (FRESH, ROW_PARAMS, SAMPLES, SLOT, InputBatch, Scheduled, StepInput,
                                   model_batch, num_table_writes, write_tables)
 from jaxserve.core.sampler import (SamplerState, admit, apply_masks, finish_rows, init_slot, logprobs_of, record_tokens,
                               rows_of, sample, slot_rows)
@@ -89,7 +89,7 @@ def _sample(logits, raw, state: SamplerState, token_ids, step: StepInput):
     s, n = rows.shape[0], state.counts.shape[0]
     slot = rows[:, SLOT]
     fresh = jnp.where((rows[:, FRESH] == 1) & (slot >= 0), slot, n)
-    state = admit(state, fresh, step.row_params, rows[:, ROW_PARAMS:], rows[:, RESET_COUNTS] == 1)
+    state = admit(state, fresh, step.row_params, rows[:, ROW_PARAMS:])
     row_slot = jnp.where(slot >= 0, slot, n)
     token_slot = jnp.where(step.token_rows < s, row_slot[jnp.minimum(step.token_rows, s - 1)], n)
     state = record_tokens(state, token_ids, token_slot, step.positions)
