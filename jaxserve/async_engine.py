@@ -12,6 +12,7 @@ or its client disconnected), the request is aborted and its pages are freed at t
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import logging
 import os
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator
 from jaxserve.engine import InvalidRequest, LLMEngine
 from jaxserve.outputs import RequestOutput
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.text import bad_words
 
 log = logging.getLogger("jaxserve")
 
@@ -54,6 +56,7 @@ class AsyncEngine:
         self._stats = engine.stats()
         self._window = (time.monotonic(), 0)  # for tokens/s: (start, tokens generated at start)
         self._outputs: queue.Queue = queue.Queue()  # core thread -> output thread, in order
+        self._tokenizer = copy.deepcopy(engine.tokenizer)
         self._encode_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
         self._output_thread = threading.Thread(target=self._run_outputs, name="jaxserve-outputs", daemon=True)
@@ -106,10 +109,12 @@ class AsyncEngine:
         self._commands.put(("abort", request_id))
 
     def _tokenize(self, prompt: str | list[int], params: SamplingParams):
-        """A caller's text work, on a worker thread: the prompt's ids (text is encoded) and its bad words'."""
-        with self._encode_lock:  # one tokenizer, shared by the worker threads
-            ids = self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-            return ids, self.engine.bad_word_ids(params)
+        """A caller's text work, on a worker thread: the prompt's ids (text is encoded) and its bad words'. With a
+        tokenizer of the callers' own: the output thread decodes with the engine's, and a fast tokenizer used by
+        two threads at once can fail ("Already borrowed")."""
+        with self._encode_lock:  # one copy, shared by the worker threads in turn
+            ids = self._tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            return ids, bad_words.token_sequences(self._tokenizer, params.bad_words) if params.bad_words else None
 
     def stats(self) -> dict:
         """The engine's counters as of its last step (safe to read from any thread)."""

@@ -59,12 +59,9 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, priority: int = 0) -> None:
-        self.core.add_request(request_id, prompt_token_ids, params, priority, self.bad_word_ids(params))
+        bad = bad_words.token_sequences(self.tokenizer, params.bad_words) if params.bad_words else None
+        self.core.add_request(request_id, prompt_token_ids, params, priority, bad)
         self.output.add_request(request_id, prompt, prompt_token_ids, params)
-
-    def bad_word_ids(self, params: SamplingParams) -> list[list[int]] | None:
-        """The request's bad_words as the token sequences the core bans."""
-        return bad_words.token_sequences(self.tokenizer, params.bad_words) if params.bad_words else None
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.core.validate(prompt_token_ids, params)

@@ -120,3 +120,22 @@ def test_a_decoding_sequence_is_fed_its_token_before_the_host_reads_it(llm):
     # the sixth token ends the sequence by length, so no seventh step is scheduled.
     assert seen == [(4, 0)] + [(4 + i, 1) for i in range(5)]
     assert len(outs[-1].outputs[0].token_ids) == 6 and outs[-1].finished
+
+
+def test_more_constrained_rows_than_one_mask_call_carries(folder):
+    """Grammar masks travel MASK_ROWS rows per call: with 12 constrained rows in a step, each row still gets its
+    own mask (a choice between two words, exactly one of which each output must be), overlapped or not."""
+    from jaxserve.core.model_runner import MASK_ROWS
+
+    wide = LLM(str(folder), max_model_len=128, max_num_seqs=16, max_num_batched_tokens=64, page_size=8,
+               compile_cache_dir="", progress=False)
+    choices = [["yes", "no"], ["red", "blue"], ["left", "right"]]
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, wide.engine.model.cfg.vocab_size, 6).tolist() for _ in range(12)]
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=i,
+                             structured_output=StructuredOutput(choice=tuple(choices[i % 3]))) for i in range(12)]
+    assert len(params) > MASK_ROWS
+    want, _ = _run(wide, prompts, params, overlap=False)
+    got, _ = _run(wide, prompts, params, overlap=True)
+    assert _plain(got) == _plain(want)
+    assert [o.outputs[0].text in choices[i % 3] for i, o in enumerate(got)] == [True] * 12

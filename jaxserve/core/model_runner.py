@@ -98,8 +98,8 @@ def _sample(logits, raw, state: SamplerState, token_ids, step: StepInput):
     return tokens, logprobs, state
 
 
-# Grammar masks go to the device for the constrained rows only, padded to this many rows (or to the whole
-# batch when more are constrained): two small programs per bucket.
+# Grammar masks go to the device for the constrained rows only, this many rows per call of one small program
+# per bucket (more constrained rows: more calls).
 MASK_ROWS = 8
 
 
@@ -192,7 +192,8 @@ class ModelRunner:
         return self._prompt_logprobs(self.params, hidden, sharding.put(targets, tok))
 
     def _device_sample(self, mask_rows: np.ndarray | None = None, masks: np.ndarray | None = None):
-        """mask_rows [M], masks [M, W]: the grammar masks of the constrained rows (None: no row is)."""
+        """mask_rows [C], masks [C, W]: the grammar masks of the constrained rows (None: no row is), C a multiple
+        of min(rows, MASK_ROWS), applied that many at a time."""
         if self.peers is not None:
             self.peers.send(("sample",) if masks is None else ("sample", mask_rows, masks))
         logits, token_ids, _, placed = self._pending
@@ -200,7 +201,9 @@ class ModelRunner:
         raw = logits
         if masks is not None:
             rep = sharding.replicated(self.mesh)
-            logits = self._masks(logits, sharding.put(mask_rows, rep), sharding.put(masks, rep))
+            m = min(logits.shape[0], MASK_ROWS)
+            for i in range(0, len(masks), m):
+                logits = self._masks(logits, sharding.put(mask_rows[i:i + m], rep), sharding.put(masks[i:i + m], rep))
         tokens, logprobs, self.sampler_state = self._sample(logits, raw, self.sampler_state, token_ids, placed)
         return tokens, logprobs
 
@@ -261,9 +264,10 @@ class ModelRunner:
         masks = rows = None
         if constrained:
             num_seqs = self._sizes(sum(record.num_tokens))[1]
-            m = min(num_seqs, MASK_ROWS) if len(constrained) <= MASK_ROWS else num_seqs
-            masks = np.zeros((m, -(-self.cfg.vocab_size // 32)), np.int32)
-            rows = np.full(m, num_seqs, np.int32)
+            m = min(num_seqs, MASK_ROWS)
+            padded = -(-len(constrained) // m) * m
+            masks = np.zeros((padded, -(-self.cfg.vocab_size // 32)), np.int32)
+            rows = np.full(padded, num_seqs, np.int32)
             for j, i in enumerate(constrained):
                 if record.seqs[i].grammar.fill(masks[j]):
                     rows[j] = i
@@ -297,7 +301,7 @@ class ModelRunner:
         words = -(-self.cfg.vocab_size // 32)
         for size in tqdm(self.buckets, desc="Compiling step buckets", unit="bucket", disable=not progress):
             num_tokens, num_seqs = self._sizes(size)
-            for m in sorted({0, min(num_seqs, MASK_ROWS), num_seqs}):
+            for m in (0, min(num_seqs, MASK_ROWS)):
                 step, *_ = self.inputs.build([], num_tokens, num_seqs, self._max_writes(num_tokens))
                 self._device_forward(step)
                 if m == 0:
