@@ -7,6 +7,7 @@ bucket compiled, then 200. Every error, whatever its cause, leaves as OpenAI's
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import logging
@@ -139,7 +140,7 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
 
     @app.post("/tokenize", response_model=p.TokenizeResponse)
     async def tokenize(req: p.TokenizeRequest):
-        async def run():
+        def run():  # template rendering and tokenization, on a worker thread
             state.check_model(req.model)
             tokenizer = state.tokenizer
             if req.messages is not None:
@@ -154,18 +155,18 @@ def build_app(config: ServerConfig, state: ServerState | None = None) -> FastAPI
                                       token_strs=tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs
                                       else None)
 
-        return await respond(run())
+        return await respond(asyncio.to_thread(run))
 
     @app.post("/detokenize", response_model=p.DetokenizeResponse)
     async def detokenize(req: p.DetokenizeRequest):
-        async def run():
+        def run():
             state.check_model(req.model)
             vocab = state.engine.engine.model.cfg.vocab_size
             if any(not 0 <= t < vocab for t in req.tokens):
                 raise ValueError(f"token ids must be in [0, {vocab})")
             return p.DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens))
 
-        return await respond(run())
+        return await respond(asyncio.to_thread(run))
 
     @app.get("/health", response_class=Response, responses={200: {"content": {}, "description": "ready"}})
     async def health():
