@@ -221,12 +221,14 @@ def _device_step(engine, steps: int) -> float:
     """One decode step's forward + sampler on inputs already on the device, timed alone."""
     import jax
 
+    from jaxserve.core.input_batch import build_step
+
     runner = engine.runner
     scheduled = [(seq, 1) for seq in engine.scheduler.running]
     for seq, _ in scheduled:
         engine.block_manager.allocate(seq, seq.num_computed_tokens + 1)
     num_tokens, num_seqs = runner._sizes(len(scheduled))
-    step, *_ = runner.inputs.build(scheduled, num_tokens, num_seqs, runner._max_writes(num_tokens))
+    step, *_ = build_step(scheduled, num_tokens, num_seqs, runner._max_writes(num_tokens))
     placed = runner._place(step)
     jax.block_until_ready(placed)
 

@@ -89,63 +89,58 @@ class Scheduled:
     samples: list[bool]  # whether each row samples a token
 
 
-class InputBatch:
-    """Builds StepInputs, and tracks which block-table entries each slot already has on the device."""
-
-    def __init__(self, page_size: int):
-        self.page_size = page_size
-
-    def build(self, scheduled: list[tuple[Sequence, int]], num_tokens: int, num_seqs: int, max_writes: int):
-        """Host arrays for the scheduled sequences, padded to num_tokens / num_seqs, the block-table writes
-        beyond the max_writes this step carries ([N, 3], N >= 0), the Scheduled record, and the sequences that
-        need their [V] sampler rows written before the step. Marks the pages and the fresh slots as sent."""
-        ids: list[int] = []
-        positions: list[int] = []
-        token_rows: list[int] = []
-        rows = np.zeros((num_seqs, NUM_ROW_COLS), np.int64)
-        row_params = np.zeros((num_seqs, len(FLOAT_PARAMS)), np.float32)
-        writes: list[tuple[int, int, int]] = []
-        dense: list[Sequence] = []
-        record = Scheduled([], [], [], [])
-        t = 0
-        for i, (seq, n) in enumerate(scheduled):
-            start = seq.num_computed_tokens
-            known = len(seq.token_ids)
-            end = start + n
-            ids += seq.token_ids[start:end]
-            if end > known:  # the token sampled in the step before, still on the device
-                ids.append(PLACEHOLDER)
-            positions += range(start, end)
-            token_rows += [i] * n
-            t += n
-            samples = end == known + seq.num_in_flight
-            row = rows[i]
-            row[SLOT], row[KV_LEN], row[Q_END], row[SAMPLES] = seq.slot, end, t, samples
-            if seq.slot_fresh:
-                seq.slot_fresh = False
-                seq.num_pages_on_device = 0
-                floats, ints = seq.slot_params
-                row[FRESH] = 1
-                if needs_dense_rows(seq):
-                    dense.append(seq)
-                row[ROW_PARAMS:] = (*ints, seq.num_output_tokens, seq.num_prompt_tokens)
-                row_params[i] = floats
-            table = seq.block_table
-            writes += [(seq.slot, j, table[j]) for j in range(seq.num_pages_on_device, len(table))]
-            seq.num_pages_on_device = len(table)
-            record.seqs.append(seq)
-            record.num_tokens.append(n)
-            record.starts.append(start)
-            record.samples.append(samples)
-        rows[len(scheduled):, SLOT] = -1
-        rows[len(scheduled):, Q_END] = t
-        pad = num_tokens - t
-        table_writes = np.full((max_writes, 3), -1, np.int32)
-        carried = writes[len(writes) - max_writes:] if len(writes) > max_writes else writes
-        if carried:
-            table_writes[:len(carried)] = carried
-        extra = np.asarray(writes[:len(writes) - len(carried)], np.int32).reshape(-1, 3)
-        step = StepInput(np.asarray(ids + [0] * pad, np.int32), np.asarray(positions + [0] * pad, np.int32),
-                         np.asarray(token_rows + [num_seqs] * pad, np.int32), rows.astype(np.int32), row_params,
-                         table_writes)
-        return step, extra, record, dense
+def build_step(scheduled: list[tuple[Sequence, int]], num_tokens: int, num_seqs: int, max_writes: int):
+    """Host arrays for the scheduled sequences, padded to num_tokens / num_seqs, the block-table writes beyond the
+    max_writes this step carries ([N, 3], N >= 0), the Scheduled record, and the sequences that need their [V]
+    sampler rows written before the step. Marks the pages and the fresh slots as sent (each sequence's
+    `num_pages_on_device`, `slot_fresh`)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    token_rows: list[int] = []
+    rows = np.zeros((num_seqs, NUM_ROW_COLS), np.int64)
+    row_params = np.zeros((num_seqs, len(FLOAT_PARAMS)), np.float32)
+    writes: list[tuple[int, int, int]] = []
+    dense: list[Sequence] = []
+    record = Scheduled([], [], [], [])
+    t = 0
+    for i, (seq, n) in enumerate(scheduled):
+        start = seq.num_computed_tokens
+        known = len(seq.token_ids)
+        end = start + n
+        ids += seq.token_ids[start:end]
+        if end > known:  # the token sampled in the step before, still on the device
+            ids.append(PLACEHOLDER)
+        positions += range(start, end)
+        token_rows += [i] * n
+        t += n
+        samples = end == known + seq.num_in_flight
+        row = rows[i]
+        row[SLOT], row[KV_LEN], row[Q_END], row[SAMPLES] = seq.slot, end, t, samples
+        if seq.slot_fresh:
+            seq.slot_fresh = False
+            seq.num_pages_on_device = 0
+            floats, ints = seq.slot_params
+            row[FRESH] = 1
+            if needs_dense_rows(seq):
+                dense.append(seq)
+            row[ROW_PARAMS:] = (*ints, seq.num_output_tokens, seq.num_prompt_tokens)
+            row_params[i] = floats
+        table = seq.block_table
+        writes += [(seq.slot, j, table[j]) for j in range(seq.num_pages_on_device, len(table))]
+        seq.num_pages_on_device = len(table)
+        record.seqs.append(seq)
+        record.num_tokens.append(n)
+        record.starts.append(start)
+        record.samples.append(samples)
+    rows[len(scheduled):, SLOT] = -1
+    rows[len(scheduled):, Q_END] = t
+    pad = num_tokens - t
+    table_writes = np.full((max_writes, 3), -1, np.int32)
+    carried = writes[len(writes) - max_writes:] if len(writes) > max_writes else writes
+    if carried:
+        table_writes[:len(carried)] = carried
+    extra = np.asarray(writes[:len(writes) - len(carried)], np.int32).reshape(-1, 3)
+    step = StepInput(np.asarray(ids + [0] * pad, np.int32), np.asarray(positions + [0] * pad, np.int32),
+                     np.asarray(token_rows + [num_seqs] * pad, np.int32), rows.astype(np.int32), row_params,
+                     table_writes)
+    return step, extra, record, dense

@@ -30,7 +30,7 @@ from jaxserve.models.attention import Backend
 from jaxserve.models.base import KVCache
 from jaxserve.models.config import ModelConfig
 from jaxserve.parallel import sharding
-from jaxserve.core.input_batch import (FRESH, ROW_PARAMS, SAMPLES, SLOT, InputBatch, Scheduled, StepInput,
+from jaxserve.core.input_batch import (FRESH, ROW_PARAMS, SAMPLES, SLOT, Scheduled, StepInput, build_step,
                                   model_batch, num_table_writes, write_tables)
 from jaxserve.core.sampler import (SamplerState, admit, apply_masks, finish_rows, init_slot, logprobs_of, record_tokens,
                               rows_of, sample, slot_rows)
@@ -125,7 +125,6 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.buckets = token_buckets(max_num_batched_tokens)
         self.mesh = mesh
-        self.inputs = InputBatch(cache.page_size)
         rep = sharding.replicated(mesh)
         self.tables = jnp.zeros((max_num_seqs, pages_per_seq), jnp.int32, device=rep)
         self.sampler_state = SamplerState.zeros(max_num_seqs, cfg.vocab_size, rep)
@@ -234,7 +233,7 @@ class ModelRunner:
         sequences' state on the host is not touched beyond what was sent (see `Scheduled`)."""
         num_tokens, num_seqs = self._sizes(sum(n for _, n in scheduled))
         max_writes = self._max_writes(num_tokens)
-        step, extra, record, dense = self.inputs.build(scheduled, num_tokens, num_seqs, max_writes)
+        step, extra, record, dense = build_step(scheduled, num_tokens, num_seqs, max_writes)
         overflow = self._max_writes(self.buckets[-1])
         for i in range(0, len(extra), overflow):  # many pages at once: a long cached prefix admitted
             chunk = np.full((overflow, 3), -1, np.int32)
@@ -302,7 +301,7 @@ class ModelRunner:
         for size in tqdm(self.buckets, desc="Compiling step buckets", unit="bucket", disable=not progress):
             num_tokens, num_seqs = self._sizes(size)
             for m in (0, min(num_seqs, MASK_ROWS)):
-                step, *_ = self.inputs.build([], num_tokens, num_seqs, self._max_writes(num_tokens))
+                step, *_ = build_step([], num_tokens, num_seqs, self._max_writes(num_tokens))
                 self._device_forward(step)
                 if m == 0:
                     jax.block_until_ready(self._device_prompt_logprobs(np.zeros(num_tokens, np.int32)))
