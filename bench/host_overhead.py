@@ -104,14 +104,20 @@ def main() -> None:
                              "compiles": llm.engine.stats()["compile_count"] - before["compile_count"]}
             # Time step() spent blocked on the device's results vs the rest (host work): with overlapped steps
             # the device runs during the host part, so the blocked share is what the host could not hide.
+            # (Older checkouts do not report the split.)
             after = llm.engine.stats()
-            blocked = after["step_device_seconds"] - before["step_device_seconds"]
-            host = after["step_host_seconds"] - before["step_host_seconds"]
-            results[name]["blocked_share"] = round(blocked / (blocked + host), 3)
+            blocked = after.get("step_device_seconds", 0.0) - before.get("step_device_seconds", 0.0)
+            host = after.get("step_host_seconds", 0.0) - before.get("step_host_seconds", 0.0)
+            results[name]["blocked_share"] = round(blocked / (blocked + host), 3) if blocked + host else float("nan")
+            # The text side's part of the host work (detokenization, stop strings, output objects): what moving the
+            # core into a process of its own would take off the core's thread.
+            output = after.get("output_seconds", 0.0) - before.get("output_seconds", 0.0)
+            results[name]["output_ms_per_step"] = round(output / (args.runs * args.output_len) * 1e3, 2)
             print(f"{name:8s} {args.streams} streams: {', '.join(f'{x:,.0f}' for x in results[name]['tok_s'])} "
                   f"output tok/s; {', '.join(map(str, results[name]['ms_per_step']))} ms per step; "
                   f"{results[name]['compiles']} compilations while timed; {results[name]['blocked_share']:.0%} of "
-                  "step time blocked on the device")
+                  f"step time blocked on the device; output processor {results[name]['output_ms_per_step']} ms per "
+                  "step")
         ratio = min(results["sampled"]["ms_per_step"]) / min(results["greedy"]["ms_per_step"])
         print(f"sampled / greedy step time: {ratio:.2f}")
         if args.json:

@@ -228,7 +228,7 @@ class AsyncEngine:
     def _update_stats(self) -> None:
         now = time.monotonic()
         start, base = self._window
-        stats = self.engine.core.stats()
+        stats = self.engine.stats()
         generated = stats["generated_tokens"]
         stats["generation_tokens_per_s"] = (generated - base) / max(now - start, 1e-9)
         if now - start > 10:  # a 10 s window; at its end, a status line like vLLM's while there is work

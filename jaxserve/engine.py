@@ -95,4 +95,4 @@ class LLMEngine:
         self.core.close()
 
     def stats(self) -> dict:
-        return self.core.stats()
+        return self.core.stats() | {"output_seconds": self.output.seconds}

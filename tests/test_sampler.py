@@ -192,7 +192,7 @@ def _reference_cutoff(x, top_k, top_p, min_p=0.0):
     the k-th largest; then, by decreasing logit, the smallest prefix of those holding top_p of their mass, with
     the ties of its last."""
     x = x.astype(np.float64)
-    alive = x >= x.max() + np.log(min_p) if min_p else np.ones(len(x), bool)
+    alive = (x >= x.max() + np.log(min_p) if min_p else np.ones(len(x), bool)) & np.isfinite(x)
     ordered = np.sort(x[alive])[::-1]
     kth = ordered[top_k - 1] if 0 < top_k <= len(ordered) else -np.inf
     in_k = alive & (x >= kth)
@@ -205,10 +205,11 @@ def _reference_cutoff(x, top_k, top_p, min_p=0.0):
     return in_k & (x >= x[kept].min())
 
 
-@pytest.mark.parametrize("vocab", [50, 300, 4096])
+@pytest.mark.parametrize("vocab", [50, 300, 4096, 32000])
 def test_truncation_equals_the_exact_definitions(vocab):
     """Random rows, with ties (logits on a coarse grid), peaked and flat, with and without min-p, across the
-    candidate width and past it; a row said to lie within its candidates keeps only candidate tokens."""
+    candidate width and past it, and rows where a mask leaves few tokens; a row said to lie within its candidates
+    keeps only candidate tokens."""
 
     rng = np.random.default_rng(vocab)
     rows, settings = [], []
@@ -217,6 +218,9 @@ def test_truncation_equals_the_exact_definitions(vocab):
         x = rng.normal(0, scale, vocab)
         if i % 2:
             x = np.round(x * 4) / 4  # many ties
+        if i % 5 == 4:  # a grammar's mask: a few tokens (or a few hundred) left
+            x[rng.random(vocab) > [0.002, 0.02][i % 2]] = -np.inf
+            x[rng.integers(vocab)] = 1.0
         top_k = int(rng.choice([0, 1, 5, sampler.CANDIDATES, sampler.CANDIDATES + 7, vocab, vocab + 3]))
         top_p = float(rng.choice([1.0, 0.9, 0.5, 0.05, 1e-30]))
         min_p = float(rng.choice([0.0, 0.0, 0.01, 0.3]))
@@ -230,7 +234,7 @@ def test_truncation_equals_the_exact_definitions(vocab):
     for row, (t, k, p, m), c, within, candidates in zip(logits, settings, cut, inside, ids):
         row = row / np.float32(t)
         expected = _reference_cutoff(row, k, p, m)
-        assert np.array_equal(row >= c, expected), (k, p, m)
+        assert np.array_equal((row >= c) & np.isfinite(row), expected), (k, p, m)  # -inf: never drawn
         if within:
             assert set(np.flatnonzero(expected)) <= set(candidates.tolist())
 
@@ -240,7 +244,8 @@ def test_grouped_argmax_takes_the_first_maximum():
     rng = np.random.default_rng(1)
     x = np.round(rng.normal(size=(64, 1000)), 1).astype(np.float32)  # ties for the maximum are common
     x[3, :] = -np.inf
-    index, best = jax.jit(sampler._argmax)(jnp.asarray(x))
+    index = jax.jit(lambda x: sampler._argmax(x, *sampler._group_maxima(x)))(jnp.asarray(x))
+    best = x.max(-1)
     assert np.array_equal(np.asarray(index), np.argmax(x, -1)) and np.array_equal(np.asarray(best), x.max(-1))
 
 

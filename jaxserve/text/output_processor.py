@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 
 from jaxserve.text.detokenizer import Detokenizer
@@ -55,6 +56,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.token_text = token_text
         self.requests: dict[str, _Request] = {}
+        self.seconds = 0.0  # wall time in process(): the text side's share of the host work per step
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
@@ -70,6 +72,13 @@ class OutputProcessor:
     def process(self, core_outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[Finish]]:
         """Applies one core step; returns the outputs to deliver and the ends found here (stop strings, text that
         would not decode) for the core."""
+        started = time.perf_counter()
+        try:
+            return self._process(core_outputs)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _process(self, core_outputs: list[CoreOutput]) -> tuple[list[RequestOutput], list[Finish]]:
         outputs, finishes = [], []
         for core in core_outputs:
             req = self.requests.get(core.request_id)
