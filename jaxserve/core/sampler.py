@@ -15,7 +15,8 @@ Each request's random stream is a function of its own seed and the index of the 
 samples do not depend on what else shares the batch. The draw inverts the CDF at one uniform number per row
 (no sort, no per-token noise); top-k/top-p thresholds come from a short candidate list or an exact search, never
 a sort of the vocabulary. Work that only some requests need (thresholds, penalty and bias rows, logprobs) sits
-behind `lax.cond`, so a batch that does not ask for it does not pay for it.
+behind `lax.cond`, so a batch that does not ask for it does not pay for it; work over whole rows that only some
+rows need (an exact search, a draw over the row) runs on those rows alone (`_for_rows`).
 """
 
 from __future__ import annotations
@@ -300,8 +301,8 @@ def _truncation(logits, temperature, top_k, top_p, min_p, maxima=None):
     The exact definitions, no sort: min-p keeps tokens with p >= min_p * p_max; top-k keeps every survivor at or
     above the k-th largest value (ties at the edge stay); top-p keeps the smallest set of the most likely of those
     holding top_p of their mass, with the ties of its least likely member. Dividing by a positive temperature
-    keeps the order, so the candidates come from the raw logits and only they are scaled; the whole row is
-    scaled only in the branches for rows the candidates cannot decide. maxima: _group_maxima(logits)[0], when the
+    keeps the order, so the candidates come from the raw logits and only they are scaled; whole rows are
+    scaled only for the rows the candidates cannot decide (_for_rows). maxima: _group_maxima(logits)[0], when the
     caller has it."""
     s, vocab = logits.shape
     width = min(CANDIDATES, vocab)
@@ -309,9 +310,6 @@ def _truncation(logits, temperature, top_k, top_p, min_p, maxima=None):
     raw_top, ids = _candidates(logits, _group_maxima(logits)[0] if maxima is None else maxima, width)
     temp = temperature[:, None]
     top = raw_top / temp
-
-    def scaled():
-        return logits / temp
 
     floor = top[:, 0] + jnp.log(min_p)  # p >= min_p * p_max, in logit space (-inf for min_p 0)
     top = jnp.where(top >= floor[:, None], top, -jnp.inf)
@@ -323,12 +321,11 @@ def _truncation(logits, temperature, top_k, top_p, min_p, maxima=None):
     mass = jnp.sum(jnp.where(top >= kth[:, None], weights, 0.0), -1)
     full = ~edge_inside & (top_p < 1)
 
-    def full_mass():
-        x = scaled()
-        return jnp.where(full, jnp.sum(jnp.where(x >= jnp.maximum(kth, floor)[:, None], jnp.exp(x - top[:, :1]), 0.0),
-                                       -1), mass)
+    def full_mass(rows):
+        x = logits[rows] / temp[rows]
+        return jnp.sum(jnp.where(x >= jnp.maximum(kth, floor)[rows, None], jnp.exp(x - top[rows, :1]), 0.0), -1)
 
-    mass = jax.lax.cond(jnp.any(full), full_mass, lambda: mass)
+    mass = _for_rows(full, full_mass, mass)
     before = (jnp.cumsum(weights, -1) - weights) / mass[:, None]
     ranks = jnp.arange(width)[None, :]
     # The most likely token is always kept: a top_p that rounds to 0 in float32 (5e-324) must not empty the row.
@@ -338,13 +335,31 @@ def _truncation(logits, temperature, top_k, top_p, min_p, maxima=None):
     # Undecided: the top-k set's edge lies past the candidates, or top_p is not reached within them.
     undecided = ~covers & (k > width) & ((k < vocab) | (keep[:, -1] & (top_p < 1)))
 
-    def exact():
-        x = scaled()
-        return jnp.where(undecided, _cutoffs_exact(jnp.where(x >= floor[:, None], x, -jnp.inf), k, top_p), cut)
+    def exact(rows):
+        x = logits[rows] / temp[rows]
+        return _cutoffs_exact(jnp.where(x >= floor[rows, None], x, -jnp.inf), k[rows], jnp.asarray(top_p)[rows])
 
-    cut = jax.lax.cond(jnp.any(undecided), exact, lambda: cut)
+    cut = _for_rows(undecided, exact, cut)
     inside = ~undecided & (covers | (~no_filter & (cut > top[:, -1])))
     return cut, inside, top, ids
+
+
+# Work over whole rows that only some rows need (an exact search, a draw over the row) runs on those rows alone,
+# this many at a time: one such request costs its own rows, not the whole batch's.
+ROWS_AT_A_TIME = 8
+
+
+def _for_rows(flags, compute, out):
+    """out [S] with out[r] = compute(rows)[j] for each flagged row r = rows[j]; compute maps row indices [n] int32 to
+    values [n], and is called for ROWS_AT_A_TIME flagged rows at a time (none when no row is flagged)."""
+    n = min(ROWS_AT_A_TIME, flags.shape[0])
+    order = jnp.argsort(~flags, stable=True).astype(jnp.int32)  # flagged rows first
+
+    def chunk(i, out):
+        rows = jax.lax.dynamic_slice(order, (i * n,), (n,))  # clamped at the end: a repeated row is harmless
+        return out.at[rows].set(jnp.where(flags[rows], compute(rows), out[rows]))
+
+    return jax.lax.fori_loop(0, (jnp.sum(flags, dtype=jnp.int32) + n - 1) // n, chunk, out)
 
 
 def _pick(weights, target):
@@ -441,10 +456,10 @@ def _choose(logits, sb: SamplingBatch):
         cut, inside, picked = jax.lax.cond(jnp.any(filters), truncated, lambda: (
             jnp.full(s, -jnp.inf), jnp.zeros(s, jnp.bool_), jnp.zeros(s, jnp.int32)))
 
-        def over_row():
-            return jnp.where(inside, picked, _inverse_cdf(logits, _kept_weights(temp, cut, top_scaled), uniform))
+        def over_row(rows):
+            return _inverse_cdf(logits[rows], _kept_weights(temp[rows], cut[rows], top_scaled[rows]), uniform[rows])
 
-        drawn = jax.lax.cond(jnp.any((sb.temperature > 0) & ~inside), over_row, lambda: picked)
+        drawn = _for_rows((sb.temperature > 0) & ~inside, over_row, picked)
         return jnp.where(sb.temperature > 0, drawn, greedy)
 
     tokens = jax.lax.cond(jnp.all(sb.temperature == 0), lambda: greedy, draw)
