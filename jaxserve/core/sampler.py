@@ -385,7 +385,7 @@ def _inverse_cdf(values, weight, uniform):
     """One index per row drawn with probability proportional to weight(values) (values [S, N]; weight elementwise,
     >= 0, and 0 at -inf), by inverting the CDF at uniform [S] in [0, 1): group sums locate the group, a running sum
     inside it the index. One random number per row (a Gumbel draw needs one per token). The weights are computed
-    in the pass that sums them and again for the chosen group only, never stored for the whole row."""
+    in the pass that sums them and again for the chosen group only."""
     groups = _grouped(values)  # padded with -inf: weight 0
     sums = weight(groups).sum(-1)
     target = uniform * jnp.sum(sums, -1)
