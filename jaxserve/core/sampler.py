@@ -293,6 +293,24 @@ def _cutoffs_exact(x, k, top_p):
     return _from_order_key(cut)
 
 
+# Work over whole rows that only some rows need (an exact search, a draw over the row) runs on those rows alone,
+# this many at a time: one such request costs its own rows, not the whole batch's.
+ROWS_AT_A_TIME = 8
+
+
+def _for_rows(flags, compute, out):
+    """out [S] with out[r] = compute(rows)[j] for each flagged row r = rows[j]; compute maps row indices [n] int32 to
+    values [n], and is called for ROWS_AT_A_TIME flagged rows at a time (none when no row is flagged)."""
+    n = min(ROWS_AT_A_TIME, flags.shape[0])
+    order = jnp.argsort(~flags, stable=True).astype(jnp.int32)  # flagged rows first
+
+    def chunk(i, out):
+        rows = jax.lax.dynamic_slice(order, (i * n,), (n,))  # clamped at the end: a repeated row is harmless
+        return out.at[rows].set(jnp.where(flags[rows], compute(rows), out[rows]))
+
+    return jax.lax.fori_loop(0, (jnp.sum(flags, dtype=jnp.int32) + n - 1) // n, chunk, out)
+
+
 def _truncation(logits, temperature, top_k, top_p, min_p, maxima=None):
     """Which tokens a row may draw at its temperature (logits: [S, V]; temperature [S] > 0), as the threshold `cut`
     [S] on the scaled logits (keep logits / temperature >= cut), with the row's candidates (scaled values, ids
@@ -305,6 +323,7 @@ def _truncation(logits, temperature, top_k, top_p, min_p, maxima=None):
     scaled only for the rows the candidates cannot decide (_for_rows). maxima: _group_maxima(logits)[0], when the
     caller has it."""
     s, vocab = logits.shape
+    top_p = jnp.asarray(top_p)  # indexed by traced rows below
     width = min(CANDIDATES, vocab)
     covers = jnp.bool_(width == vocab)  # the candidates are the whole row
     raw_top, ids = _candidates(logits, _group_maxima(logits)[0] if maxima is None else maxima, width)
@@ -337,29 +356,11 @@ def _truncation(logits, temperature, top_k, top_p, min_p, maxima=None):
 
     def exact(rows):
         x = logits[rows] / temp[rows]
-        return _cutoffs_exact(jnp.where(x >= floor[rows, None], x, -jnp.inf), k[rows], jnp.asarray(top_p)[rows])
+        return _cutoffs_exact(jnp.where(x >= floor[rows, None], x, -jnp.inf), k[rows], top_p[rows])
 
     cut = _for_rows(undecided, exact, cut)
     inside = ~undecided & (covers | (~no_filter & (cut > top[:, -1])))
     return cut, inside, top, ids
-
-
-# Work over whole rows that only some rows need (an exact search, a draw over the row) runs on those rows alone,
-# this many at a time: one such request costs its own rows, not the whole batch's.
-ROWS_AT_A_TIME = 8
-
-
-def _for_rows(flags, compute, out):
-    """out [S] with out[r] = compute(rows)[j] for each flagged row r = rows[j]; compute maps row indices [n] int32 to
-    values [n], and is called for ROWS_AT_A_TIME flagged rows at a time (none when no row is flagged)."""
-    n = min(ROWS_AT_A_TIME, flags.shape[0])
-    order = jnp.argsort(~flags, stable=True).astype(jnp.int32)  # flagged rows first
-
-    def chunk(i, out):
-        rows = jax.lax.dynamic_slice(order, (i * n,), (n,))  # clamped at the end: a repeated row is harmless
-        return out.at[rows].set(jnp.where(flags[rows], compute(rows), out[rows]))
-
-    return jax.lax.fori_loop(0, (jnp.sum(flags, dtype=jnp.int32) + n - 1) // n, chunk, out)
 
 
 def _pick(weights, target):
