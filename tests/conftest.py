@@ -17,6 +17,16 @@ def _torch_threads():
     torch.set_num_threads(1)  # 2 shared cores: more threads make torch several times slower here
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cpu_kernels():
+    """The C++ kernels registered before any test traces the sampler (as an engine on CPU does), so every test
+    runs the path CPU serving runs; tests/kernels/test_cpu_kernels.py checks them against their references."""
+    import kernels_cpu
+    from jaxserve.weights.default_model import cache_dir
+
+    assert kernels_cpu.enable(cache_dir() / "kernels-cpu"), "the C++ kernels for XLA:CPU did not build"
+
+
 @pytest.fixture(scope="session")
 def default_llm():
     """The embedded SmolLM2 model, compiled once for every test that needs the real thing."""

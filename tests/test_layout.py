@@ -1,8 +1,10 @@
-"""Imports flow one way: server -> jaxserve -> kernels_pallas; inside jaxserve, the text side sees only the core's
+"""Imports flow one way: server -> jaxserve -> kernels_pallas / kernels_cpu; inside jaxserve, the text side sees only the core's
 outputs, and model families see neither the core nor the text side."""
 
 import ast
 import pathlib
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -25,8 +27,9 @@ def _top(module: str) -> str:
     return module.split(".")[0]
 
 
-def test_kernels_import_nothing_of_the_engine():
-    for path, found in _imports("kernels_pallas").items():
+@pytest.mark.parametrize("kernels", ["kernels_pallas", "kernels_cpu"])
+def test_kernels_import_nothing_of_the_engine(kernels):
+    for path, found in _imports(kernels).items():
         assert {_top(m) for m, _ in found} & {"jaxserve", "server", "torch", "transformers"} == set(), path
 
 

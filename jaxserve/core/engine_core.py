@@ -14,6 +14,7 @@ import time
 
 import jax
 
+import kernels_cpu
 from jaxserve.models import attention
 from jaxserve.text import bad_words
 from jaxserve.core import compilation
@@ -95,6 +96,8 @@ class EngineCore:
         cache_folder = config.compile_cache_dir
         compilation.enable_persistent_cache(cache_dir() / "jax-compile" if cache_folder is None else cache_folder or None)
         self.mesh = sharding.make_mesh(config.tensor_parallel_size, config.data_parallel_size)
+        if self.mesh.devices.flat[0].platform == "cpu":  # before anything is traced: the sampler picks them then
+            kernels_cpu.enable(cache_dir() / "kernels-cpu")
         if isinstance(model, LoadedModel):
             model = dataclasses.replace(model, params=sharding.shard_params(model.params, self.mesh, model.cfg))
         else:

@@ -22,12 +22,14 @@ rows need (an exact search, a draw over the row) runs on those rows alone (`_for
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernels_cpu
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 if TYPE_CHECKING:
@@ -208,10 +210,9 @@ CANDIDATES = 64
 _GROUP = 32  # values per group: group maxima lead the candidate search and the greedy argmax
 
 
-def _grouped(x, fill=-jnp.inf):
-    """[S, V] -> [S, ceil(V / _GROUP), _GROUP], padded with `fill`."""
-    s, v = x.shape
-    return jnp.pad(x, ((0, 0), (0, -v % _GROUP)), constant_values=fill).reshape(s, -1, _GROUP)
+def _grouped(x):
+    """[S, V] -> [S, ceil(V / _GROUP), _GROUP], padded with -inf."""
+    return kernels_cpu.grouped(x, _GROUP)
 
 
 def _group_maxima(x):
@@ -239,23 +240,13 @@ def _argmax(x, maxima, best):
 
 def _candidates(x, maxima, width: int):
     """The `width` largest values of each row of x [S, V], descending, with their token ids ([S, width] each), given
-    its group maxima [S, G]. Each lies in one of the `width` groups with the largest maxima, so two short top_k
-    calls replace one over the row. Values of those groups below the smallest of their maxima cannot count and
-    are set to -inf first: top_k keeps a heap, which they then never enter (about 1.5x faster on CPU)."""
-    groups = _grouped(x)
-    s, num_groups, _ = groups.shape
-    picked = min(width, num_groups)
-    group_max, group_ids = jax.lax.top_k(maxima, picked)
-    # Without the barriers XLA's simplifier can turn a top_k whose values are compared back against the row into
-    # a sort of the whole row: 30-60x slower on CPU. (Only values go through one: XLA's top_k decomposition, used
-    # on sharded inputs, cannot take a barrier over both outputs.)
-    group_max = jax.lax.optimization_barrier(group_max)
-    values = jnp.take_along_axis(groups, group_ids[:, :, None], 1).reshape(s, picked * _GROUP)
-    if picked == width:  # then `width` values are >= the smallest listed maximum: none below it can count
-        values = jnp.where(values < group_max[:, -1:], -jnp.inf, values)
-    ids = (group_ids[:, :, None] * _GROUP + jnp.arange(_GROUP)).reshape(s, -1)
-    top, at = jax.lax.top_k(values, width)
-    return jax.lax.optimization_barrier(top), jnp.take_along_axis(ids, at, -1).astype(jnp.int32)
+    its group maxima [S, G] (_group_maxima): the C++ kernel on XLA:CPU where it is built, else XLA ops (what TPU
+    and GPU run). Chosen when traced."""
+    kernel = functools.partial(kernels_cpu.top_candidates, width=width, group=_GROUP)
+    reference = functools.partial(kernels_cpu.top_candidates_reference, width=width, group=_GROUP)
+    if kernels_cpu.enabled():
+        return jax.lax.platform_dependent(x, maxima, cpu=kernel, default=reference)
+    return reference(x, maxima)
 
 
 def _order_keys(x):

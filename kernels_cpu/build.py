@@ -1,0 +1,81 @@
+"""Compiling the C++ kernels once per source, jax version and compiler, and registering them with XLA:CPU."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+
+import jax
+import jaxlib
+
+log = logging.getLogger("jaxserve")
+
+_SOURCES = ("top_candidates.cc",)
+# FFI target name -> the handler symbol its source exports.
+TARGETS = {"jaxserve_top_candidates": "TopCandidates"}
+_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+
+
+def enabled() -> bool:
+    """Whether the kernels are registered in this process (callers pick kernel or reference at trace time)."""
+    return _library is not None
+
+
+def enable(folder: str | os.PathLike) -> bool:
+    """Builds the kernels into `folder` unless a build for this source, jax and compiler is there, loads them
+    and registers them with the CPU backend, once per process. False, with a warning, where that fails;
+    False without one under JAXSERVE_CPU_KERNELS=0."""
+    global _library
+    with _lock:
+        if _library is not None:
+            return True
+        if os.environ.get("JAXSERVE_CPU_KERNELS", "1") == "0":
+            return False
+        try:
+            library = ctypes.CDLL(str(_build(pathlib.Path(folder))))
+        except (OSError, subprocess.CalledProcessError) as e:
+            detail = getattr(e, "stderr", None) or e
+            log.warning("C++ kernels for XLA:CPU not built (%s); using the plain-XLA references", detail)
+            return False
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        _library = library
+        return True
+
+
+def _build(folder: pathlib.Path) -> pathlib.Path:
+    here = pathlib.Path(__file__).parent
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+    key = hashlib.sha256()
+    for part in (jax.__version__, jaxlib.__version__, compiler, platform.machine(), *_FLAGS):
+        key.update(part.encode() + b"\0")
+    for name in _SOURCES:
+        key.update((here / name).read_bytes())
+    target = folder / f"kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed: processes that build at once never load a partial file.
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *_FLAGS, "-I", jax.ffi.include_dir(), *(str(here / n) for n in _SOURCES),
+                        "-o", partial], check=True, capture_output=True, text=True)
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
