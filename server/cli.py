@@ -25,7 +25,9 @@ def _serve(args: argparse.Namespace) -> int:
                           tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
                           seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
                           scheduling_policy=args.scheduling_policy,
-                          kv_cache_memory_gb=args.kv_cache_memory_gb, async_scheduling=not args.no_async_scheduling)
+                          kv_cache_memory_gb=args.kv_cache_memory_gb,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          async_scheduling=not args.no_async_scheduling)
     cluster = Cluster.from_args(args.distributed_coordinator, args.num_processes, args.process_id,
                                 args.distributed_secret)
     if cluster is not None:
@@ -170,7 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-grammar-bytes", type=int, default=64 * 2**10,
                        help="larger JSON schemas, regexes or grammars get 400")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache page")
-    serve.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    serve.add_argument("--kv-cache-memory-gb", type=float,
+                       help="KV cache per device, in GiB (default: from --gpu-memory-utilization on TPU/GPU, 2 on CPU)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                       help="fraction of each TPU/GPU's memory for weights, activations and the KV cache")
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     serve.add_argument("--data-parallel-size", "-dp", type=int, default=1)
     serve.add_argument("--chat-template", help="a Jinja chat template, as a file or inline")

@@ -19,6 +19,7 @@ from jaxserve.models import attention
 from jaxserve.text import bad_words
 from jaxserve.core import compilation
 from jaxserve.parallel import sharding
+from jaxserve.core import kv_memory
 from jaxserve.core.block_manager import BlockManager
 from jaxserve.parallel.distributed import Cluster
 from jaxserve.weights.loader import LoadedModel, load_model
@@ -39,8 +40,9 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 512
     page_size: int = 16
-    num_kv_pages: int | None = None  # None: derived from kv_cache_memory_gb
-    kv_cache_memory_gb: float = 2.0
+    num_kv_pages: int | None = None  # None: from kv_cache_memory_gb, else from device memory (kv_memory.py)
+    kv_cache_memory_gb: float | None = None  # per device
+    gpu_memory_utilization: float = 0.9  # of each TPU/GPU's memory, for weights, activations and the KV cache
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
@@ -81,6 +83,11 @@ class _Request:
     seqs: list[Sequence]
 
 
+def _step_tokens(config: EngineConfig) -> int:
+    """Tokens per step: at least one per sequence."""
+    return max(config.max_num_batched_tokens, config.max_num_seqs)
+
+
 class InvalidRequest(ValueError):
     """A request the engine cannot serve as asked (too long a prompt, bad token ids, ...)."""
 
@@ -107,21 +114,16 @@ class EngineCore:
         self.tokenizer = self.model.tokenizer
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         pages_per_seq = -(-self.max_model_len // config.page_size)
-        num_pages = config.num_kv_pages or self._pages_for_memory(config)
-        # Every sequence must fit alone, and no more pages than max_num_seqs full-length sequences can use.
-        num_pages = max(pages_per_seq, min(num_pages, pages_per_seq * config.max_num_seqs))
-        cache_shape = (cfg.num_kv_heads, num_pages, config.page_size, cfg.head_dim)
-        cache = init_cache(cfg, num_pages, config.page_size, self.model.dtype,
-                           sharding.cache_sharding(self.mesh, cfg, cache_shape))
-        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs,
-                                   max(config.max_num_batched_tokens, config.max_num_seqs), config.scheduling_policy)
         backend = attention.resolve_backend(config.attention_backend, self.mesh)
-        self.runner = ModelRunner(cfg, self.model.params, cache, backend=backend,
-                                  max_num_seqs=config.max_num_seqs,
-                                  max_num_batched_tokens=self.scheduler.max_num_batched_tokens,
-                                  pages_per_seq=pages_per_seq, mesh=self.mesh,
-                                  eos_token_ids=self.model.eos_token_ids)
+        num_pages, source = self._kv_pages(config, pages_per_seq, backend, cluster)
+        page_bytes = self._page_bytes(config, pages_per_seq)
+        kv_memory.check_fits(num_pages, config.page_size, self.max_model_len, page_bytes, source)
+        num_pages = min(num_pages, pages_per_seq * config.max_num_seqs)  # more could never be used
+        log.info("%s", kv_memory.describe(num_pages, config.page_size, page_bytes, source))
+        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, _step_tokens(config),
+                                   config.scheduling_policy)
+        self.runner = self._runner(config, num_pages, pages_per_seq, backend)
         self.eos_token_ids = set(self.model.eos_token_ids)
         self.requests: dict[str, _Request] = {}
         self._rng = random.Random(config.seed)
@@ -140,10 +142,53 @@ class EngineCore:
         log.info("engine ready: max_model_len %d, %d KV pages of %d tokens, %d step buckets, backend %s",
                  self.max_model_len, num_pages, config.page_size, len(self.runner.buckets), backend.kernel)
 
-    def _pages_for_memory(self, config: EngineConfig) -> int:
+    def _cache_sharding(self, config: EngineConfig, num_pages: int):
         cfg = self.model.cfg
-        page_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * config.page_size * self.model.dtype.itemsize
-        return int(config.kv_cache_memory_gb * 2**30 // page_bytes)
+        shape = (cfg.num_kv_heads, num_pages, config.page_size, cfg.head_dim)
+        return shape, sharding.cache_sharding(self.mesh, cfg, shape)
+
+    def _page_bytes(self, config: EngineConfig, pages_per_seq: int) -> int:
+        """Bytes of one KV page on one device (the cache is split over kv heads where the model axis allows)."""
+        cfg = self.model.cfg
+        shape, where = self._cache_sharding(config, pages_per_seq)
+        return kv_memory.page_bytes_per_device(cfg.num_layers, cfg.num_kv_heads, config.page_size, cfg.head_dim,
+                                               self.model.dtype.itemsize, where.shard_shape(shape)[0])
+
+    def _runner(self, config: EngineConfig, num_pages: int, pages_per_seq: int, backend) -> ModelRunner:
+        shape, where = self._cache_sharding(config, num_pages)
+        cache = init_cache(self.model.cfg, num_pages, config.page_size, self.model.dtype, where)
+        return ModelRunner(self.model.cfg, self.model.params, cache, backend=backend,
+                           max_num_seqs=config.max_num_seqs, max_num_batched_tokens=_step_tokens(config),
+                           pages_per_seq=pages_per_seq, mesh=self.mesh, eos_token_ids=self.model.eos_token_ids)
+
+    def _kv_pages(self, config: EngineConfig, pages_per_seq: int, backend, cluster) -> tuple[int, str]:
+        """How many KV pages to allocate, and where the number comes from (kv_memory.py)."""
+        if not 0 < config.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {config.gpu_memory_utilization}")
+        if config.kv_cache_memory_gb is not None and config.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be positive, not {config.kv_cache_memory_gb}")
+        page_bytes = self._page_bytes(config, pages_per_seq)
+        if config.num_kv_pages:
+            return config.num_kv_pages, "num_kv_pages"
+        if config.kv_cache_memory_gb is not None:
+            return kv_memory.pages_for_gb(config.kv_cache_memory_gb, page_bytes), \
+                f"kv_cache_memory_gb {config.kv_cache_memory_gb:g}"
+        devices = list(self.mesh.devices.flat)
+        if kv_memory.device_memory(devices) is None:
+            return kv_memory.pages_for_gb(kv_memory.CPU_KV_CACHE_GB, page_bytes), \
+                f"{kv_memory.CPU_KV_CACHE_GB:g} GiB: the devices report no memory size"
+        if cluster is not None:
+            raise ValueError("with several processes, size the KV cache with --kv-cache-memory-gb (per device): "
+                             "sizing it from device memory profiles one process's step")
+        # Profile the largest step with a cache of one sequence, then size the cache from what it left free.
+        runner = self._runner(config, pages_per_seq, pages_per_seq, backend)
+        before = kv_memory.device_memory(devices)
+        runner.profile_step()
+        after = kv_memory.device_memory(devices)
+        del runner
+        utilization = config.gpu_memory_utilization
+        return (kv_memory.pages_for_utilization(before, after, utilization, page_bytes, pages_per_seq * page_bytes),
+                f"gpu_memory_utilization {utilization:g} of {min(m.limit for m in before) / kv_memory.GIB:.2f} GiB")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, priority: int = 0,
                     bad_word_ids: list[list[int]] | None = None) -> None:

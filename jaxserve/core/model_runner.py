@@ -295,20 +295,28 @@ class ModelRunner:
         self.device_wait_seconds += time.perf_counter() - waited
         return tokens, logprobs, prompt
 
+    def _padding_step(self, size: int, constrained: bool) -> None:
+        """Runs one all-padding step of bucket `size` (with grammar masks: the masked sampler) to the end."""
+        num_tokens, num_seqs = self._sizes(size)
+        step, *_ = build_step([], num_tokens, num_seqs, self._max_writes(num_tokens))
+        self._device_forward(step)
+        if constrained:
+            m, words = min(num_seqs, MASK_ROWS), -(-self.cfg.vocab_size // 32)
+            tokens, _ = self._device_sample(np.full(m, num_seqs, np.int32), np.zeros((m, words), np.int32))
+        else:
+            jax.block_until_ready(self._device_prompt_logprobs(np.zeros(num_tokens, np.int32)))
+            tokens, _ = self._device_sample()
+        jax.block_until_ready(tokens)
+
+    def profile_step(self) -> None:
+        """The largest step, once (compiled for it): what sizing the KV cache from device memory measures."""
+        self._padding_step(self.buckets[-1], constrained=False)
+
     def warm_up(self, progress: bool = True) -> None:
         """Compiles every bucket with an all-padding step (it writes nothing and reads nothing)."""
-        words = -(-self.cfg.vocab_size // 32)
         for size in tqdm(self.buckets, desc="Compiling step buckets", unit="bucket", disable=not progress):
-            num_tokens, num_seqs = self._sizes(size)
-            for m in (0, min(num_seqs, MASK_ROWS)):
-                step, *_ = build_step([], num_tokens, num_seqs, self._max_writes(num_tokens))
-                self._device_forward(step)
-                if m == 0:
-                    jax.block_until_ready(self._device_prompt_logprobs(np.zeros(num_tokens, np.int32)))
-                    tokens, _ = self._device_sample()
-                else:
-                    tokens, _ = self._device_sample(np.full(m, num_seqs, np.int32), np.zeros((m, words), np.int32))
-                jax.block_until_ready(tokens)
+            for constrained in (False, True):
+                self._padding_step(size, constrained)
         vocab = self.cfg.vocab_size
         self._device_init_slot(0, (np.zeros(vocab, np.int32), np.zeros(vocab, np.bool_), np.zeros(vocab, np.float32),
                                    np.zeros(vocab, np.bool_)))

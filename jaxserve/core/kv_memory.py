@@ -1,0 +1,86 @@
+"""How many KV-cache pages the engine allocates, per device.
+
+In order: an explicit page count (`num_kv_pages`); a size per device (`kv_cache_memory_gb`); where the devices
+report their memory (TPU, GPU), the part of `gpu_memory_utilization` x each device's memory left after the
+weights and a profiled step of the largest bucket (vLLM's rule); otherwise (CPU, which reports none)
+CPU_KV_CACHE_GB per device. Whatever the source, a cache that cannot hold one sequence of max_model_len is refused
+with what would fit, never silently enlarged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+GIB = 2**30
+CPU_KV_CACHE_GB = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMemory:
+    """One device's memory statistics, in bytes (jax.Device.memory_stats)."""
+
+    limit: int  # what the allocator may use
+    in_use: int
+    peak: int  # the most in use at once so far
+
+    @classmethod
+    def of(cls, device) -> "DeviceMemory | None":
+        stats = device.memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            return None  # CPU devices report nothing
+        in_use = stats.get("bytes_in_use", 0)
+        return cls(stats["bytes_limit"], in_use, stats.get("peak_bytes_in_use", in_use))
+
+
+def device_memory(devices) -> list[DeviceMemory] | None:
+    """Every device's statistics, or None when some device reports none."""
+    found = [DeviceMemory.of(d) for d in devices]
+    return None if any(m is None for m in found) else found
+
+
+def page_bytes_per_device(num_layers: int, num_kv_heads: int, page_size: int, head_dim: int, itemsize: int,
+                          kv_heads_per_device: int | None = None) -> int:
+    """Bytes of one page (K and V of every layer) on one device, which holds kv_heads_per_device of the kv heads
+    (None: all of them)."""
+    heads = num_kv_heads if kv_heads_per_device is None else kv_heads_per_device
+    return 2 * num_layers * heads * page_size * head_dim * itemsize
+
+
+def pages_for_gb(gb: float, page_bytes: int) -> int:
+    return int(gb * GIB // page_bytes)
+
+
+def pages_for_utilization(before: list[DeviceMemory], after: list[DeviceMemory], utilization: float,
+                          page_bytes: int, profiled_cache_bytes: int) -> int:
+    """Pages that fit on every device: utilization x its limit, less what was in use before the profiled step
+    (weights, and the small cache it ran with, which is then freed) and the most that step added on top
+    (activations and temporaries). before/after: per device, before and after that step."""
+    def fits(b: DeviceMemory, a: DeviceMemory) -> int:
+        step = max(0, a.peak - b.in_use)
+        free = utilization * b.limit - (b.in_use - profiled_cache_bytes) - step
+        return max(0, int(free // page_bytes))
+
+    return min(fits(b, a) for b, a in zip(before, after))
+
+
+class KVCacheTooSmall(ValueError):
+    """The KV cache the configuration allows cannot hold one sequence of max_model_len tokens."""
+
+
+def check_fits(num_pages: int, page_size: int, max_model_len: int, page_bytes: int, source: str) -> None:
+    """Raises KVCacheTooSmall, saying what would fit, when num_pages cannot hold one max_model_len sequence."""
+    needed = math.ceil(max_model_len / page_size)
+    if num_pages >= needed:
+        return
+    raise KVCacheTooSmall(
+        f"the KV cache ({source}: {num_pages} pages of {page_size} tokens, {num_pages * page_bytes / GIB:.2f} GiB "
+        f"per device) holds {num_pages * page_size} tokens, fewer than one sequence of max_model_len "
+        f"{max_model_len} ({needed} pages, {needed * page_bytes / GIB:.2f} GiB per device). Lower --max-model-len to "
+        f"at most {num_pages * page_size}, or give the cache more memory (--kv-cache-memory-gb, "
+        "--gpu-memory-utilization), or use more devices (--tensor-parallel-size)")
+
+
+def describe(num_pages: int, page_size: int, page_bytes: int, source: str) -> str:
+    return (f"KV cache: {num_pages} pages of {page_size} tokens = {num_pages * page_size} tokens, "
+            f"{num_pages * page_bytes / GIB:.2f} GiB per device ({source})")
