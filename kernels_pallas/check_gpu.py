@@ -17,11 +17,15 @@ from .check_tpu import BATCHES, DTYPES, HEADS, PAGE_SIZES, PAGES_PER_SEQ
 
 # The Triton kernel is a custom call that jax.export does not know to be stable; we accept that.
 DISABLED_CHECKS = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+# The GPU lowered for (the H200 of bench/device_check.py). With no GPU attached, jax 0.11+ reads it from the
+# abstract mesh in context; 0.10 assumed compute capability 9.0, the H200's, and ignores the mesh's device.
+TARGET = jax.sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
 
 
 def _export(fn, *args, donate=()):
-    exp = export.export(jax.jit(fn, donate_argnums=donate), platforms=["cuda"],
-                        disabled_checks=DISABLED_CHECKS)(*args)
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("gpu",), abstract_device=TARGET)):
+        exp = export.export(jax.jit(fn, donate_argnums=donate), platforms=["cuda"],
+                            disabled_checks=DISABLED_CHECKS)(*args)
     exp.serialize()
 
 

@@ -1,6 +1,6 @@
 """Every Pallas TPU kernel compiles with Mosaic for v5e and v6e, on this CPU-only machine.
 
-Self-contained: installs the libtpu wheel that jax[tpu] pins into a cache folder
+Self-contained: installs the libtpu wheel that the installed jax's [tpu] extra pins into a cache folder
 ($JAXSERVE_CACHE_DIR/libtpu-<ver>, default ~/.cache/jaxserve/libtpu-<ver>) if absent, then runs
 `python -m kernels_pallas.check_tpu` in a subprocess with only that folder added to PYTHONPATH, so
 libtpu never enters the test process or the venv.
@@ -12,25 +12,26 @@ import subprocess
 import sys
 import tempfile
 
-LIBTPU_VERSION = "0.0.42.1"
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_libtpu_pin_matches_jax():
-    pins = [r for r in importlib.metadata.requires("jax") if r.startswith("libtpu") and "tpu" in r]
-    assert pins, "jax no longer declares a libtpu pin for its [tpu] extra"
-    wanted = pins[0].split(";")[0].split("==")[1].rstrip("*").rstrip(".")
-    assert LIBTPU_VERSION.startswith(wanted), (pins[0], LIBTPU_VERSION)
+def libtpu_requirement() -> str:
+    """What jax[tpu] pins for the installed jax, e.g. "libtpu==0.0.42.*" for jax 0.10.2."""
+    pins = [r.split(";")[0].strip() for r in importlib.metadata.requires("jax")
+            if r.startswith("libtpu") and 'extra == "tpu"' in r]
+    assert len(pins) == 1 and "==" in pins[0], f"jax declares no single libtpu pin for its [tpu] extra: {pins}"
+    return pins[0]
 
 
 def libtpu_dir():
     root = pathlib.Path(os.environ.get("JAXSERVE_CACHE_DIR", pathlib.Path.home() / ".cache" / "jaxserve"))
-    target = root / f"libtpu-{LIBTPU_VERSION}"
+    requirement = libtpu_requirement()
+    target = root / f"libtpu-{requirement.split('==')[1].rstrip('*').rstrip('.')}"
     if not (target / "libtpu").is_dir():
         root.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(dir=root))       # install aside, then move: no half folder
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target",
-                        str(tmp), f"libtpu=={LIBTPU_VERSION}"], check=True)
+                        str(tmp), requirement], check=True)
         tmp.rename(target)
     return target
 
