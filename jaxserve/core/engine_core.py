@@ -173,7 +173,8 @@ class EngineCore:
         if config.kv_cache_memory_gb is not None:
             return kv_memory.pages_for_gb(config.kv_cache_memory_gb, page_bytes), \
                 f"kv_cache_memory_gb {config.kv_cache_memory_gb:g}"
-        devices = list(self.mesh.devices.flat)
+        # This process's devices: others' memory cannot be read from here.
+        devices = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
         if kv_memory.device_memory(devices) is None:
             return kv_memory.pages_for_gb(kv_memory.CPU_KV_CACHE_GB, page_bytes), \
                 f"{kv_memory.CPU_KV_CACHE_GB:g} GiB: the devices report no memory size"
