@@ -115,8 +115,8 @@ class EngineCore:
         self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         pages_per_seq = -(-self.max_model_len // config.page_size)
         backend = attention.resolve_backend(config.attention_backend, self.mesh)
-        num_pages, source = self._kv_pages(config, pages_per_seq, backend, cluster)
         page_bytes = self._page_bytes(config, pages_per_seq)
+        num_pages, source = self._kv_pages(config, pages_per_seq, page_bytes, backend, cluster)
         kv_memory.check_fits(num_pages, config.page_size, self.max_model_len, page_bytes, source)
         num_pages = min(num_pages, pages_per_seq * config.max_num_seqs)  # more could never be used
         log.info("%s", kv_memory.describe(num_pages, config.page_size, page_bytes, source))
@@ -151,8 +151,8 @@ class EngineCore:
         """Bytes of one KV page on one device (the cache is split over kv heads where the model axis allows)."""
         cfg = self.model.cfg
         shape, where = self._cache_sharding(config, pages_per_seq)
-        return kv_memory.page_bytes_per_device(cfg.num_layers, cfg.num_kv_heads, config.page_size, cfg.head_dim,
-                                               self.model.dtype.itemsize, where.shard_shape(shape)[0])
+        return kv_memory.page_bytes_per_device(cfg.num_layers, where.shard_shape(shape)[0], config.page_size,
+                                               cfg.head_dim, self.model.dtype.itemsize)
 
     def _runner(self, config: EngineConfig, num_pages: int, pages_per_seq: int, backend) -> ModelRunner:
         shape, where = self._cache_sharding(config, num_pages)
@@ -161,13 +161,13 @@ class EngineCore:
                            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=_step_tokens(config),
                            pages_per_seq=pages_per_seq, mesh=self.mesh, eos_token_ids=self.model.eos_token_ids)
 
-    def _kv_pages(self, config: EngineConfig, pages_per_seq: int, backend, cluster) -> tuple[int, str]:
+    def _kv_pages(self, config: EngineConfig, pages_per_seq: int, page_bytes: int, backend,
+                  cluster) -> tuple[int, str]:
         """How many KV pages to allocate, and where the number comes from (kv_memory.py)."""
         if not 0 < config.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {config.gpu_memory_utilization}")
         if config.kv_cache_memory_gb is not None and config.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be positive, not {config.kv_cache_memory_gb}")
-        page_bytes = self._page_bytes(config, pages_per_seq)
         if config.num_kv_pages:
             return config.num_kv_pages, "num_kv_pages"
         if config.kv_cache_memory_gb is not None:

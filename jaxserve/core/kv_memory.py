@@ -39,12 +39,10 @@ def device_memory(devices) -> list[DeviceMemory] | None:
     return None if any(m is None for m in found) else found
 
 
-def page_bytes_per_device(num_layers: int, num_kv_heads: int, page_size: int, head_dim: int, itemsize: int,
-                          kv_heads_per_device: int | None = None) -> int:
-    """Bytes of one page (K and V of every layer) on one device, which holds kv_heads_per_device of the kv heads
-    (None: all of them)."""
-    heads = num_kv_heads if kv_heads_per_device is None else kv_heads_per_device
-    return 2 * num_layers * heads * page_size * head_dim * itemsize
+def page_bytes_per_device(num_layers: int, kv_heads_per_device: int, page_size: int, head_dim: int,
+                          itemsize: int) -> int:
+    """Bytes of one page (K and V of every layer) on one device, for the kv heads that device holds."""
+    return 2 * num_layers * kv_heads_per_device * page_size * head_dim * itemsize
 
 
 def pages_for_gb(gb: float, page_bytes: int) -> int:
