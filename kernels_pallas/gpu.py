@@ -5,14 +5,15 @@ Attention
   group), padded to a power of two >= 16 because Triton tensors must have power-of-two sizes and
   tl.dot needs M >= 16.
 - grid = (Hkv, NT): one program per kv head and tile. The q tile [rows, D] and row positions [rows]
-  come through BlockSpecs; the tile plan, per-sequence page counts and the flattened block tables
+  come through BlockSpecs; the tile plan, per-sequence kv lengths and the flattened block tables
   are whole-array refs read with scalar / vector loads.
 - K/V: the program's kv-head slice [P, page_size, D] is a ref; each loop step gathers one kv block
   of `block_kv // page_size` pages (a power of two) with a vector-indexed load -> [block_kv, D],
   then runs two tl.dot's (f32 accumulation) and an online softmax in float32. Triton software-
   pipelines the loop (num_stages), overlapping the next block's loads with this block's math.
   Each tile visits only the kv blocks of its causal / sliding-window range; page ids past a
-  sequence's last page are clamped to it.
+  sequence's last page are clamped to it and V rows past its length are zeroed (stale values, even
+  NaN, cannot reach p @ v).
 KV write
 - grid = (T, Hkv): each program stores one [D] row of K and of V at its slot (skipped if slot < 0).
   The caches are aliased to the outputs (input_output_aliases), so the update is in place.
@@ -33,15 +34,16 @@ from . import tiles as tiles_lib
 MASK_VALUE = -1e30
 
 
-def _attention_kernel(seq_ref, first_ref, nblk_ref, npages_ref, tables_ref, q_ref, pos_ref,
+def _attention_kernel(seq_ref, first_ref, nblk_ref, kv_lens_ref, tables_ref, q_ref, pos_ref,
                       k_ref, v_ref, o_ref, *, pages_per_block, pages_per_seq, sm_scale,
                       sliding_window, soft_cap):
-    # seq/first/nblk_ref: [NT]; npages_ref: [S]; tables_ref: [S * pages_per_seq];
+    # seq/first/nblk_ref: [NT]; kv_lens_ref: [S]; tables_ref: [S * pages_per_seq];
     # q_ref/o_ref: [rows, D]; pos_ref: [rows]; k_ref/v_ref: [P, page_size, D] of this kv head.
     i = pl.program_id(1)
     seq, first, nblk = seq_ref[i], first_ref[i], nblk_ref[i]
-    last_page = npages_ref[seq] - 1
+    kv_len = kv_lens_ref[seq]
     _, page_size, d = k_ref.shape
+    last_page = jnp.maximum(kv_len - 1, 0) // page_size
     block_kv = pages_per_block * page_size
     q = (q_ref[...].astype(jnp.float32) * sm_scale).astype(k_ref.dtype)    # [rows, D]
     pos = pos_ref[...][:, None]                                            # [rows, 1]
@@ -54,6 +56,8 @@ def _attention_kernel(seq_ref, first_ref, nblk_ref, npages_ref, tables_ref, q_re
         pages = tables_ref[seq * pages_per_seq + cols]                     # [pages_per_block]
         k = k_ref[pages].reshape(block_kv, d)
         v = v_ref[pages].reshape(block_kv, d)
+        # Rows past the sequence's end may hold anything (a reused page, even NaN): 0 * NaN in p @ v.
+        v = jnp.where((blk * block_kv + jnp.arange(block_kv))[:, None] < kv_len, v, jnp.zeros_like(v))
         s = plgpu.dot(q, k, trans_b=True)                                  # [rows, block_kv] f32
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
@@ -96,7 +100,6 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
     pos = jnp.pad(tiles_lib.row_positions(plan, q_tile, g), ((0, 0), (0, rows - m)),
                   constant_values=-1)                                     # [NT, rows]
     nt = pos.shape[0]
-    npages = jnp.maximum((kv_lens + page_size - 1) // page_size, 1).astype(jnp.int32)
     kernel = functools.partial(_attention_kernel, pages_per_block=ppb, pages_per_seq=pages_per_seq,
                                sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     whole = lambda n: pl.BlockSpec((n,), lambda h, i: (0,))
@@ -109,9 +112,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
         in_specs=[whole(nt), whole(nt), whole(nt), whole(s), whole(s * pages_per_seq), tile_block,
                   pl.BlockSpec((None, rows), lambda h, i: (i, 0)), pages_block, pages_block],
         out_specs=tile_block,
+        cost_estimate=tiles_lib.attention_cost(q, k_pages, s, pages_per_seq),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-    )(plan.seq, plan.first_block, plan.num_blocks, npages, block_tables.reshape(-1), qt, pos,
+    )(plan.seq, plan.first_block, plan.num_blocks, kv_lens.astype(jnp.int32), block_tables.reshape(-1), qt, pos,
       k_pages, v_pages)
     return tiles_lib.scatter_out(out[:, :, :m], plan, cu_q_lens, num_seqs, q_tile, t)
 

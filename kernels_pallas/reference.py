@@ -10,8 +10,9 @@ Attention design (fast under XLA, no Python loop over sequences or tokens):
 Decode uses q_tile = 1 (one tile per token, no wasted rows); batches with more tokens than sequences
 use q_tile = 16 so a long prefill gathers each kv block once per 16 tokens, and peak memory is
 O(NT * block_kv * Hkv * D) whatever the context length.
-Masked scores use a large finite negative so fully-masked blocks never produce NaN; pages past a
-sequence's length are read (clamped page ids) but masked, so the cache must hold finite values.
+Masked scores use a large finite negative so fully-masked blocks never produce NaN. Rows past a
+sequence's length are read (clamped page ids) and masked, and their V is zeroed: a reused page may hold
+anything, even NaN, and masking alone leaves 0 * NaN in p @ v.
 """
 import jax.numpy as jnp
 from jax import lax
@@ -36,6 +37,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
     qt = tiles_lib.gather_q(q, plan, q_tile, hkv).astype(jnp.float32) * sm_scale  # [Hkv, NT, M, D]
     row_pos = tiles_lib.row_positions(plan, q_tile, g)             # [NT, M]
     tables = block_tables[plan.seq]                                # [NT, pages_per_seq]
+    seq_lens = kv_lens[plan.seq]                                   # [NT]
     nt, m = row_pos.shape
 
     def body(i, carry):
@@ -45,10 +47,11 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
         pages = jnp.clip(jnp.take_along_axis(tables, cols, axis=1), 0, num_pages - 1)  # [NT, ppb]
         k = k_pages[:, pages].reshape(hkv, nt, bk, d).astype(jnp.float32)
         v = v_pages[:, pages].reshape(hkv, nt, bk, d).astype(jnp.float32)
+        kv_pos = blk[:, None] * bk + jnp.arange(bk)[None, :]       # [NT, bk]
+        v = jnp.where((kv_pos < seq_lens[:, None])[None, :, :, None], v, 0.0)  # stale rows: see the docstring
         sc = jnp.einsum("hnmd,hnkd->hnmk", qt, k)                  # [Hkv, NT, M, bk]
         if soft_cap is not None:
             sc = soft_cap * jnp.tanh(sc / soft_cap)
-        kv_pos = blk[:, None] * bk + jnp.arange(bk)[None, :]       # [NT, bk]
         mask = kv_pos[:, None, :] <= row_pos[:, :, None]           # causal (also bounds kv_len)
         if sliding_window is not None:
             mask &= kv_pos[:, None, :] > row_pos[:, :, None] - sliding_window

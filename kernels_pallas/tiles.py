@@ -11,6 +11,7 @@ kernels skip blocks that are fully masked.
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 class Tiles(NamedTuple):
@@ -92,3 +93,15 @@ def scatter_out(o, tiles, cu_q_lens, num_seqs, q_tile, num_tokens):
     x = o.reshape(hkv, -1, q_tile, g, d)[:, tile, row]             # [Hkv, T, G, D]
     x = x.transpose(1, 0, 2, 3).reshape(num_tokens, hkv * g, d)
     return jnp.where(valid[:, None, None], x, 0).astype(o.dtype)
+
+
+def attention_cost(q, k_pages, max_seqs, pages_per_seq):
+    """What an attention call costs with every block table full (each sequence at its longest), bounded by
+    the cache: the compiler's cost analysis (and `jaxserve check`'s roofline) sees this instead of nothing.
+    q: [T, Hq, D]; k_pages: [Hkv, P, page_size, D]."""
+    t, hq, d = q.shape
+    hkv, num_pages, page_size, _ = k_pages.shape
+    kv_rows = min(max_seqs * pages_per_seq, num_pages) * page_size       # positions read, per kv head
+    queries = -(-t // max_seqs)                                          # per sequence
+    return pl.CostEstimate(flops=4 * hq * d * kv_rows * queries, transcendentals=hq * kv_rows * queries,
+                           bytes_accessed=2 * hkv * kv_rows * d * k_pages.dtype.itemsize + 2 * q.size * q.dtype.itemsize)

@@ -5,12 +5,15 @@ Attention
   tile are (token, query head of one kv-head group), padded to a multiple of 16 so every block is
   (8,128)/(16,128)-tileable in f32/bf16; blocks cover the full last two dims, so head_dim 64 works too.
 - grid = (Hkv, NT), both "parallel". q/out blocks [rows, D] and row positions [rows, 1] come through
-  BlockSpecs; the tile plan, per-sequence page counts and the flattened block tables are scalar-
-  prefetched into SMEM (PrefetchScalarGridSpec) so the kernel can address pages before any compute.
+  BlockSpecs; the tile plan, kv lengths and last pages are scalar-prefetched into SMEM.
+  The block tables stay in HBM: each tile copies its sequence's row ([P] int32) into SMEM before its
+  first page DMA, so SMEM use is bounded by one sequence's table (max_num_seqs x P would not fit SMEM
+  at long contexts: 2 MiB for 256 sequences of 32k tokens in pages of 16, SMEM is 1 MiB).
 - K/V pages stay in HBM (memory_space ANY). A kv block is `block_kv // page_size` pages; each page is
   one async copy into a 2-slot VMEM buffer [2, block_kv, D]: block b+1 is in flight while block b is
   computed (double buffering). Each tile visits only the blocks its causal / sliding-window range
-  needs; page ids past a sequence's last page are clamped to it, so no DMA leaves the sequence.
+  needs; page ids past a sequence's last page are clamped to it, so no DMA leaves the sequence, and
+  V rows past the sequence's length are zeroed (a reused page may hold anything, even NaN).
 - Online softmax in float32 with the matmuls on the MXU in the cache dtype (f32 or bf16 operands,
   f32 accumulation). Tolerances vs the reference in tests (atol = rtol): 2e-5 f32, 3e-2 bf16.
 KV write
@@ -38,30 +41,35 @@ MASK_VALUE = -1e30
 ROW_ALIGN = 16        # sublane tile of bf16 (f32 needs 8): keeps row blocks tileable for both
 
 
-def _attention_kernel(seq_ref, first_ref, nblk_ref, npages_ref, tables_ref,   # SMEM prefetch
-                      q_ref, pos_ref, k_hbm, v_hbm,                           # inputs
+def _attention_kernel(seq_ref, first_ref, nblk_ref, kv_lens_ref, last_page_ref,  # SMEM prefetch
+                      q_ref, pos_ref, tables_hbm, k_hbm, v_hbm,               # inputs
                       o_ref,                                                  # output
-                      k_buf, v_buf, sem,                                      # scratch
-                      *, pages_per_block, pages_per_seq, sm_scale, sliding_window, soft_cap):
-    # q_ref/o_ref: [rows, D]; pos_ref: [rows, 1]; k_hbm/v_hbm: [Hkv, P, page_size, D];
-    # k_buf/v_buf: [2, block_kv, D]; sem: DMA semaphores [2 slots, K/V].
+                      table, table_sem, k_buf, v_buf, sem,                    # scratch
+                      *, pages_per_block, sm_scale, sliding_window, soft_cap):
+    # q_ref/o_ref: [rows, D]; pos_ref: [rows, 1]; tables_hbm: [S, P]; k_hbm/v_hbm: [Hkv, pages, page_size, D];
+    # table: [P] SMEM, the tile's sequence's block table; k_buf/v_buf: [2, block_kv, D];
+    # sem: DMA semaphores [2 slots, K/V].
     h, i = pl.program_id(0), pl.program_id(1)
     seq, first, nblk = seq_ref[i], first_ref[i], nblk_ref[i]
-    last_page = npages_ref[seq] - 1
+    kv_len, last_page = kv_lens_ref[seq], last_page_ref[seq]
     page_size = k_hbm.shape[2]
     block_kv = k_buf.shape[1]
 
     def copies(blk, slot):
         out = []
         for j in range(pages_per_block):
-            page = tables_ref[seq * pages_per_seq + jnp.minimum(blk * pages_per_block + j, last_page)]
+            page = table[jnp.minimum(blk * pages_per_block + j, last_page)]
             rows = pl.ds(j * page_size, page_size)
             out.append(pltpu.make_async_copy(k_hbm.at[h, page], k_buf.at[slot, rows], sem.at[slot, 0]))
             out.append(pltpu.make_async_copy(v_hbm.at[h, page], v_buf.at[slot, rows], sem.at[slot, 1]))
         return out
 
+    # Only this sequence's block table comes into SMEM (the whole [S, P] table would not fit at long contexts).
     @pl.when(nblk > 0)
     def _():
+        fetch = pltpu.make_async_copy(tables_hbm.at[seq], table, table_sem.at[0])
+        fetch.start()
+        fetch.wait()
         for c in copies(first, 0):
             c.start()
 
@@ -82,6 +90,10 @@ def _attention_kernel(seq_ref, first_ref, nblk_ref, npages_ref, tables_ref,   # 
         for c in copies(blk, slot):
             c.wait()
         k, v = k_buf[slot], v_buf[slot]               # [block_kv, D]
+        # Rows past the sequence's end hold whatever a reused page held (even NaN): masking their scores is not
+        # enough (0 * NaN in p @ v), so they are zeroed.
+        stale = blk * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0) >= kv_len
+        v = jnp.where(stale, jnp.zeros_like(v), v)
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
@@ -120,27 +132,29 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
     pos = jnp.pad(tiles_lib.row_positions(plan, q_tile, g), ((0, 0), (0, rows - m)),
                   constant_values=-1)[..., None]                            # [NT, rows, 1]
     nt = pos.shape[0]
-    npages = jnp.maximum((kv_lens + page_size - 1) // page_size, 1)        # [S]
-    kernel = functools.partial(_attention_kernel, pages_per_block=ppb, pages_per_seq=pages_per_seq,
-                               sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    last_page = (jnp.maximum(kv_lens - 1, 0) // page_size).astype(jnp.int32)  # [S]
+    kernel = functools.partial(_attention_kernel, pages_per_block=ppb, sm_scale=sm_scale,
+                               sliding_window=sliding_window, soft_cap=soft_cap)
     tile_block = pl.BlockSpec((None, None, rows, d), lambda h, i, *_: (h, i, 0, 0))
     any_space = pl.BlockSpec(memory_space=pl.ANY)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((hkv, nt, rows, d), q.dtype),
+        cost_estimate=tiles_lib.attention_cost(q, k_pages, s, pages_per_seq),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=5,
             grid=(hkv, nt),
             in_specs=[tile_block, pl.BlockSpec((None, rows, 1), lambda h, i, *_: (i, 0, 0)),
-                      any_space, any_space],
+                      any_space, any_space, any_space],
             out_specs=tile_block,
-            scratch_shapes=[pltpu.VMEM((2, ppb * page_size, d), k_pages.dtype),
+            scratch_shapes=[pltpu.SMEM((pages_per_seq,), jnp.int32), pltpu.SemaphoreType.DMA((1,)),
+                            pltpu.VMEM((2, ppb * page_size, d), k_pages.dtype),
                             pltpu.VMEM((2, ppb * page_size, d), v_pages.dtype),
                             pltpu.SemaphoreType.DMA((2, 2))]),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret else False,
-    )(plan.seq, plan.first_block, plan.num_blocks, npages.astype(jnp.int32),
-      block_tables.reshape(-1), qt, pos, k_pages, v_pages)
+    )(plan.seq, plan.first_block, plan.num_blocks, kv_lens.astype(jnp.int32), last_page, qt, pos,
+      block_tables.astype(jnp.int32), k_pages, v_pages)
     return tiles_lib.scatter_out(out[:, :, :m], plan, cu_q_lens, num_seqs, q_tile, t)
 
 
@@ -181,6 +195,8 @@ def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, interpret=False):
     to_rows = lambda x, dt: x.astype(dt)[:, :, None, :]           # [T, Hkv, 1, D]
     return pl.pallas_call(
         _write_kernel,
+        cost_estimate=pl.CostEstimate(flops=0, transcendentals=0,  # each token's page tile read and written
+                                      bytes_accessed=4 * t * hkv * rows * d * k_pages.dtype.itemsize),
         out_shape=(jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
                    jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
         grid_spec=pltpu.PrefetchScalarGridSpec(

@@ -1,4 +1,5 @@
-"""The `jaxserve` command line: `serve` (the OpenAI-compatible server) and `chat` (a terminal chat)."""
+"""The `jaxserve` command line: `serve` (the OpenAI-compatible server), `chat` (a terminal chat), `check` (compile
+every serving program for a TPU topology: jaxserve/check) and `bench`."""
 
 from __future__ import annotations
 
@@ -224,10 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("which", choices=["throughput", "latency", "attention"])
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench)
+
+    # Parsed by jaxserve.check.command (main hands it the arguments): listed here for `jaxserve --help`.
+    sub.add_parser("check", help="compile every serving program of a config.json for a TPU topology, with its "
+                   "memory per chip (see `jaxserve check --help`)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check"]:
+        from jaxserve.check.command import main as check
+
+        return check(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -149,7 +149,7 @@ def test_stats_have_what_the_server_reports(engine):
 
 def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine, monkeypatch):
     runner = engine.engine.runner
-    real_forward = runner._forward
+    real_forward = runner.programs.forward
     calls = {"n": 0}
 
     def failing_forward(*args):
@@ -158,7 +158,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine, monkey
             raise RuntimeError("simulated device failure")
         return real_forward(*args)
 
-    monkeypatch.setattr(runner, "_forward", failing_forward)
+    monkeypatch.setattr(runner, "programs", dataclasses.replace(runner.programs, forward=failing_forward))
 
     async def main():
         params = SamplingParams(max_tokens=20, **GREEDY)

@@ -83,7 +83,7 @@ class _Request:
     seqs: list[Sequence]
 
 
-def _step_tokens(config: EngineConfig) -> int:
+def step_token_budget(config: EngineConfig) -> int:
     """Tokens per step: at least one per sequence."""
     return max(config.max_num_batched_tokens, config.max_num_seqs)
 
@@ -121,7 +121,7 @@ class EngineCore:
         num_pages = min(num_pages, pages_per_seq * config.max_num_seqs)  # more could never be used
         log.info("%s", kv_memory.describe(num_pages, config.page_size, page_bytes, source))
         self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, _step_tokens(config),
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, step_token_budget(config),
                                    config.scheduling_policy)
         self.runner = self._runner(config, num_pages, pages_per_seq, backend)
         self.eos_token_ids = set(self.model.eos_token_ids)
@@ -158,21 +158,16 @@ class EngineCore:
         shape, where = self._cache_sharding(config, num_pages)
         cache = init_cache(self.model.cfg, num_pages, config.page_size, self.model.dtype, where)
         return ModelRunner(self.model.cfg, self.model.params, cache, backend=backend,
-                           max_num_seqs=config.max_num_seqs, max_num_batched_tokens=_step_tokens(config),
+                           max_num_seqs=config.max_num_seqs, max_num_batched_tokens=step_token_budget(config),
                            pages_per_seq=pages_per_seq, mesh=self.mesh, eos_token_ids=self.model.eos_token_ids)
 
     def _kv_pages(self, config: EngineConfig, pages_per_seq: int, page_bytes: int, backend,
                   cluster) -> tuple[int, str]:
         """How many KV pages to allocate, and where the number comes from (kv_memory.py)."""
-        if not 0 < config.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {config.gpu_memory_utilization}")
-        if config.kv_cache_memory_gb is not None and config.kv_cache_memory_gb <= 0:
-            raise ValueError(f"kv_cache_memory_gb must be positive, not {config.kv_cache_memory_gb}")
-        if config.num_kv_pages:
-            return config.num_kv_pages, "num_kv_pages"
-        if config.kv_cache_memory_gb is not None:
-            return kv_memory.pages_for_gb(config.kv_cache_memory_gb, page_bytes), \
-                f"kv_cache_memory_gb {config.kv_cache_memory_gb:g}"
+        explicit = kv_memory.explicit_pages(config.num_kv_pages, config.kv_cache_memory_gb,
+                                            config.gpu_memory_utilization, page_bytes)
+        if explicit is not None:
+            return explicit
         # This process's devices: others' memory cannot be read from here.
         devices = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
         if kv_memory.device_memory(devices) is None:

@@ -62,6 +62,21 @@ def pages_for_utilization(before: list[DeviceMemory], after: list[DeviceMemory],
     return min(fits(b, a) for b, a in zip(before, after))
 
 
+def explicit_pages(num_kv_pages: int | None, kv_cache_memory_gb: float | None, utilization: float,
+                   page_bytes: int) -> tuple[int, str] | None:
+    """The page count the configuration names (num_kv_pages, else kv_cache_memory_gb), and its source; None
+    when it leaves the size to the devices' memory. Validates the memory settings either way."""
+    if not 0 < utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {utilization}")
+    if kv_cache_memory_gb is not None and kv_cache_memory_gb <= 0:
+        raise ValueError(f"kv_cache_memory_gb must be positive, not {kv_cache_memory_gb}")
+    if num_kv_pages:
+        return num_kv_pages, "num_kv_pages"
+    if kv_cache_memory_gb is not None:
+        return pages_for_gb(kv_cache_memory_gb, page_bytes), f"kv_cache_memory_gb {kv_cache_memory_gb:g}"
+    return None
+
+
 class KVCacheTooSmall(ValueError):
     """The KV cache the configuration allows cannot hold one sequence of max_model_len tokens."""
 

@@ -103,6 +103,41 @@ def _sample(logits, raw, state: SamplerState, token_ids, step: StepInput):
 MASK_ROWS = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPrograms:
+    """The jitted programs of serving, one compile per bucket shape each. `jaxserve check` compiles the same
+    ones with abstract inputs for a named target (jaxserve/check)."""
+
+    forward: object  # (params, cache, tables, last_token [slots], StepInput) -> (logits, cache, tables, hidden, ids)
+    prompt_logprobs: object  # (params, hidden [T, hidden], targets [T]) -> logprobs_of's four arrays
+    masks: object  # (logits [S, V], mask rows [C], masks [C, W]) -> logits
+    sample: object  # (logits, raw logits, SamplerState, fed ids [T], StepInput) -> (tokens [S], logprobs, state)
+    init_slot: object  # (SamplerState, slot, dense rows...) -> SamplerState
+    write_tables: object  # (tables [slots, P], writes [E, 3]) -> tables
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, backend: Backend, rep, cache_shardings, state_shardings) -> "StepPrograms":
+        """rep: the mesh's replicated sharding. Pinning the state's output shardings to its input shardings keeps
+        every step on one compiled program; the hidden states keep whatever placement XLA gives them (None):
+        they never leave the device. The KV cache, tables and sampler state are donated."""
+        return cls(
+            forward=jax.jit(functools.partial(_forward, cfg=cfg, backend=backend), donate_argnums=(1, 2),
+                            out_shardings=(rep, cache_shardings, rep, None, None)),
+            prompt_logprobs=jax.jit(functools.partial(_prompt_logprobs, cfg=cfg), out_shardings=rep),
+            masks=jax.jit(apply_masks, out_shardings=rep),
+            sample=jax.jit(_sample, donate_argnums=(2,), out_shardings=(rep, rep, state_shardings)),
+            init_slot=jax.jit(init_slot, donate_argnums=(0,), out_shardings=state_shardings),
+            write_tables=jax.jit(write_tables, donate_argnums=(0,), out_shardings=rep))
+
+
+def step_shardings(mesh: Mesh, num_tokens: int) -> StepInput:
+    """Where each StepInput field lives: token-level arrays split over the mesh's `data` axis, per-row data
+    replicated."""
+    tok = sharding.sharding_for(mesh, ("tokens",), (num_tokens,))
+    rep = sharding.replicated(mesh)
+    return StepInput(tok, tok, tok, rep, rep, rep)
+
+
 @dataclasses.dataclass
 class Launched:
     """A dispatched step: the host's record of it and its outputs, still on the device."""
@@ -128,17 +163,8 @@ class ModelRunner:
         rep = sharding.replicated(mesh)
         self.tables = jnp.zeros((max_num_seqs, pages_per_seq), jnp.int32, device=rep)
         self.sampler_state = SamplerState.zeros(max_num_seqs, cfg.vocab_size, rep)
-        # Pinning the state's output shardings to its input shardings keeps every step on one compiled program.
-        cache_shardings = jax.tree.map(lambda x: x.sharding, cache)
-        state_shardings = jax.tree.map(lambda x: x.sharding, self.sampler_state)
-        # The hidden states keep whatever placement XLA gives them (None): they never leave the device.
-        self._forward = jax.jit(functools.partial(_forward, cfg=cfg, backend=backend), donate_argnums=(1, 2),
-                                out_shardings=(rep, cache_shardings, rep, None, None))
-        self._prompt_logprobs = jax.jit(functools.partial(_prompt_logprobs, cfg=cfg), out_shardings=rep)
-        self._masks = jax.jit(apply_masks, out_shardings=rep)
-        self._sample = jax.jit(_sample, donate_argnums=(2,), out_shardings=(rep, rep, state_shardings))
-        self._init_slot = jax.jit(init_slot, donate_argnums=(0,), out_shardings=state_shardings)
-        self._write_tables = jax.jit(write_tables, donate_argnums=(0,), out_shardings=rep)
+        self.programs = StepPrograms.build(cfg, backend, rep, jax.tree.map(lambda x: x.sharding, cache),
+                                           jax.tree.map(lambda x: x.sharding, self.sampler_state))
         self._pending = None  # (logits, fed token ids, hidden states, step input) between forward and sample
         # Shapes and shardings of the device state, to rebuild it after a failed step (donated buffers are gone).
         self._shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -154,31 +180,29 @@ class ModelRunner:
         return num_table_writes(num_tokens, min(num_tokens, self.max_num_seqs), self.cache.page_size)
 
     def _place(self, step: StepInput) -> StepInput:
-        """Token-level arrays split over the mesh's `data` axis, per-row data replicated; built shard by shard
-        from host arrays that every process holds, so it also works across processes."""
-        tok = sharding.sharding_for(self.mesh, ("tokens",), step.token_ids.shape)
-        rep = sharding.replicated(self.mesh)
-        return sharding.put_tree(step, StepInput(tok, tok, tok, rep, rep, rep))
+        """Placed by `step_shardings`, built shard by shard from host arrays that every process holds, so it also
+        works across processes."""
+        return sharding.put_tree(step, step_shardings(self.mesh, step.token_ids.shape[0]))
 
     # --- the only places that launch device work; with several processes the followers mirror them ---
 
     def _device_write_tables(self, writes: np.ndarray) -> None:
         if self.peers is not None:
             self.peers.send(("write_tables", writes))
-        self.tables = self._write_tables(self.tables, sharding.put(writes, sharding.replicated(self.mesh)))
+        self.tables = self.programs.write_tables(self.tables, sharding.put(writes, sharding.replicated(self.mesh)))
 
     def _device_init_slot(self, slot: int, rows: tuple[np.ndarray, ...]) -> None:
         if self.peers is not None:
             self.peers.send(("init_slot", slot, rows))
         rep = sharding.replicated(self.mesh)
         args = [sharding.put(np.asarray(x), rep) for x in (np.int32(slot), *rows)]
-        self.sampler_state = self._init_slot(self.sampler_state, *args)
+        self.sampler_state = self.programs.init_slot(self.sampler_state, *args)
 
     def _device_forward(self, step: StepInput) -> None:
         if self.peers is not None:
             self.peers.send(("forward", step))
         placed = self._place(step)
-        logits, self.cache, self.tables, hidden, token_ids = self._forward(
+        logits, self.cache, self.tables, hidden, token_ids = self.programs.forward(
             self.params, self.cache, self.tables, self.sampler_state.last_token, placed)
         self._pending = (logits, token_ids, hidden, placed)
 
@@ -188,7 +212,7 @@ class ModelRunner:
             self.peers.send(("prompt_logprobs", targets))
         hidden = self._pending[2]
         tok = sharding.sharding_for(self.mesh, ("tokens",), targets.shape)
-        return self._prompt_logprobs(self.params, hidden, sharding.put(targets, tok))
+        return self.programs.prompt_logprobs(self.params, hidden, sharding.put(targets, tok))
 
     def _device_sample(self, mask_rows: np.ndarray | None = None, masks: np.ndarray | None = None):
         """mask_rows [C], masks [C, W]: the grammar masks of the constrained rows (None: no row is), C a multiple
@@ -202,8 +226,8 @@ class ModelRunner:
             rep = sharding.replicated(self.mesh)
             m = min(logits.shape[0], MASK_ROWS)
             for i in range(0, len(masks), m):
-                logits = self._masks(logits, sharding.put(mask_rows[i:i + m], rep), sharding.put(masks[i:i + m], rep))
-        tokens, logprobs, self.sampler_state = self._sample(logits, raw, self.sampler_state, token_ids, placed)
+                logits = self.programs.masks(logits, sharding.put(mask_rows[i:i + m], rep), sharding.put(masks[i:i + m], rep))
+        tokens, logprobs, self.sampler_state = self.programs.sample(logits, raw, self.sampler_state, token_ids, placed)
         return tokens, logprobs
 
     def follow(self, channel) -> None:

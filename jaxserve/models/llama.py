@@ -113,13 +113,13 @@ _QK_NORM = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype, put=None) -> Params:
     """`put(array, field_name)` places each converted array on devices (a sharded load passes its own)."""
     put = put or (lambda a, _name: jax.device_put(a))
-    missing = [n for n in _expected_names(cfg) if n not in tensors]
+    missing = [n for n in hf_shapes(cfg) if n not in tensors]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
     def get(name, transpose=False, path=""):
         a = np.asarray(tensors[name])
-        return put((a.T if transpose else a).astype(dtype), path or name)
+        return put((a.T if transpose else a).astype(dtype, copy=False), path or name)
 
     layers = []
     for i in range(cfg.num_layers):
@@ -139,15 +139,21 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype, p
     )
 
 
-def _expected_names(cfg: ModelConfig) -> list[str]:
-    names = ["model.embed_tokens.weight", "model.norm.weight"]
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every transformers tensor this family loads for `cfg`, with its shape ([out, in] for linear weights)."""
+    hidden, d = cfg.hidden_size, cfg.head_dim
+    q, kv, mlp = cfg.num_heads * d, cfg.num_kv_heads * d, cfg.intermediate_size
+    linear = {"wq": (q, hidden), "wk": (kv, hidden), "wv": (kv, hidden), "wo": (hidden, q),
+              "w_gate": (mlp, hidden), "w_up": (mlp, hidden), "w_down": (hidden, mlp)}
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "model.norm.weight": (hidden,)}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        names += [p + v + ".weight" for v in (*_LINEAR.values(), *_NORM.values())]
+        shapes |= {p + v + ".weight": linear[k] for k, v in _LINEAR.items()}
+        shapes |= {p + v + ".weight": (hidden,) for v in _NORM.values()}
         if cfg.qkv_bias:
-            names += [p + v + ".bias" for v in _BIAS.values()]
+            shapes |= {p + v + ".bias": (linear["w" + k[1]][0],) for k, v in _BIAS.items()}
         if cfg.qk_norm:
-            names += [p + v + ".weight" for v in _QK_NORM.values()]
+            shapes |= {p + v + ".weight": (d,) for v in _QK_NORM.values()}
     if not cfg.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
+        shapes["lm_head.weight"] = (cfg.vocab_size, hidden)
+    return shapes

@@ -50,12 +50,14 @@ PARAM_AXES = {
 CACHE_AXES = ("kv_heads", "pages", "page", "head_dim")
 
 
-def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1) -> Mesh:
+def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1, devices=None) -> Mesh:
+    """devices: default jax.devices(); `jaxserve check` passes a TPU topology's devices, which exist only to
+    compile for."""
     need = tensor_parallel_size * data_parallel_size
-    devices = jax.devices()
+    devices = jax.devices() if devices is None else list(devices)
     if need > len(devices):
         raise ValueError(f"tensor_parallel_size {tensor_parallel_size} x data_parallel_size {data_parallel_size} "
-                         f"needs {need} devices; {len(devices)} available ({jax.default_backend()})")
+                         f"needs {need} devices; {len(devices)} available ({devices[0].platform})")
     grid = np.asarray(devices[:need]).reshape(data_parallel_size, tensor_parallel_size)
     return Mesh(grid, ("data", "model"))
 
@@ -78,11 +80,16 @@ def sharding_for(mesh: Mesh, axes: tuple, shape: tuple, cfg: ModelConfig | None 
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def param_sharding(mesh: Mesh, cfg: ModelConfig, name: str, shape: tuple) -> NamedSharding:
+    """Where the params field `name` of this shape lives, by PARAM_AXES."""
+    return sharding_for(mesh, PARAM_AXES[name], shape, cfg)
+
+
 def param_put(mesh: Mesh, cfg: ModelConfig):
     """A `put(array, field_name)` for `weights.params_from_hf` that shards each field by PARAM_AXES."""
 
     def place(array, name):
-        return put(np.asarray(array), sharding_for(mesh, PARAM_AXES[name], array.shape, cfg))
+        return put(np.asarray(array), param_sharding(mesh, cfg, name, array.shape))
 
     return place
 

@@ -75,3 +75,24 @@ def test_pallas_interpret_matches_reference(kv, backend, name):
                                atol=tol, rtol=tol)
     valid = int(b.cu_q_lens[int(b.num_seqs[0])])
     assert not np.asarray(out[valid:], np.float32).any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "pallas_tpu", "pallas_gpu"])
+def test_stale_nan_past_a_sequence_never_reaches_the_output(kv, backend):
+    """Every cache row no sequence owns (the tail of each last page, unused pages) is NaN, as a reused page
+    may hold: the output is finite and equal to the clean cache's."""
+    name = "p16-gqa3-d64-f32-decode"
+    b = random_batch(kv, name, seed=2)
+    ps = CASES[name][0]
+    owned = np.zeros(b.k_pages.shape[1:3], bool)                 # [pages, page_size]
+    tables, lens = np.asarray(b.block_tables), np.asarray(b.kv_lens)
+    for s in range(int(b.num_seqs[0])):
+        for j in range(lens[s]):
+            owned[tables[s, j // ps], j % ps] = True
+    stale = lambda pages: jnp.where(owned[None, :, :, None], pages, jnp.nan).astype(pages.dtype)
+    dirty = (b.q, stale(b.k_pages), stale(b.v_pages), *kv.args(b)[3:])
+    tuning = {} if backend == "reference" else {"interpret": True, "block_kv": 64}
+    out = np.asarray(kernels_pallas.ragged_paged_attention(*dirty, **options(name), backend=backend, **tuning))
+    clean = np.asarray(kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), backend=backend, **tuning))
+    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, clean)

@@ -1,0 +1,5 @@
+import sys
+
+from jaxserve.check.command import main
+
+sys.exit(main())

@@ -1,0 +1,142 @@
+"""`jaxserve check CONFIG.json --target tpu-v6e-4 ...`: does this model, at this configuration, compile and fit?
+
+Compiles every serving program (jaxserve/check/programs.py) for the target on this machine, with libtpu and
+no TPU, and prints per program its compile time, the compiler's per-chip memory against the chip's HBM and a
+roofline estimate of its run time from the compiled cost analysis. The last line begins `check: OK` and the
+exit status is 0 only when every program compiled and fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+from jaxserve.check import libtpu, targets
+
+GIB = 2**30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jaxserve check", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", help="a transformers config.json (or a folder holding one); no weights are read")
+    p.add_argument("--target", required=True, help=f"one of {', '.join(targets.names())}")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache page")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--kv-cache-memory-gb", type=float, help="KV cache per chip, in GiB (default: from memory)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--buckets", default="smallest,largest",
+                   help="which token buckets to compile: smallest,largest (default) or all")
+    p.add_argument("--quantization", choices=["none"], default="none",
+                   help="weight quantization (only unquantized weights exist so far)")
+    return p
+
+
+def _hf_config(path: str) -> dict:
+    p = pathlib.Path(path).expanduser()
+    if p.is_dir():
+        p = p / "config.json"
+    return json.loads(p.read_text())
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.3f}"
+
+
+def report(serving, compiled: list, buckets: list[int], seconds: float) -> tuple[list[str], bool]:
+    """The table's lines and whether everything fits."""
+    chip = serving.target.chip
+    lines = [f"{'program':<16} {'bucket':<14} {'compile s':>9} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} "
+             f"{'GFLOP':>9} {'GB moved':>9} {'est ms':>8}"]
+    fits = True
+    for c in compiled:
+        if c.error:
+            fits = False
+            lines.append(f"{c.name:<16} {c.bucket:<14} {c.seconds:>9.1f}  FAILED: {c.error}")
+            continue
+        over = c.peak_bytes > chip.hbm_bytes
+        fits &= not over
+        est = c.seconds_at_roofline(chip.bf16_flops, chip.hbm_bandwidth) * 1e3
+        lines.append(f"{c.name:<16} {c.bucket:<14} {c.seconds:>9.1f} {_gib(c.argument_bytes):>9} "
+                     f"{_gib(c.temp_bytes):>9} {_gib(c.peak_bytes):>9} {c.flops / 1e9:>9.2f} "
+                     f"{c.bytes_accessed / 1e9:>9.3f} {est:>8.3f}" + ("  OVER HBM" if over else ""))
+    lines.append(f"compiled {len(compiled)} programs in {seconds:.1f} s")
+    for b in buckets:
+        step = [c for c in compiled if c.bucket.startswith(f"T={b} ") and c.name in ("forward", "sample")]
+        ms = sum(c.seconds_at_roofline(chip.bf16_flops, chip.hbm_bandwidth) for c in step) * 1e3
+        seqs = min(b, serving.config.max_num_seqs)
+        lines.append(f"step T={b} S={seqs} (forward + sample) at the roofline: {ms:.3f} ms"
+                     + (f", {seqs / ms * 1e3:,.0f} sampled tokens/s when each of the {seqs} rows samples" if ms else ""))
+    return lines, fits
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxserve.check.programs import CompileFailed, Serving, per_chip_bytes
+    from jaxserve.core import kv_memory
+    from jaxserve.core.engine_core import EngineConfig
+    from jaxserve.models.base import count_params
+    from jaxserve.models.config import ModelConfig
+
+    target = targets.target(args.target)
+    if target.chip.platform != "tpu":
+        print(f"check: {args.target}: CUDA targets are not compiled yet (only TPU targets are)", file=sys.stderr)
+        return 2
+    cfg = ModelConfig.from_hf(_hf_config(args.config))
+    config = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.block_size,
+                          tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          kv_cache_memory_gb=args.kv_cache_memory_gb)
+    chip = target.chip
+    serving = Serving.build(cfg, config, target, args.dtype)
+    weights = per_chip_bytes(serving.params)
+    print(f"jaxserve check: {cfg.model_type}, {count_params(serving.params) / 1e9:.2f}B parameters, {args.dtype}, "
+          f"on {args.target} ({target.chips} x {chip.name}: {_gib(chip.hbm_bytes)} GiB HBM, "
+          f"{chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s per chip), "
+          f"tp {config.tensor_parallel_size} dp {config.data_parallel_size}, max_model_len {serving.max_model_len}, "
+          f"max_num_seqs {config.max_num_seqs}, {_gib(weights)} GiB of weights per chip", flush=True)
+    start = time.perf_counter()
+    try:
+        profiled = serving.size_kv_cache()
+    except (kv_memory.KVCacheTooSmall, CompileFailed) as e:
+        print(f"check: FAILED: {e}")
+        return 1
+    print(kv_memory.describe(serving.kv_pages, config.page_size, serving.page_bytes, serving.kv_source), flush=True)
+    all_buckets = serving.buckets
+    buckets = all_buckets if args.buckets == "all" else sorted({all_buckets[0], all_buckets[-1]})
+    compiled = serving.compile_all(buckets)
+    seconds = time.perf_counter() - start
+    lines, fits = report(serving, compiled, buckets, seconds)
+    print("\n".join(lines))
+    if profiled:
+        print(f"(sizing the KV cache compiled the largest bucket once more with one sequence's cache: "
+              f"{sum(c.seconds for c in profiled):.1f} s, counted above)")
+    if not fits:
+        print(f"check: FAILED: some program did not compile or needs more than the {_gib(chip.hbm_bytes)} GiB "
+              f"of one {chip.name}")
+        return 1
+    print(f"check: OK: {len(compiled)} programs compiled for {args.target} ({len(buckets)} of {len(all_buckets)} "
+          f"buckets) and fit in {_gib(chip.hbm_bytes)} GiB per chip")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        targets.target(args.target)
+    except ValueError as e:
+        print(f"check: {e}", file=sys.stderr)
+        return 2
+    if not libtpu.importable():  # run again with libtpu on the path; this process never imports it
+        env = libtpu.environment()
+        os.execve(sys.executable, [sys.executable, "-m", "jaxserve.check", *(sys.argv[1:] if argv is None else argv)],
+                  env)
+    return run(args)

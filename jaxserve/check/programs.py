@@ -1,0 +1,234 @@
+"""Every serving program of a model, built from its config alone with abstract weights, compiled for a target.
+
+The programs are the engine's own (`StepPrograms`, model_runner.py) with the engine's shapes: the token-count
+buckets, the KV cache sized by the engine's rule (kv_memory.py) from the chip's memory and the compiled peak of
+the largest step, and the same shardings. Nothing is allocated: weights, cache and step inputs are
+ShapeDtypeStructs placed on the target's devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve import models
+from jaxserve.check.targets import Target
+from jaxserve.core import kv_memory
+from jaxserve.core.engine_core import EngineConfig, step_token_budget
+from jaxserve.core.input_batch import build_step, num_table_writes
+from jaxserve.core.model_runner import MASK_ROWS, StepPrograms, step_shardings, token_buckets
+from jaxserve.core.sampler import SamplerState
+from jaxserve.models import attention
+from jaxserve.models.base import KVCache
+from jaxserve.models.config import ModelConfig
+from jaxserve.parallel import sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """One compiled program: what the compiler says it needs per chip and does per call."""
+
+    name: str  # forward | sample | masks | prompt_logprobs | init_slot | write_tables
+    bucket: str  # "T=256 S=256", or "" for programs compiled once
+    seconds: float  # compile time
+    argument_bytes: int  # per chip: inputs (weights, KV cache, state, step)
+    output_bytes: int
+    alias_bytes: int  # outputs written in place of donated inputs
+    temp_bytes: int  # activations and scratch
+    flops: float  # per chip per call, from the compiled cost analysis
+    bytes_accessed: float
+    error: str = ""  # the compiler's refusal, when it failed
+
+    @property
+    def peak_bytes(self) -> int:
+        """Live at once on a chip while it runs: inputs, temporaries and the outputs not written in place."""
+        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+    def seconds_at_roofline(self, flops_per_s: float, bytes_per_s: float) -> float:
+        return max(self.flops / flops_per_s, self.bytes_accessed / bytes_per_s)
+
+
+def _compile(name: str, bucket: str, jitted, *args) -> tuple[Compiled, object]:
+    """Compiles for the args' devices; a failure is returned (error set, no executable), not raised."""
+    start = time.perf_counter()
+    try:
+        exe = jitted.trace(*args).lower().compile()
+    except Exception as e:  # the compiler's refusal (out of SMEM/VMEM, an unsupported op) is the finding
+        return Compiled(name, bucket, time.perf_counter() - start, 0, 0, 0, 0, 0.0, 0.0,
+                        f"{type(e).__name__}: {e}".splitlines()[0]), None
+    seconds = time.perf_counter() - start
+    mem = exe.memory_analysis()
+    cost = exe.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, list) else cost
+    stats = Compiled(name, bucket, seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes,
+                     mem.alias_size_in_bytes, mem.temp_size_in_bytes, float(cost.get("flops", 0.0)),
+                     float(cost.get("bytes accessed", 0.0)))
+    return stats, exe
+
+
+def _abstract(x, where) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
+
+
+def _outputs(exe, shapes):
+    """The compiled program's outputs as abstract arrays, placed where the compiler put them."""
+    return jax.tree.map(_abstract, shapes, exe.output_shardings)
+
+
+def abstract_params(cfg: ModelConfig, dtype, mesh):
+    """The family's params pytree as ShapeDtypeStructs, sharded as loading would: params_from_hf runs over
+    zero-stride arrays (no memory) and places each field abstractly."""
+    family = models.family(cfg.model_type)
+    zero = np.zeros((), dtype)
+    tensors = {name: np.broadcast_to(zero, shape) for name, shape in family.hf_shapes(cfg).items()}
+
+    def place(array, name):
+        return jax.ShapeDtypeStruct(array.shape, array.dtype,
+                                    sharding=sharding.param_sharding(mesh, cfg, name, array.shape))
+
+    return family.params_from_hf(tensors, cfg, dtype, put=place)
+
+
+def per_chip_bytes(tree) -> int:
+    """Bytes one chip holds of a tree of placed ShapeDtypeStructs (the most any chip holds)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+class CompileFailed(RuntimeError):
+    """A program the KV-cache sizing needs did not compile."""
+
+
+@dataclasses.dataclass
+class Serving:
+    """The serving state of one configuration on one target, abstract."""
+
+    cfg: ModelConfig
+    config: EngineConfig
+    target: Target
+    dtype: jnp.dtype
+    mesh: jax.sharding.Mesh
+    params: object
+    max_model_len: int
+    kv_pages: int = 0
+    kv_source: str = ""
+    page_bytes: int = 0
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, config: EngineConfig, target: Target, dtype) -> "Serving":
+        mesh = sharding.make_mesh(config.tensor_parallel_size, config.data_parallel_size, target.devices())
+        max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        serving = cls(cfg, config, target, jnp.dtype(dtype), mesh, abstract_params(cfg, dtype, mesh), max_model_len)
+        shape = serving._cache_shape(serving.pages_per_seq)
+        heads = sharding.cache_sharding(mesh, cfg, shape).shard_shape(shape)[0]
+        serving.page_bytes = kv_memory.page_bytes_per_device(cfg.num_layers, heads, config.page_size, cfg.head_dim,
+                                                             serving.dtype.itemsize)
+        return serving
+
+    @property
+    def pages_per_seq(self) -> int:
+        return -(-self.max_model_len // self.config.page_size)
+
+    @property
+    def buckets(self) -> list[int]:
+        return token_buckets(step_token_budget(self.config))
+
+    def _cache_shape(self, num_pages: int) -> tuple:
+        return (self.cfg.num_kv_heads, num_pages, self.config.page_size, self.cfg.head_dim)
+
+    def state(self, num_pages: int):
+        """Abstract (cache, tables, sampler state) with a cache of num_pages."""
+        cfg, rep = self.cfg, sharding.replicated(self.mesh)
+        shape = self._cache_shape(num_pages)
+        layer = jax.ShapeDtypeStruct(shape, self.dtype, sharding=sharding.cache_sharding(self.mesh, cfg, shape))
+        cache = KVCache(k=(layer,) * cfg.num_layers, v=(layer,) * cfg.num_layers)
+        tables = jax.ShapeDtypeStruct((self.config.max_num_seqs, self.pages_per_seq), jnp.int32, sharding=rep)
+        state = jax.tree.map(lambda x: _abstract(x, rep),
+                             jax.eval_shape(lambda: SamplerState.zeros(self.config.max_num_seqs, cfg.vocab_size)))
+        return cache, tables, state
+
+    def programs(self, cache, state) -> StepPrograms:
+        kernel = {"tpu": "pallas_tpu", "cuda": "pallas_gpu"}[self.target.chip.platform]
+        backend = attention.resolve_backend(kernel, self.mesh)
+        return StepPrograms.build(self.cfg, backend, sharding.replicated(self.mesh),
+                                  jax.tree.map(lambda x: x.sharding, cache), jax.tree.map(lambda x: x.sharding, state))
+
+    def step(self, num_tokens: int):
+        """The abstract StepInput of a bucket, and its row count."""
+        num_seqs = min(num_tokens, self.config.max_num_seqs)
+        writes = num_table_writes(num_tokens, num_seqs, self.config.page_size)
+        step, *_ = build_step([], num_tokens, num_seqs, writes)
+        return jax.tree.map(_abstract, step, step_shardings(self.mesh, num_tokens)), num_seqs
+
+    def compile_bucket(self, programs: StepPrograms, cache, tables, state, num_tokens: int) -> list[Compiled]:
+        """The bucket's forward, sampler, grammar-mask and prompt-logprob programs (only the forward when it
+        failed: the others take its outputs)."""
+        step, num_seqs = self.step(num_tokens)
+        rep = sharding.replicated(self.mesh)
+        label = f"T={num_tokens} S={num_seqs}"
+        args = (self.params, cache, tables, state.last_token, step)
+        forward, exe = _compile("forward", label, programs.forward, *args)
+        if exe is None:
+            return [forward]
+        logits, _, _, hidden, ids = _outputs(exe, jax.eval_shape(programs.forward, *args))
+        sample, _ = _compile("sample", label, programs.sample, logits, logits, state, ids, step)
+        m = min(num_seqs, MASK_ROWS)
+        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
+        masks, _ = _compile("masks", label, programs.masks, logits, i32(m), i32(m, -(-self.cfg.vocab_size // 32)))
+        targets = jax.ShapeDtypeStruct((num_tokens,), jnp.int32, sharding=step.token_ids.sharding)
+        prompt, _ = _compile("prompt_logprobs", label, programs.prompt_logprobs, self.params, hidden, targets)
+        return [forward, sample, masks, prompt]
+
+    def compile_once(self, programs: StepPrograms, tables, state) -> list[Compiled]:
+        """The programs outside the step: a slot's admission and the overflow block-table writes."""
+        rep = sharding.replicated(self.mesh)
+        v = self.cfg.vocab_size
+        row = lambda dt: jax.ShapeDtypeStruct((v,), dt, sharding=rep)
+        slot = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
+        init, _ = _compile("init_slot", "", programs.init_slot, state, slot, row(jnp.int32), row(jnp.bool_),
+                           row(jnp.float32), row(jnp.bool_))
+        largest = self.buckets[-1]
+        writes = jax.ShapeDtypeStruct((num_table_writes(largest, min(largest, self.config.max_num_seqs),
+                                                        self.config.page_size), 3), jnp.int32, sharding=rep)
+        tables_prog, _ = _compile("write_tables", "", programs.write_tables, tables, writes)
+        return [init, tables_prog]
+
+    def size_kv_cache(self) -> list[Compiled]:
+        """Sets kv_pages by the engine's rule; where the chip's memory decides, the largest bucket is compiled
+        with a cache of one sequence and its peak is what a step needs on top of the weights (vLLM's profile,
+        read from the compiler instead of the allocator). Returns what it compiled."""
+        c = self.config
+        explicit = kv_memory.explicit_pages(c.num_kv_pages, c.kv_cache_memory_gb, c.gpu_memory_utilization,
+                                            self.page_bytes)
+        profiled = []
+        if explicit is not None:
+            self.kv_pages, self.kv_source = explicit
+        else:
+            cache, tables, state = self.state(self.pages_per_seq)
+            profiled = self.compile_bucket(self.programs(cache, state), cache, tables, state, self.buckets[-1])
+            failed = [p for p in profiled if p.error]
+            if failed:
+                raise CompileFailed(f"{failed[0].name} {failed[0].bucket}: {failed[0].error}")
+            in_use = per_chip_bytes((self.params, cache, tables, state))
+            step = max(p.peak_bytes - p.argument_bytes for p in profiled)
+            limit = self.target.chip.hbm_bytes
+            before = kv_memory.DeviceMemory(limit, in_use, in_use)
+            after = kv_memory.DeviceMemory(limit, in_use, in_use + step)
+            self.kv_pages = kv_memory.pages_for_utilization([before], [after], c.gpu_memory_utilization,
+                                                            self.page_bytes, self.pages_per_seq * self.page_bytes)
+            self.kv_source = f"gpu_memory_utilization {c.gpu_memory_utilization:g} of {limit / kv_memory.GIB:.2f} GiB"
+        kv_memory.check_fits(self.kv_pages, c.page_size, self.max_model_len, self.page_bytes, self.kv_source)
+        self.kv_pages = min(self.kv_pages, self.pages_per_seq * c.max_num_seqs)  # more could never be used
+        return profiled
+
+    def compile_all(self, buckets: list[int]) -> list[Compiled]:
+        cache, tables, state = self.state(self.kv_pages)
+        programs = self.programs(cache, state)
+        out = []
+        for b in buckets:
+            out += self.compile_bucket(programs, cache, tables, state, b)
+        return out + self.compile_once(programs, tables, state)

@@ -1,0 +1,78 @@
+"""`jaxserve check`: a small model's every serving program compiled for a TPU v5e topology with libtpu, on this
+CPU-only machine; a configuration that cannot fit refused; abstract weights shaped as a real checkpoint's."""
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import tiny
+from jaxserve import models
+from jaxserve.check import libtpu
+from jaxserve.models.config import ModelConfig
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMALL = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+         "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32,
+         "max_position_embeddings": 4096, "tie_word_embeddings": False}
+
+
+def check(config: dict, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return subprocess.run([sys.executable, "-m", "server.cli", "check", str(path), *args], cwd=REPO,
+                          env=libtpu.environment(REPO), capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def small_check(tmp_path_factory):
+    return check(SMALL, tmp_path_factory.mktemp("check"), "--target", "tpu-v5e-4", "-tp", "4", "--max-model-len",
+                 "2048", "--max-num-seqs", "16", "--max-num-batched-tokens", "64")
+
+
+def test_every_program_compiles_and_fits(small_check):
+    out = small_check.stdout
+    assert small_check.returncode == 0, out + small_check.stderr[-3000:]
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("check: OK: 10 programs compiled for tpu-v5e-4 (2 of 5 buckets)"), lines[-1]
+    rows = [line.split() for line in lines if re.match(r"(forward|sample|masks|prompt_logprobs) +T=", line)]
+    # The smallest and largest bucket (1 and 64 tokens; 16 rows at most), four programs each, in order.
+    assert [r[:3] for r in rows] == [[p, f"T={t}", f"S={s}"] for t, s in ((1, 1), (64, 16))
+                                     for p in ("forward", "sample", "masks", "prompt_logprobs")]
+    assert [line.split()[0] for line in lines if line.startswith(("init_slot", "write_tables"))] == \
+        ["init_slot", "write_tables"]
+    forward = rows[4]
+    # Per chip: a quarter of the 2-layer model's bf16 weights (tp 4) + its KV cache share, and real work.
+    assert float(forward[4]) > 0 and float(forward[7]) > 0 and float(forward[8]) > 0, forward
+    kv = re.search(r"KV cache: (\d+) pages of 16 tokens", out)
+    assert kv and int(kv.group(1)) == 16 * 2048 // 16  # all 16 sequences at full length fit in 16 GiB
+
+
+def test_a_context_that_cannot_fit_is_refused(tmp_path):
+    proc = check(SMALL, tmp_path, "--target", "tpu-v5e-1", "--max-model-len", "4096", "--kv-cache-memory-gb",
+                 "0.001")
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("check: FAILED: the KV cache (kv_cache_memory_gb 0.001:"), last
+    assert "Lower --max-model-len to at most" in last
+
+
+def test_an_unknown_target_is_named(tmp_path):
+    proc = check(SMALL, tmp_path, "--target", "tpu-v9-3")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("check: unknown target 'tpu-v9-3'; choose one of tpu-v5e-1, tpu-v5e-4")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_abstract_weights_have_a_checkpoints_shapes(tmp_path, model_type):
+    folder = tiny.make_checkpoint(tmp_path, model_type)
+    cfg = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    tensors = {}
+    for f in folder.glob("*.safetensors"):
+        tensors |= {k: v.shape for k, v in safetensors.numpy.load_file(f).items()}
+    assert models.family(cfg.model_type).hf_shapes(cfg) == tensors
