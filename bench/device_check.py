@@ -233,9 +233,9 @@ def _device_step(engine, steps: int) -> float:
     jax.block_until_ready(placed)
 
     def once():
-        logits, runner.cache, runner.tables, _, ids = runner.programs.forward(
-            runner.params, runner.cache, runner.tables, runner.sampler_state.last_token, placed)
-        tokens, _, runner.sampler_state = runner.programs.sample(logits, logits, runner.sampler_state, ids, placed)
+        logits, runner.cache, runner.tables, runner.sampler_state, _ = runner.programs.forward(
+            runner.params, runner.cache, runner.tables, runner.sampler_state, placed)
+        tokens, _, runner.sampler_state = runner.programs.sample(logits, logits, runner.sampler_state, placed.rows)
         return tokens
 
     jax.block_until_ready(once())

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import tiny
+from jaxserve import models
+from jaxserve.models.config import ModelConfig
 from jaxserve.weights.loader import load_model
 from paged import run_logits
 
@@ -28,6 +30,20 @@ def checkpoint(request, tmp_path_factory):
     model_type, overrides = CASES[request.param]
     folder = tmp_path_factory.mktemp(request.param)
     return tiny.make_checkpoint(folder, model_type, **overrides)
+
+
+def test_the_family_names_transformers_tensors_and_shapes(checkpoint):
+    """hf_shapes (what loading expects, what tiny checkpoints and `jaxserve check`'s abstract weights are built
+    from) against the state dict of transformers' own model for the same config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(checkpoint)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(hf_config)
+    want = {k: tuple(v.shape) for k, v in hf.state_dict().items()
+            if not (hf_config.tie_word_embeddings and k == "lm_head.weight")}
+    cfg = ModelConfig.from_hf(hf_config.to_dict())
+    assert models.family(cfg.model_type).hf_shapes(cfg) == want
 
 
 def _hf_logits(folder, sequences, dtype):

@@ -28,7 +28,7 @@ def _compare_logits(loaded, tp, dp, tol):
     prompts = [list(range(5, 29)), list(range(40, 51))]
     ref_logits, ref_tokens = run_logits(loaded, prompts, decode_steps=10)
     mesh = make_mesh(tp, dp)
-    sharded = loaded.__class__(**{**loaded.__dict__, "params": shard_params(loaded.params, mesh, loaded.cfg)})
+    sharded = loaded.__class__(**{**loaded.__dict__, **dict(zip(("params", "cfg"), shard_params(loaded.params, mesh, loaded.cfg)))})
     if tp == 4 and loaded.cfg.num_kv_heads % 4 == 0:
         assert len(sharded.params.layers[0].wk.sharding.device_set) == 4
     logits, tokens = run_logits(sharded, prompts, decode_steps=10)
@@ -62,3 +62,26 @@ def smollm2():
 def test_default_model_logits_and_tokens_match_one_device(smollm2, tp, dp):
     # 30 layers of float32 summed in another order: differences stay around 1e-4 on logits of magnitude ~20.
     _compare_logits(smollm2, tp, dp, 2e-3)
+
+
+def test_more_devices_than_kv_heads_repeat_each_head_once_per_device(tmp_path):
+    """8 query / 2 kv heads on tp=4: each kv head is repeated twice at load, so every device holds one kv head
+    of weights and cache (not both), and the engine's greedy tokens and the logits equal one device's."""
+    folder = tiny.make_checkpoint(tmp_path, "qwen2", num_attention_heads=8, num_key_value_heads=2, head_dim=8)
+    loaded = load_model(str(folder), dtype="float32", progress=False)
+    params, cfg = shard_params(loaded.params, make_mesh(4, 1), loaded.cfg)
+    assert (loaded.cfg.num_kv_heads, cfg.num_kv_heads) == (2, 4)
+    wk = params.layers[0].wk
+    assert wk.shape == (loaded.cfg.hidden_size, 4 * 8) and wk.sharding.shard_shape(wk.shape) == (wk.shape[0], 8)
+    np.testing.assert_array_equal(np.asarray(wk)[:, 8:16], np.asarray(loaded.params.layers[0].wk)[:, :8])
+    _compare_logits(loaded, 4, 1, 1e-4)
+    opts = dict(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=16, page_size=8, compile_cache_dir="",
+                progress=False, warm_up=False)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = ["Hello world", "The quick brown fox jumps"]
+    one = LLM(str(folder), **opts).generate(prompts, params, use_tqdm=False)
+    four = LLM(str(folder), tensor_parallel_size=4, **opts)
+    cache = four.engine.core.runner.cache.k[0]
+    assert cache.shape[0] == 4 and cache.sharding.shard_shape(cache.shape)[0] == 1
+    many = four.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in many] == [o.outputs[0].token_ids for o in one]

@@ -1,10 +1,15 @@
-"""Tiny random checkpoints for tests: a transformers config, random weights and a small BPE tokenizer."""
+"""Tiny random checkpoints for tests: a transformers config, random weights and a small BPE tokenizer, written
+without torch (so the suite's torch-free tests run where torch is not installed)."""
 
 from __future__ import annotations
 
+import json
 import pathlib
 
-import torch
+import numpy as np
+
+from jaxserve import models
+from jaxserve.models.config import ModelConfig
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
@@ -35,9 +40,16 @@ def make_tokenizer(vocab_size: int):
     return fast
 
 
-def make_checkpoint(folder: pathlib.Path, model_type: str = "llama", dtype=torch.float32, seed: int = 0, **overrides):
-    """Writes a 2-layer random model of `model_type` (llama, mistral, qwen2, qwen3) with its tokenizer."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+
+
+def make_checkpoint(folder: pathlib.Path, model_type: str = "llama", seed: int = 0, **overrides):
+    """Writes a 2-layer random float32 model of `model_type` (llama, mistral, qwen2, qwen3) with its tokenizer:
+    matrices drawn from N(0, 0.2) (wide enough that logits differ visibly), vectors (norms, biases) from
+    U(0.5, 1.5)."""
+    from safetensors.numpy import save_file
+    from transformers import AutoConfig, GenerationConfig
 
     tokenizer = make_tokenizer(400)
     vocab = len(tokenizer)
@@ -47,11 +59,16 @@ def make_checkpoint(folder: pathlib.Path, model_type: str = "llama", dtype=torch
                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     kwargs.update(overrides)
     config = AutoConfig.for_model(model_type, **kwargs)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with torch.no_grad():  # default init is near-zero for some weights; widen it so logits differ visibly
-        for p in model.parameters():
-            p.normal_(0.0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    model.save_pretrained(folder, safe_serialization=True)
+    config.architectures = [_ARCHITECTURES[model_type]]
+    rng = np.random.default_rng(seed)
+    shapes = models.family(model_type).hf_shapes(ModelConfig.from_hf(config.to_dict()))
+    tensors = {name: (rng.normal(0.0, 0.2, shape) if len(shape) > 1 else rng.uniform(0.5, 1.5, shape))
+               .astype(np.float32) for name, shape in shapes.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(folder)
+    path = folder / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"dtype": "float32"}, indent=2))
+    GenerationConfig.from_model_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -20,8 +20,8 @@ from jaxserve import models
 from jaxserve.check.targets import Target
 from jaxserve.core import kv_memory
 from jaxserve.core.engine_core import EngineConfig, step_token_budget
-from jaxserve.core.input_batch import build_step, num_table_writes
-from jaxserve.core.model_runner import MASK_ROWS, StepPrograms, step_shardings, token_buckets
+from jaxserve.core.input_batch import num_table_writes
+from jaxserve.core.model_runner import StepPrograms, abstract, compile_bucket, token_buckets
 from jaxserve.core.sampler import SamplerState
 from jaxserve.models import attention
 from jaxserve.models.base import KVCache
@@ -71,27 +71,21 @@ def _compile(name: str, bucket: str, jitted, *args) -> tuple[Compiled, object]:
     return stats, exe
 
 
-def _abstract(x, where) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
-
-
-def _outputs(exe, shapes):
-    """The compiled program's outputs as abstract arrays, placed where the compiler put them."""
-    return jax.tree.map(_abstract, shapes, exe.output_shardings)
-
-
 def abstract_params(cfg: ModelConfig, dtype, mesh):
-    """The family's params pytree as ShapeDtypeStructs, sharded as loading would: params_from_hf runs over
-    zero-stride arrays (no memory) and places each field abstractly."""
+    """The family's params pytree as ShapeDtypeStructs, sharded as loading would, and the configuration they
+    compute with: params_from_hf runs over zero-stride arrays (no memory) and places each field abstractly."""
     family = models.family(cfg.model_type)
     zero = np.zeros((), dtype)
     tensors = {name: np.broadcast_to(zero, shape) for name, shape in family.hf_shapes(cfg).items()}
+    repeats = sharding.kv_head_repeats(mesh, cfg)
+    placed = sharding.with_kv_repeats(cfg, repeats)
 
     def place(array, name):
+        array = sharding.repeat_kv_heads(array, name, cfg, repeats)  # only k/v weights (small) are materialized
         return jax.ShapeDtypeStruct(array.shape, array.dtype,
-                                    sharding=sharding.param_sharding(mesh, cfg, name, array.shape))
+                                    sharding=sharding.param_sharding(mesh, placed, name, array.shape))
 
-    return family.params_from_hf(tensors, cfg, dtype, put=place)
+    return family.params_from_hf(tensors, cfg, dtype, put=place), placed
 
 
 def per_chip_bytes(tree) -> int:
@@ -122,7 +116,8 @@ class Serving:
     def build(cls, cfg: ModelConfig, config: EngineConfig, target: Target, dtype) -> "Serving":
         mesh = sharding.make_mesh(config.tensor_parallel_size, config.data_parallel_size, target.devices())
         max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-        serving = cls(cfg, config, target, jnp.dtype(dtype), mesh, abstract_params(cfg, dtype, mesh), max_model_len)
+        params, cfg = abstract_params(cfg, dtype, mesh)
+        serving = cls(cfg, config, target, jnp.dtype(dtype), mesh, params, max_model_len)
         shape = serving._cache_shape(serving.pages_per_seq)
         heads = sharding.cache_sharding(mesh, cfg, shape).shard_shape(shape)[0]
         serving.page_bytes = kv_memory.page_bytes_per_device(cfg.num_layers, heads, config.page_size, cfg.head_dim,
@@ -147,7 +142,7 @@ class Serving:
         layer = jax.ShapeDtypeStruct(shape, self.dtype, sharding=sharding.cache_sharding(self.mesh, cfg, shape))
         cache = KVCache(k=(layer,) * cfg.num_layers, v=(layer,) * cfg.num_layers)
         tables = jax.ShapeDtypeStruct((self.config.max_num_seqs, self.pages_per_seq), jnp.int32, sharding=rep)
-        state = jax.tree.map(lambda x: _abstract(x, rep),
+        state = jax.tree.map(lambda x: abstract(x, rep),
                              jax.eval_shape(lambda: SamplerState.zeros(self.config.max_num_seqs, cfg.vocab_size)))
         return cache, tables, state
 
@@ -157,31 +152,13 @@ class Serving:
         return StepPrograms.build(self.cfg, backend, sharding.replicated(self.mesh),
                                   jax.tree.map(lambda x: x.sharding, cache), jax.tree.map(lambda x: x.sharding, state))
 
-    def step(self, num_tokens: int):
-        """The abstract StepInput of a bucket, and its row count."""
-        num_seqs = min(num_tokens, self.config.max_num_seqs)
-        writes = num_table_writes(num_tokens, num_seqs, self.config.page_size)
-        step, *_ = build_step([], num_tokens, num_seqs, writes)
-        return jax.tree.map(_abstract, step, step_shardings(self.mesh, num_tokens)), num_seqs
-
     def compile_bucket(self, programs: StepPrograms, cache, tables, state, num_tokens: int) -> list[Compiled]:
         """The bucket's forward, sampler, grammar-mask and prompt-logprob programs (only the forward when it
         failed: the others take its outputs)."""
-        step, num_seqs = self.step(num_tokens)
-        rep = sharding.replicated(self.mesh)
-        label = f"T={num_tokens} S={num_seqs}"
-        args = (self.params, cache, tables, state.last_token, step)
-        forward, exe = _compile("forward", label, programs.forward, *args)
-        if exe is None:
-            return [forward]
-        logits, _, _, hidden, ids = _outputs(exe, jax.eval_shape(programs.forward, *args))
-        sample, _ = _compile("sample", label, programs.sample, logits, logits, state, ids, step)
-        m = min(num_seqs, MASK_ROWS)
-        i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
-        masks, _ = _compile("masks", label, programs.masks, logits, i32(m), i32(m, -(-self.cfg.vocab_size // 32)))
-        targets = jax.ShapeDtypeStruct((num_tokens,), jnp.int32, sharding=step.token_ids.sharding)
-        prompt, _ = _compile("prompt_logprobs", label, programs.prompt_logprobs, self.params, hidden, targets)
-        return [forward, sample, masks, prompt]
+        label = f"T={num_tokens} S={min(num_tokens, self.config.max_num_seqs)}"
+        return compile_bucket(programs, self.params, cache, tables, state, self.mesh, num_tokens,
+                              self.config.max_num_seqs, self.config.page_size, self.cfg.vocab_size,
+                              lambda name, jitted, *args: _compile(name, label, jitted, *args))
 
     def compile_once(self, programs: StepPrograms, tables, state) -> list[Compiled]:
         """The programs outside the step: a slot's admission and the overflow block-table writes."""

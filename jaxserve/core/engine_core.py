@@ -106,7 +106,8 @@ class EngineCore:
         if self.mesh.devices.flat[0].platform == "cpu":  # before anything is traced: the sampler picks them then
             kernels_cpu.enable(cache_dir() / "kernels-cpu")
         if isinstance(model, LoadedModel):
-            model = dataclasses.replace(model, params=sharding.shard_params(model.params, self.mesh, model.cfg))
+            params, cfg = sharding.shard_params(model.params, self.mesh, model.cfg)
+            model = dataclasses.replace(model, params=params, cfg=cfg)
         else:
             model = load_model(model, dtype=dtype, mesh=self.mesh, progress=progress)
         self.model = model

@@ -14,8 +14,10 @@ updates them in place.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 import time
 
 import jax
@@ -57,16 +59,26 @@ def token_buckets(max_num_batched_tokens: int) -> list[int]:
 PROMPT_LOGPROB_ROWS = 64
 
 
-def _forward(params, cache, tables, last_token, step: StepInput, cfg, backend):
-    """The model step: the step's block-table writes, then the forward pass. Returns each row's logits [S, V], the
-    cache and tables, the last layer's output of every token [T, hidden] (it stays on the device, read only by
-    `_prompt_logprobs` in steps where a request asked for them) and the fed token ids [T], placeholders resolved."""
+def _forward(params, cache, tables, state: SamplerState, step: StepInput, cfg, backend):
+    """The model step: the step's block-table writes, the sampler-state updates that need the step's tokens (its
+    fresh rows admitted, the fed output tokens counted for penalties), then the forward pass. Doing those here
+    leaves the sampler only [S]-shaped inputs: one sampler program per row count, not per token bucket. Returns
+    each row's logits [S, V], the cache, tables and sampler state, and the last layer's output of every token
+    [T, hidden] (it stays on the device, read only by `_prompt_logprobs` in steps where a request asked)."""
     tables = write_tables(tables, step.table_writes)
-    batch = model_batch(step, tables, last_token, cache.page_size)
+    batch = model_batch(step, tables, state.last_token, cache.page_size)
+    rows = step.rows
+    s, n = rows.shape[0], state.counts.shape[0]
+    slot = rows[:, SLOT]
+    state = admit(state, jnp.where((rows[:, FRESH] == 1) & (slot >= 0), slot, n), step.row_params,
+                  rows[:, ROW_PARAMS:])
+    row_slot = jnp.where(slot >= 0, slot, n)
+    token_slot = jnp.where(step.token_rows < s, row_slot[jnp.minimum(step.token_rows, s - 1)], n)
+    state = record_tokens(state, batch.token_ids, token_slot, step.positions)
     family = models.family(cfg.model_type)
     hidden, cache = family.hidden_states(params, cache, batch, cfg, backend)
     logits = family.final_logits(params, hidden[batch.logits_indices], cfg)
-    return logits, cache, tables, hidden, batch.token_ids
+    return logits, cache, tables, state, hidden
 
 
 def _prompt_logprobs(params, hidden, targets, cfg):
@@ -81,18 +93,13 @@ def _prompt_logprobs(params, hidden, targets, cfg):
     return jax.tree.map(lambda a: a[:, 0], out)
 
 
-def _sample(logits, raw, state: SamplerState, token_ids, step: StepInput):
-    """The sampler step: admit this step's fresh rows, count the fed output tokens [T] (for penalties, before
-    sampling), draw one token per row from logits [S, V] (raw: before grammar masks, for logprobs), and keep each
-    sampling row's token in its slot for the next step's placeholder."""
-    rows = step.rows
-    s, n = rows.shape[0], state.counts.shape[0]
+def _sample(logits, raw, state: SamplerState, rows):
+    """The sampler step: draw one token per row from logits [S, V] (raw: before grammar masks, for logprobs) with
+    the state the forward pass left, and keep each sampling row's token in its slot for the next step's
+    placeholder. rows: the step's [S, NUM_ROW_COLS]."""
+    n = state.counts.shape[0]
     slot = rows[:, SLOT]
-    fresh = jnp.where((rows[:, FRESH] == 1) & (slot >= 0), slot, n)
-    state = admit(state, fresh, step.row_params, rows[:, ROW_PARAMS:])
     row_slot = jnp.where(slot >= 0, slot, n)
-    token_slot = jnp.where(step.token_rows < s, row_slot[jnp.minimum(step.token_rows, s - 1)], n)
-    state = record_tokens(state, token_ids, token_slot, step.positions)
     tokens, logprobs = sample(logits, state, rows_of(state, jnp.minimum(row_slot, n - 1), slot >= 0), raw)
     state = finish_rows(state, row_slot, rows[:, SAMPLES] == 1, tokens)
     return tokens, logprobs, state
@@ -108,10 +115,10 @@ class StepPrograms:
     """The jitted programs of serving, one compile per bucket shape each. `jaxserve check` compiles the same
     ones with abstract inputs for a named target (jaxserve/check)."""
 
-    forward: object  # (params, cache, tables, last_token [slots], StepInput) -> (logits, cache, tables, hidden, ids)
+    forward: object  # (params, cache, tables, SamplerState, StepInput) -> (logits, cache, tables, state, hidden)
     prompt_logprobs: object  # (params, hidden [T, hidden], targets [T]) -> logprobs_of's four arrays
     masks: object  # (logits [S, V], mask rows [C], masks [C, W]) -> logits
-    sample: object  # (logits, raw logits, SamplerState, fed ids [T], StepInput) -> (tokens [S], logprobs, state)
+    sample: object  # (logits, raw logits, SamplerState, rows [S, cols]) -> (tokens [S], logprobs, state)
     init_slot: object  # (SamplerState, slot, dense rows...) -> SamplerState
     write_tables: object  # (tables [slots, P], writes [E, 3]) -> tables
 
@@ -121,8 +128,8 @@ class StepPrograms:
         every step on one compiled program; the hidden states keep whatever placement XLA gives them (None):
         they never leave the device. The KV cache, tables and sampler state are donated."""
         return cls(
-            forward=jax.jit(functools.partial(_forward, cfg=cfg, backend=backend), donate_argnums=(1, 2),
-                            out_shardings=(rep, cache_shardings, rep, None, None)),
+            forward=jax.jit(functools.partial(_forward, cfg=cfg, backend=backend), donate_argnums=(1, 2, 3),
+                            out_shardings=(rep, cache_shardings, rep, state_shardings, None)),
             prompt_logprobs=jax.jit(functools.partial(_prompt_logprobs, cfg=cfg), out_shardings=rep),
             masks=jax.jit(apply_masks, out_shardings=rep),
             sample=jax.jit(_sample, donate_argnums=(2,), out_shardings=(rep, rep, state_shardings)),
@@ -136,6 +143,35 @@ def step_shardings(mesh: Mesh, num_tokens: int) -> StepInput:
     tok = sharding.sharding_for(mesh, ("tokens",), (num_tokens,))
     rep = sharding.replicated(mesh)
     return StepInput(tok, tok, tok, rep, rep, rep)
+
+
+def abstract(x, where) -> jax.ShapeDtypeStruct:
+    """x's shape and dtype, placed by `where`: an input to compile for without its data."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
+
+
+def compile_bucket(programs: StepPrograms, params, cache, tables, state, mesh: Mesh, num_tokens: int,
+                   max_num_seqs: int, page_size: int, vocab: int, compile_one) -> list:
+    """Compiles one token bucket's forward, sampler, grammar-mask and prompt-logprob programs ahead of time, from
+    abstract params, cache, tables and sampler state (ShapeDtypeStructs with shardings): what `jaxserve check`
+    reports on, and what warm-up compiles in parallel. compile_one(name, jitted, *args) compiles and returns
+    (its result, the executable or None when it failed); the programs fed by a failed forward are skipped."""
+    num_seqs = min(num_tokens, max_num_seqs)
+    step, *_ = build_step([], num_tokens, num_seqs, num_table_writes(num_tokens, num_seqs, page_size))
+    step = jax.tree.map(abstract, step, step_shardings(mesh, num_tokens))
+    rep = sharding.replicated(mesh)
+    args = (params, cache, tables, state, step)
+    forward, exe = compile_one("forward", programs.forward, *args)
+    if exe is None:
+        return [forward]
+    logits, _, _, state, hidden = jax.tree.map(abstract, jax.eval_shape(programs.forward, *args),
+                                               exe.output_shardings)
+    m = min(num_seqs, MASK_ROWS)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
+    targets = jax.ShapeDtypeStruct((num_tokens,), jnp.int32, sharding=step.token_ids.sharding)
+    return [forward, compile_one("sample", programs.sample, logits, logits, state, step.rows)[0],
+            compile_one("masks", programs.masks, logits, i32(m), i32(m, -(-vocab // 32)))[0],
+            compile_one("prompt_logprobs", programs.prompt_logprobs, params, hidden, targets)[0]]
 
 
 @dataclasses.dataclass
@@ -165,7 +201,7 @@ class ModelRunner:
         self.sampler_state = SamplerState.zeros(max_num_seqs, cfg.vocab_size, rep)
         self.programs = StepPrograms.build(cfg, backend, rep, jax.tree.map(lambda x: x.sharding, cache),
                                            jax.tree.map(lambda x: x.sharding, self.sampler_state))
-        self._pending = None  # (logits, fed token ids, hidden states, step input) between forward and sample
+        self._pending = None  # (logits, hidden states, step input) between forward and sample
         # Shapes and shardings of the device state, to rebuild it after a failed step (donated buffers are gone).
         self._shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                     (cache, self.tables, self.sampler_state))
@@ -202,15 +238,15 @@ class ModelRunner:
         if self.peers is not None:
             self.peers.send(("forward", step))
         placed = self._place(step)
-        logits, self.cache, self.tables, hidden, token_ids = self.programs.forward(
-            self.params, self.cache, self.tables, self.sampler_state.last_token, placed)
-        self._pending = (logits, token_ids, hidden, placed)
+        logits, self.cache, self.tables, self.sampler_state, hidden = self.programs.forward(
+            self.params, self.cache, self.tables, self.sampler_state, placed)
+        self._pending = (logits, hidden, placed)
 
     def _device_prompt_logprobs(self, targets: np.ndarray):
         """Between a step's forward and sample: logprobs of targets [T] under each fed token's distribution."""
         if self.peers is not None:
             self.peers.send(("prompt_logprobs", targets))
-        hidden = self._pending[2]
+        hidden = self._pending[1]
         tok = sharding.sharding_for(self.mesh, ("tokens",), targets.shape)
         return self.programs.prompt_logprobs(self.params, hidden, sharding.put(targets, tok))
 
@@ -219,7 +255,7 @@ class ModelRunner:
         of min(rows, MASK_ROWS), applied that many at a time."""
         if self.peers is not None:
             self.peers.send(("sample",) if masks is None else ("sample", mask_rows, masks))
-        logits, token_ids, _, placed = self._pending
+        logits, _, placed = self._pending
         self._pending = None
         raw = logits
         if masks is not None:
@@ -227,7 +263,7 @@ class ModelRunner:
             m = min(logits.shape[0], MASK_ROWS)
             for i in range(0, len(masks), m):
                 logits = self.programs.masks(logits, sharding.put(mask_rows[i:i + m], rep), sharding.put(masks[i:i + m], rep))
-        tokens, logprobs, self.sampler_state = self.programs.sample(logits, raw, self.sampler_state, token_ids, placed)
+        tokens, logprobs, self.sampler_state = self.programs.sample(logits, raw, self.sampler_state, placed.rows)
         return tokens, logprobs
 
     def follow(self, channel) -> None:
@@ -336,8 +372,29 @@ class ModelRunner:
         """The largest step, once (compiled for it): what sizing the KV cache from device memory measures."""
         self._padding_step(self.buckets[-1], constrained=False)
 
+    def compile_ahead(self, workers: int) -> None:
+        """Compiles every bucket's step programs on `workers` threads (XLA compiles outside the GIL) into JAX's
+        persistent compile cache, largest buckets first; warm-up's steps then load them from it."""
+        params, cache, tables, state = jax.tree.map(lambda x: abstract(x, x.sharding),
+                                                    (self.params, self.cache, self.tables, self.sampler_state))
+
+        def one(_name, jitted, *args):
+            exe = jitted.trace(*args).lower().compile()
+            return None, exe
+
+        def bucket(size):
+            compile_bucket(self.programs, params, cache, tables, state, self.mesh, size, self.max_num_seqs,
+                           self.cache.page_size, self.cfg.vocab_size, one)
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(bucket, sorted(self.buckets, reverse=True)))
+
     def warm_up(self, progress: bool = True) -> None:
-        """Compiles every bucket with an all-padding step (it writes nothing and reads nothing)."""
+        """Compiles every bucket with an all-padding step (it writes nothing and reads nothing); with a persistent
+        compile cache and several cores, the programs are first compiled in parallel into that cache."""
+        workers = min(os.cpu_count() or 1, len(self.buckets))
+        if jax.config.jax_compilation_cache_dir and workers > 1:
+            self.compile_ahead(workers)
         for size in tqdm(self.buckets, desc="Compiling step buckets", unit="bucket", disable=not progress):
             for constrained in (False, True):
                 self._padding_step(size, constrained)

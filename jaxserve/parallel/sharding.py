@@ -4,10 +4,14 @@ The mesh has two axes: `data` (requests) and `model` (tensor parallel, Megatron-
 output columns, o/down by input rows, embedding and LM head by vocabulary). Every array names its dimensions
 with logical axes; `RULES` maps those to mesh axes. A dimension that the mesh axis does not divide evenly
 (e.g. SmolLM2's 3 kv heads or 9 query heads on 2 or 4 devices) is replicated instead, so any model runs on
-any mesh; XLA inserts the collectives.
+any mesh; XLA inserts the collectives. Where the model axis is a multiple of the kv heads (Llama-3-8B's 8 on 16
+devices), each kv head is instead repeated model/kv times at load (`kv_head_repeats`): every device then holds
+and attends with the one kv head its query heads read, not all of them.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -85,11 +89,40 @@ def param_sharding(mesh: Mesh, cfg: ModelConfig, name: str, shape: tuple) -> Nam
     return sharding_for(mesh, PARAM_AXES[name], shape, cfg)
 
 
+def kv_head_repeats(mesh: Mesh, cfg: ModelConfig) -> int:
+    """How many copies of each kv head make the kv heads split evenly over the model axis: model / kv heads when
+    that is a whole number above 1 and the query heads split evenly too (each device's query heads then read
+    exactly its copy), else 1."""
+    n = mesh.shape["model"]
+    kv = cfg.num_kv_heads
+    return n // kv if n > kv and n % kv == 0 and cfg.num_heads % n == 0 else 1
+
+
+def with_kv_repeats(cfg: ModelConfig, repeats: int) -> ModelConfig:
+    """The configuration the repeated weights compute with: kv_heads x repeats heads (GQA groups shrink)."""
+    return dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * repeats)
+
+
+def repeat_kv_heads(array: np.ndarray, name: str, cfg: ModelConfig, repeats: int) -> np.ndarray:
+    """A params field with each kv head's head_dim block repeated `repeats` times in place (k0 k0 k1 k1 ...), so
+    query head h still reads original kv head h // (q_heads / kv_heads). Fields without a kv_heads axis pass."""
+    axes = PARAM_AXES[name]
+    if repeats == 1 or "kv_heads" not in axes:
+        return array
+    i = axes.index("kv_heads")
+    heads = array.reshape(array.shape[:i] + (cfg.num_kv_heads, cfg.head_dim) + array.shape[i + 1:])
+    return np.repeat(heads, repeats, axis=i).reshape(array.shape[:i] + (-1,) + array.shape[i + 1:])
+
+
 def param_put(mesh: Mesh, cfg: ModelConfig):
-    """A `put(array, field_name)` for `weights.params_from_hf` that shards each field by PARAM_AXES."""
+    """A `put(array, field_name)` for `weights.params_from_hf` that shards each field by PARAM_AXES, kv heads
+    repeated by kv_head_repeats (cfg: the checkpoint's; the model then runs with `with_kv_repeats`)."""
+    repeats = kv_head_repeats(mesh, cfg)
+    placed = with_kv_repeats(cfg, repeats)
 
     def place(array, name):
-        return put(np.asarray(array), param_sharding(mesh, cfg, name, array.shape))
+        array = repeat_kv_heads(np.asarray(array), name, cfg, repeats)
+        return put(array, param_sharding(mesh, placed, name, array.shape))
 
     return place
 
@@ -121,6 +154,8 @@ def host(array: jax.Array) -> np.ndarray:
 
 
 def shard_params(params, mesh: Mesh, cfg: ModelConfig):
-    """Re-places an already loaded params pytree on `mesh` by the same rules as loading does."""
+    """Re-places an already loaded params pytree on `mesh` by the same rules as loading does. Returns the params
+    and the configuration they compute with (kv heads repeated, see kv_head_repeats)."""
     put = param_put(mesh, cfg)
-    return jax.tree_util.tree_map_with_path(lambda path, x: put(x, path[-1].name), params)
+    params = jax.tree_util.tree_map_with_path(lambda path, x: put(x, path[-1].name), params)
+    return params, with_kv_repeats(cfg, kv_head_repeats(mesh, cfg))

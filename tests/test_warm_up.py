@@ -1,0 +1,41 @@
+"""Warm-up with a persistent compile cache: every bucket's programs compiled once, in parallel threads, then
+loaded from the cache by the warm-up steps; serving afterwards compiles nothing and generates what an engine
+warmed up serially does."""
+
+import threading
+
+import jax
+import numpy as np
+
+import tiny
+from jaxserve import LLM, SamplingParams
+
+OPTIONS = dict(max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32, page_size=8, progress=False)
+
+
+def test_programs_compile_once_in_parallel_and_serving_compiles_nothing(tmp_path, monkeypatch):
+    folder = tiny.make_checkpoint(tmp_path / "model")
+    compiled, threads = [], set()
+
+    def listen(event, _duration, **kw):
+        if event.endswith("backend_compile_duration"):
+            compiled.append(kw.get("fun_name"))
+            if kw.get("fun_name") == "jit(_forward)":
+                threads.add(threading.current_thread() is threading.main_thread())
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)  # the parallel path, whatever this machine has
+    llm = LLM(str(folder), compile_cache_dir=str(tmp_path / "cache"), **OPTIONS)
+    buckets = llm.engine.core.runner.buckets
+    assert len(buckets) > 2
+    # Each bucket's forward and sampler compiled once, ahead on the pool's threads, not again by the warm-up steps.
+    assert compiled.count("jit(_forward)") == len(buckets) and threads == {False}
+    assert compiled.count("jit(_sample)") == len({min(b, OPTIONS["max_num_seqs"]) for b in buckets})
+    before = llm.engine.stats()["compile_count"]
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, 300, n).tolist() for n in (1, 5, 17, 40)]
+    params = SamplingParams(temperature=0, max_tokens=9, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.engine.stats()["compile_count"] == before
+    serial = LLM(str(folder), compile_cache_dir="", **OPTIONS).generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in serial]
