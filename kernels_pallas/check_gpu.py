@@ -50,6 +50,9 @@ def cases():
         yield f"write_kv  {name}", lambda: write_case(dtype, hkv, d, ps, t, s)
     yield "attention window+softcap", lambda: attention_case(
         jnp.bfloat16, 16, 8, 128, 16, 128, 64, sliding_window=100, soft_cap=30.0)
+    for d, splits in ((64, 4), (128, 16), (256, 2)):  # split-KV decode, and each head dim's tile choice
+        yield f"attention decode D={d} splits={splits}", lambda: attention_case(
+            jnp.bfloat16, 32, 8, d, 16, 8, 8, num_splits=splits)
 
 
 def main():

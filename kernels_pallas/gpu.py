@@ -4,7 +4,12 @@ Attention
 - Work items are the query tiles of tiles.py; rows of a tile are (token, query head of one kv-head
   group), padded to a power of two >= 16 because Triton tensors must have power-of-two sizes and
   tl.dot needs M >= 16.
-- grid = (Hkv, NT): one program per kv head and tile. The q tile [rows, D] and row positions [rows]
+- grid = (Hkv, NT, splits): one program per kv head, tile and split of the tile's kv range. Decode of
+  a few sequences has few programs (Hkv x NT: 64 for 8 sequences of an 8-kv-head model, on 132 SMs), so
+  decode-shaped batches split each tile's kv blocks into `num_kv_splits` parts (flash-decoding): each
+  program writes its part's unnormalized output, max and sum, merged by a log-sum-exp in XLA after.
+  One split (prefill, large batches) normalizes in the kernel. Tiles per head dim: `TILES`.
+  The q tile [rows, D] and row positions [rows]
   come through BlockSpecs; the tile plan, per-sequence kv lengths and the flattened block tables
   are whole-array refs read with scalar / vector loads.
 - K/V: the program's kv-head slice [P, page_size, D] is a ref; each loop step gathers one kv block
@@ -35,11 +40,13 @@ MASK_VALUE = -1e30
 
 
 def _attention_kernel(seq_ref, first_ref, nblk_ref, kv_lens_ref, tables_ref, q_ref, pos_ref,
-                      k_ref, v_ref, o_ref, *, pages_per_block, pages_per_seq, sm_scale,
-                      sliding_window, soft_cap):
+                      k_ref, v_ref, *out_refs, pages_per_block, pages_per_seq, sm_scale,
+                      sliding_window, soft_cap, num_splits):
     # seq/first/nblk_ref: [NT]; kv_lens_ref: [S]; tables_ref: [S * pages_per_seq];
-    # q_ref/o_ref: [rows, D]; pos_ref: [rows]; k_ref/v_ref: [P, page_size, D] of this kv head.
-    i = pl.program_id(1)
+    # q_ref: [rows, D]; pos_ref: [rows]; k_ref/v_ref: [P, page_size, D] of this kv head.
+    # out_refs: o [rows, D] normalized (one split), or acc [rows, D] f32, m [rows], l [rows] of this split's
+    # kv blocks (several splits; combined outside).
+    i, split = pl.program_id(1), pl.program_id(2)
     seq, first, nblk = seq_ref[i], first_ref[i], nblk_ref[i]
     kv_len = kv_lens_ref[seq]
     _, page_size, d = k_ref.shape
@@ -74,22 +81,59 @@ def _attention_kernel(seq_ref, first_ref, nblk_ref, kv_lens_ref, tables_ref, q_r
 
     init = (jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32),
             jnp.zeros((rows, d), jnp.float32))
-    _, l_f, acc = lax.fori_loop(0, nblk, body, init)
-    o_ref[...] = (acc / jnp.maximum(l_f, 1e-30)[:, None]).astype(o_ref.dtype)
+    if num_splits == 1:
+        _, l_f, acc = lax.fori_loop(0, nblk, body, init)
+        out_refs[0][...] = (acc / jnp.maximum(l_f, 1e-30)[:, None]).astype(out_refs[0].dtype)
+        return
+    per = lax.div(nblk + num_splits - 1, num_splits)                   # this tile's blocks per split
+    start = jnp.minimum(split * per, nblk)
+    m_f, l_f, acc = lax.fori_loop(start, jnp.minimum(start + per, nblk), body, init)
+    acc_ref, m_ref, l_ref = out_refs
+    acc_ref[...] = acc
+    m_ref[...] = m_f
+    l_ref[...] = l_f
 
 
 def _pow2_at_least(n, lo):
     return max(lo, 1 << (n - 1).bit_length())
 
 
+# (block_kv, num_warps) per head dim. K and V tiles of block_kv x D, double-buffered (num_stages=2), take
+# 4 * block_kv * D * 2 bytes of shared memory in bf16: 64 KiB at D=128, well inside an H100/H200's 228 KiB, so two
+# programs can share an SM; D=256 halves block_kv to keep that budget and doubles the warps that hold the
+# [rows, 256] float32 accumulator in registers. Chosen from these budgets, not tuned on a GPU (none was lent).
+TILES = {64: (64, 4), 128: (64, 4), 256: (32, 8)}
+SM_COUNT = 132  # H100 SXM / H200: the GPUs bench/device_check.py targets
+MAX_SPLITS = 16
+
+
+def num_kv_splits(programs: int, max_blocks: int, sm_count: int = SM_COUNT) -> int:
+    """Splits of each tile's kv range for `programs` (kv heads x query tiles) programs: enough to give every SM
+    work when programs alone would leave most idle (decode of a few long sequences), never more than a tile
+    has kv blocks. A power of two, so every split count compiles to the same few programs."""
+    want = min(max_blocks, MAX_SPLITS, max(1, sm_count // max(programs, 1)))
+    return 1 << (want.bit_length() - 1)
+
+
+def _combine(acc, m, l):
+    """acc [..., splits, rows, D] f32, m/l [..., splits, rows] -> the softmax-weighted merge [..., rows, D]."""
+    top = m.max(axis=-2, keepdims=True)
+    w = jnp.exp(m - top)                                                   # empty splits (m = MASK_VALUE): 0
+    return (w[..., None] * acc).sum(-3) / jnp.maximum((w * l).sum(-2), 1e-30)[..., None]
+
+
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-                           sm_scale, sliding_window=None, soft_cap=None, block_kv=64, q_tile=None,
-                           num_warps=4, num_stages=2, interpret=False):
+                           sm_scale, sliding_window=None, soft_cap=None, block_kv=None, q_tile=None,
+                           num_warps=None, num_stages=2, num_splits=None, interpret=False):
     # q: [T, Hq, D]; k_pages/v_pages: [Hkv, P, page_size, D]; returns [T, Hq, D] in q's dtype.
+    # block_kv / num_warps: default from TILES; num_splits: default num_kv_splits for decode-shaped batches
+    # (q_tile 1), 1 otherwise.
     t, hq, d = q.shape
     hkv, num_pages, page_size, _ = k_pages.shape
     s, pages_per_seq = block_tables.shape
     g = hq // hkv
+    tile_kv, tile_warps = TILES.get(d, TILES[128])
+    block_kv, num_warps = block_kv or tile_kv, num_warps or tile_warps
     q_tile = q_tile or tiles_lib.default_q_tile(t, s)
     ppb = _pow2_at_least(max(1, block_kv // page_size), 1)             # pages per kv block
     plan = tiles_lib.plan(cu_q_lens, num_seqs, kv_lens, num_tokens=t, q_tile=q_tile,
@@ -100,23 +144,38 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
     pos = jnp.pad(tiles_lib.row_positions(plan, q_tile, g), ((0, 0), (0, rows - m)),
                   constant_values=-1)                                     # [NT, rows]
     nt = pos.shape[0]
+    if num_splits is None:
+        num_splits = num_kv_splits(hkv * nt, -(-pages_per_seq // ppb)) if q_tile == 1 else 1
     kernel = functools.partial(_attention_kernel, pages_per_block=ppb, pages_per_seq=pages_per_seq,
-                               sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    whole = lambda n: pl.BlockSpec((n,), lambda h, i: (0,))
-    tile_block = pl.BlockSpec((None, None, rows, d), lambda h, i: (h, i, 0, 0))
-    pages_block = pl.BlockSpec((None, num_pages, page_size, d), lambda h, i: (h, 0, 0, 0))
+                               sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                               num_splits=num_splits)
+    whole = lambda n: pl.BlockSpec((n,), lambda h, i, j: (0,))
+    q_block = pl.BlockSpec((None, None, rows, d), lambda h, i, j: (h, i, 0, 0))
+    pages_block = pl.BlockSpec((None, num_pages, page_size, d), lambda h, i, j: (h, 0, 0, 0))
+    if num_splits == 1:
+        out_shape = jax.ShapeDtypeStruct((hkv, nt, rows, d), q.dtype)
+        out_specs = q_block
+    else:
+        out_shape = (jax.ShapeDtypeStruct((hkv, nt, num_splits, rows, d), jnp.float32),
+                     jax.ShapeDtypeStruct((hkv, nt, num_splits, rows), jnp.float32),
+                     jax.ShapeDtypeStruct((hkv, nt, num_splits, rows), jnp.float32))
+        out_specs = (pl.BlockSpec((None, None, None, rows, d), lambda h, i, j: (h, i, j, 0, 0)),
+                     pl.BlockSpec((None, None, None, rows), lambda h, i, j: (h, i, j, 0)),
+                     pl.BlockSpec((None, None, None, rows), lambda h, i, j: (h, i, j, 0)))
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((hkv, nt, rows, d), q.dtype),
-        grid=(hkv, nt),
-        in_specs=[whole(nt), whole(nt), whole(nt), whole(s), whole(s * pages_per_seq), tile_block,
-                  pl.BlockSpec((None, rows), lambda h, i: (i, 0)), pages_block, pages_block],
-        out_specs=tile_block,
+        out_shape=out_shape,
+        grid=(hkv, nt, num_splits),
+        in_specs=[whole(nt), whole(nt), whole(nt), whole(s), whole(s * pages_per_seq), q_block,
+                  pl.BlockSpec((None, rows), lambda h, i, j: (i, 0)), pages_block, pages_block],
+        out_specs=out_specs,
         cost_estimate=tiles_lib.attention_cost(q, k_pages, s, pages_per_seq),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )(plan.seq, plan.first_block, plan.num_blocks, kv_lens.astype(jnp.int32), block_tables.reshape(-1), qt, pos,
       k_pages, v_pages)
+    if num_splits > 1:
+        out = _combine(*out).astype(q.dtype)
     return tiles_lib.scatter_out(out[:, :, :m], plan, cu_q_lens, num_seqs, q_tile, t)
 
 

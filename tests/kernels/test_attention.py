@@ -96,3 +96,25 @@ def test_stale_nan_past_a_sequence_never_reaches_the_output(kv, backend):
     clean = np.asarray(kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), backend=backend, **tuning))
     assert np.isfinite(out).all()
     np.testing.assert_array_equal(out, clean)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
+def test_gpu_split_kv_decode_matches_reference(kv, num_splits):
+    """Flash-decoding: each tile's kv range split over programs and merged after, for any split count (more
+    splits than a tile has blocks leaves some empty)."""
+    name = "p16-gqa3-d128-bf16-decode-window"
+    b = random_batch(kv, name, seed=4)
+    out = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), backend="pallas_gpu", interpret=True,
+                                                block_kv=32, num_splits=num_splits)
+    want = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name))
+    tol = TOL[CASES[name][4]]
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
+
+
+def test_gpu_splits_fill_the_sms_only_when_programs_are_few():
+    from kernels_pallas.gpu import num_kv_splits
+
+    assert num_kv_splits(programs=8, max_blocks=64) == 16       # 1 sequence x 8 kv heads: 16 x 8 = 128 of 132
+    assert num_kv_splits(programs=64, max_blocks=64) == 2       # 8 sequences
+    assert num_kv_splits(programs=8, max_blocks=3) == 2         # never more than a tile's blocks (power of two)
+    assert num_kv_splits(programs=2048, max_blocks=64) == 1     # 256 sequences fill the GPU alone
