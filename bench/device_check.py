@@ -233,9 +233,10 @@ def _device_step(engine, steps: int) -> float:
     jax.block_until_ready(placed)
 
     def once():
-        logits, runner.cache, runner.tables, runner.sampler_state, _ = runner.programs.forward(
+        logits, runner.cache, runner.tables, runner.sampler_state, _ = runner._program("forward", num_tokens)(
             runner.params, runner.cache, runner.tables, runner.sampler_state, placed)
-        tokens, _, runner.sampler_state = runner.programs.sample(logits, logits, runner.sampler_state, placed.rows)
+        tokens, _, runner.sampler_state = runner._program("sample", num_seqs)(logits, logits, runner.sampler_state,
+                                                                              placed.rows)
         return tokens
 
     jax.block_until_ready(once())

@@ -2,6 +2,7 @@
 
 import asyncio
 import dataclasses
+import functools
 
 import numpy as np
 import pytest
@@ -149,16 +150,20 @@ def test_stats_have_what_the_server_reports(engine):
 
 def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine, monkeypatch):
     runner = engine.engine.runner
-    real_forward = runner.programs.forward
+    real_program = runner._program
     calls = {"n": 0}
 
-    def failing_forward(*args):
+    def failing_forward(*args, real):
         calls["n"] += 1
         if calls["n"] == 3:  # fail mid-generation, after a couple of good steps
             raise RuntimeError("simulated device failure")
-        return real_forward(*args)
+        return real(*args)
 
-    monkeypatch.setattr(runner, "programs", dataclasses.replace(runner.programs, forward=failing_forward))
+    def program(name, size):
+        real = real_program(name, size)
+        return functools.partial(failing_forward, real=real) if name == "forward" else real
+
+    monkeypatch.setattr(runner, "_program", program)
 
     async def main():
         params = SamplingParams(max_tokens=20, **GREEDY)

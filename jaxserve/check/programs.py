@@ -8,6 +8,7 @@ ShapeDtypeStructs placed on the target's devices.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
 import time
@@ -202,10 +203,11 @@ class Serving:
         self.kv_pages = min(self.kv_pages, self.pages_per_seq * c.max_num_seqs)  # more could never be used
         return profiled
 
-    def compile_all(self, buckets: list[int]) -> list[Compiled]:
+    def compile_all(self, buckets: list[int], workers: int = 1) -> list[Compiled]:
+        """Every program of these buckets, then the once-only ones; buckets compile on `workers` threads, as
+        warm-up does (the table keeps bucket order)."""
         cache, tables, state = self.state(self.kv_pages)
         programs = self.programs(cache, state)
-        out = []
-        for b in buckets:
-            out += self.compile_bucket(programs, cache, tables, state, b)
-        return out + self.compile_once(programs, tables, state)
+        with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+            per_bucket = list(pool.map(lambda b: self.compile_bucket(programs, cache, tables, state, b), buckets))
+        return [c for bucket in per_bucket for c in bucket] + self.compile_once(programs, tables, state)

@@ -202,6 +202,7 @@ class ModelRunner:
         self.programs = StepPrograms.build(cfg, backend, rep, jax.tree.map(lambda x: x.sharding, cache),
                                            jax.tree.map(lambda x: x.sharding, self.sampler_state))
         self._pending = None  # (logits, hidden states, step input) between forward and sample
+        self.executables = {}  # (program, tokens or rows) -> executable compiled ahead (compile_ahead)
         # Shapes and shardings of the device state, to rebuild it after a failed step (donated buffers are gone).
         self._shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                     (cache, self.tables, self.sampler_state))
@@ -238,7 +239,8 @@ class ModelRunner:
         if self.peers is not None:
             self.peers.send(("forward", step))
         placed = self._place(step)
-        logits, self.cache, self.tables, self.sampler_state, hidden = self.programs.forward(
+        forward = self._program("forward", step.token_ids.shape[0])
+        logits, self.cache, self.tables, self.sampler_state, hidden = forward(
             self.params, self.cache, self.tables, self.sampler_state, placed)
         self._pending = (logits, hidden, placed)
 
@@ -248,7 +250,7 @@ class ModelRunner:
             self.peers.send(("prompt_logprobs", targets))
         hidden = self._pending[1]
         tok = sharding.sharding_for(self.mesh, ("tokens",), targets.shape)
-        return self.programs.prompt_logprobs(self.params, hidden, sharding.put(targets, tok))
+        return self._program("prompt_logprobs", len(targets))(self.params, hidden, sharding.put(targets, tok))
 
     def _device_sample(self, mask_rows: np.ndarray | None = None, masks: np.ndarray | None = None):
         """mask_rows [C], masks [C, W]: the grammar masks of the constrained rows (None: no row is), C a multiple
@@ -262,8 +264,10 @@ class ModelRunner:
             rep = sharding.replicated(self.mesh)
             m = min(logits.shape[0], MASK_ROWS)
             for i in range(0, len(masks), m):
-                logits = self.programs.masks(logits, sharding.put(mask_rows[i:i + m], rep), sharding.put(masks[i:i + m], rep))
-        tokens, logprobs, self.sampler_state = self.programs.sample(logits, raw, self.sampler_state, placed.rows)
+                logits = self._program("masks", logits.shape[0])(logits, sharding.put(mask_rows[i:i + m], rep),
+                                                                  sharding.put(masks[i:i + m], rep))
+        tokens, logprobs, self.sampler_state = self._program("sample", logits.shape[0])(logits, raw, self.sampler_state,
+                                                                                        placed.rows)
         return tokens, logprobs
 
     def follow(self, channel) -> None:
@@ -372,17 +376,24 @@ class ModelRunner:
         """The largest step, once (compiled for it): what sizing the KV cache from device memory measures."""
         self._padding_step(self.buckets[-1], constrained=False)
 
+    def _program(self, name: str, size: int):
+        """The step program `name` for `size` tokens (forward, prompt_logprobs) or rows (sample, masks): the
+        executable compiled ahead for it, else the jitted function (which compiles on first use)."""
+        return self.executables.get((name, size)) or getattr(self.programs, name)
+
     def compile_ahead(self, workers: int) -> None:
-        """Compiles every bucket's step programs on `workers` threads (XLA compiles outside the GIL) into JAX's
-        persistent compile cache, largest buckets first; warm-up's steps then load them from it."""
+        """Compiles every bucket's step programs on `workers` threads (XLA compiles outside the GIL), largest
+        buckets first, and keeps the executables: the steps then call them directly (no tracing again)."""
         params, cache, tables, state = jax.tree.map(lambda x: abstract(x, x.sharding),
                                                     (self.params, self.cache, self.tables, self.sampler_state))
 
-        def one(_name, jitted, *args):
-            exe = jitted.trace(*args).lower().compile()
-            return None, exe
-
         def bucket(size):
+            def one(name, jitted, *args):
+                exe = jitted.trace(*args).lower().compile()
+                rows = name in ("sample", "masks")
+                self.executables[(name, min(size, self.max_num_seqs) if rows else size)] = exe
+                return None, exe
+
             compile_bucket(self.programs, params, cache, tables, state, self.mesh, size, self.max_num_seqs,
                            self.cache.page_size, self.cfg.vocab_size, one)
 
@@ -390,12 +401,14 @@ class ModelRunner:
             list(pool.map(bucket, sorted(self.buckets, reverse=True)))
 
     def warm_up(self, progress: bool = True) -> None:
-        """Compiles every bucket with an all-padding step (it writes nothing and reads nothing); with a persistent
-        compile cache and several cores, the programs are first compiled in parallel into that cache."""
+        """Compiles every bucket's programs: ahead, in parallel, where there are several cores (then only the
+        smallest bucket runs an all-padding step, which checks the executables against the runner's arrays);
+        else by running an all-padding step of each bucket (it writes nothing and reads nothing)."""
         workers = min(os.cpu_count() or 1, len(self.buckets))
-        if jax.config.jax_compilation_cache_dir and workers > 1:
+        if workers > 1:
             self.compile_ahead(workers)
-        for size in tqdm(self.buckets, desc="Compiling step buckets", unit="bucket", disable=not progress):
+        sizes = self.buckets[:1] if self.executables else self.buckets
+        for size in tqdm(sizes, desc="Compiling step buckets", unit="bucket", disable=not progress):
             for constrained in (False, True):
                 self._padding_step(size, constrained)
         vocab = self.cfg.vocab_size
