@@ -62,3 +62,20 @@ def test_an_unknown_target_is_named(tmp_path):
     proc = check(SMALL, tmp_path, "--target", "tpu-v9-3")
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("check: unknown target 'tpu-v9-3'; choose one of tpu-v5e-1, tpu-v5e-4")
+
+
+def test_a_cache_that_leaves_no_room_for_a_step_fails(tmp_path):
+    """A KV cache of nearly all of a v5e's 16 GiB passes the sizing rule but not the fit: weights + cache + what a
+    step adds exceed the chip, and the rows that do say so."""
+    wide = dict(SMALL, num_key_value_heads=8, num_attention_heads=8, head_dim=256)  # 256 KiB per 16-token page
+    proc = check(wide, tmp_path, "--target", "tpu-v5e-1", "--max-model-len", "4096", "--max-num-seqs", "256",
+                 "--kv-cache-memory-gb", "15.99", "--max-num-batched-tokens", "256")
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("check: FAILED: some program did not compile or needs more than the 16.000 GiB"), \
+        lines[-1]
+    # The compiler refuses the forward pass itself (libtpu knows the chip's usable HBM); the small programs compile,
+    # and the resident weights and cache plus what they add are over.
+    forward = [line for line in lines if line.startswith("forward ")]
+    assert len(forward) == 2 and all("RESOURCE_EXHAUSTED" in line or line.endswith("OVER HBM") for line in forward)
+    assert [line.split()[0] for line in lines if line.endswith("OVER HBM")][-2:] == ["init_slot", "write_tables"]

@@ -44,11 +44,17 @@ class Compiled:
     flops: float  # per chip per call, from the compiled cost analysis
     bytes_accessed: float
     error: str = ""  # the compiler's refusal, when it failed
+    live_bytes: int = 0  # other programs' outputs alive meanwhile: the bucket's logits and hidden states
 
     @property
-    def peak_bytes(self) -> int:
-        """Live at once on a chip while it runs: inputs, temporaries and the outputs not written in place."""
-        return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+    def overhead_bytes(self) -> int:
+        """What running it adds on a chip to what always stays there: temporaries, the outputs not written in
+        place, and the forward pass's outputs still alive."""
+        return self.temp_bytes + self.output_bytes - self.alias_bytes + self.live_bytes
+
+    def peak_bytes(self, resident: int) -> int:
+        """Live at once on a chip while it runs; resident: the weights, KV cache, tables and sampler state."""
+        return max(self.argument_bytes, resident) + self.overhead_bytes
 
     def seconds_at_roofline(self, flops_per_s: float, bytes_per_s: float) -> float:
         return max(self.flops / flops_per_s, self.bytes_accessed / bytes_per_s)
@@ -157,9 +163,11 @@ class Serving:
         """The bucket's forward, sampler, grammar-mask and prompt-logprob programs (only the forward when it
         failed: the others take its outputs)."""
         label = f"T={num_tokens} S={min(num_tokens, self.config.max_num_seqs)}"
-        return compile_bucket(programs, self.params, cache, tables, state, self.mesh, num_tokens,
-                              self.config.max_num_seqs, self.config.page_size, self.cfg.vocab_size,
-                              lambda name, jitted, *args: _compile(name, label, jitted, *args))
+        forward, *rest = compile_bucket(programs, self.params, cache, tables, state, self.mesh, num_tokens,
+                                        self.config.max_num_seqs, self.config.page_size, self.cfg.vocab_size,
+                                        lambda name, jitted, *args: _compile(name, label, jitted, *args))
+        live = forward.output_bytes - forward.alias_bytes  # its logits and hidden states, read by the others
+        return [forward] + [dataclasses.replace(c, live_bytes=live) for c in rest]
 
     def compile_once(self, programs: StepPrograms, tables, state) -> list[Compiled]:
         """The programs outside the step: a slot's admission and the overflow block-table writes."""
@@ -192,7 +200,7 @@ class Serving:
             if failed:
                 raise CompileFailed(f"{failed[0].name} {failed[0].bucket}: {failed[0].error}")
             in_use = per_chip_bytes((self.params, cache, tables, state))
-            step = max(p.peak_bytes - p.argument_bytes for p in profiled)
+            step = max(p.overhead_bytes for p in profiled)
             limit = self.target.chip.hbm_bytes
             before = kv_memory.DeviceMemory(limit, in_use, in_use)
             after = kv_memory.DeviceMemory(limit, in_use, in_use + step)

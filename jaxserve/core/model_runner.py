@@ -401,11 +401,12 @@ class ModelRunner:
             list(pool.map(bucket, sorted(self.buckets, reverse=True)))
 
     def warm_up(self, progress: bool = True) -> None:
-        """Compiles every bucket's programs: ahead, in parallel, where there are several cores (then only the
-        smallest bucket runs an all-padding step, which checks the executables against the runner's arrays);
-        else by running an all-padding step of each bucket (it writes nothing and reads nothing)."""
-        workers = min(os.cpu_count() or 1, len(self.buckets))
-        if workers > 1:
+        """Compiles every bucket's programs: ahead, in parallel, where there are several cores and one process
+        (then only the smallest bucket runs an all-padding step, which checks the executables against the
+        runner's arrays); else by running an all-padding step of each bucket (it writes nothing and reads
+        nothing), which several processes' followers mirror and so compile too."""
+        workers = min(len(os.sched_getaffinity(0)), len(self.buckets))
+        if workers > 1 and self.peers is None:  # followers of several processes compile by mirroring the steps
             self.compile_ahead(workers)
         sizes = self.buckets[:1] if self.executables else self.buckets
         for size in tqdm(sizes, desc="Compiling step buckets", unit="bucket", disable=not progress):
