@@ -122,13 +122,11 @@ class Serving:
     @classmethod
     def build(cls, cfg: ModelConfig, config: EngineConfig, target: Target, dtype) -> "Serving":
         mesh = sharding.make_mesh(config.tensor_parallel_size, config.data_parallel_size, target.devices())
-        max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        max_model_len = config.context_length(cfg)
         params, cfg = abstract_params(cfg, dtype, mesh)
         serving = cls(cfg, config, target, jnp.dtype(dtype), mesh, params, max_model_len)
-        shape = serving._cache_shape(serving.pages_per_seq)
-        heads = sharding.cache_sharding(mesh, cfg, shape).shard_shape(shape)[0]
-        serving.page_bytes = kv_memory.page_bytes_per_device(cfg.num_layers, heads, config.page_size, cfg.head_dim,
-                                                             serving.dtype.itemsize)
+        serving.page_bytes = kv_memory.page_bytes_per_device(cfg.num_layers, sharding.kv_heads_per_device(mesh, cfg),
+                                                             config.page_size, cfg.head_dim, serving.dtype.itemsize)
         return serving
 
     @property

@@ -53,6 +53,10 @@ class EngineConfig:
     warm_up: bool = True
     async_scheduling: bool = True  # overlap each step with the host's processing of the one before (see step)
 
+    def context_length(self, cfg) -> int:
+        """max_model_len, bounded by (and by default) the model's own context length."""
+        return min(self.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+
 
 @dataclasses.dataclass
 class SampleUpdate:
@@ -113,10 +117,10 @@ class EngineCore:
         self.model = model
         cfg = self.model.cfg
         self.tokenizer = self.model.tokenizer
-        self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.max_model_len = config.context_length(cfg)
         pages_per_seq = -(-self.max_model_len // config.page_size)
         backend = attention.resolve_backend(config.attention_backend, self.mesh)
-        page_bytes = self._page_bytes(config, pages_per_seq)
+        page_bytes = self._page_bytes(config)
         num_pages, source = self._kv_pages(config, pages_per_seq, page_bytes, backend, cluster)
         kv_memory.check_fits(num_pages, config.page_size, self.max_model_len, page_bytes, source)
         num_pages = min(num_pages, pages_per_seq * config.max_num_seqs)  # more could never be used
@@ -148,12 +152,11 @@ class EngineCore:
         shape = (cfg.num_kv_heads, num_pages, config.page_size, cfg.head_dim)
         return shape, sharding.cache_sharding(self.mesh, cfg, shape)
 
-    def _page_bytes(self, config: EngineConfig, pages_per_seq: int) -> int:
+    def _page_bytes(self, config: EngineConfig) -> int:
         """Bytes of one KV page on one device (the cache is split over kv heads where the model axis allows)."""
         cfg = self.model.cfg
-        shape, where = self._cache_sharding(config, pages_per_seq)
-        return kv_memory.page_bytes_per_device(cfg.num_layers, where.shard_shape(shape)[0], config.page_size,
-                                               cfg.head_dim, self.model.dtype.itemsize)
+        return kv_memory.page_bytes_per_device(cfg.num_layers, sharding.kv_heads_per_device(self.mesh, cfg),
+                                               config.page_size, cfg.head_dim, self.model.dtype.itemsize)
 
     def _runner(self, config: EngineConfig, num_pages: int, pages_per_seq: int, backend) -> ModelRunner:
         shape, where = self._cache_sharding(config, num_pages)

@@ -131,6 +131,12 @@ def cache_sharding(mesh: Mesh, cfg: ModelConfig, shape: tuple) -> NamedSharding:
     return sharding_for(mesh, CACHE_AXES, shape, cfg)
 
 
+def kv_heads_per_device(mesh: Mesh, cfg: ModelConfig) -> int:
+    """The kv heads each device holds of the cache (all of them where the model axis does not split them)."""
+    shape = (cfg.num_kv_heads, 1, 1, cfg.head_dim)
+    return cache_sharding(mesh, cfg, shape).shard_shape(shape)[0]
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
