@@ -35,8 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--buckets", default="smallest,largest",
                    help="which token buckets to compile: smallest,largest (default) or all")
-    p.add_argument("--compile-workers", type=int, default=os.cpu_count() or 1,
-                   help="buckets compiled at once, on threads (default: this machine's cores)")
+    p.add_argument("--compile-workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="buckets compiled at once, on threads (default: the cores this process may use)")
     p.add_argument("--quantization", choices=["none"], default="none",
                    help="weight quantization (only unquantized weights exist so far)")
     return p
