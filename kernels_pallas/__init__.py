@@ -1,4 +1,4 @@
-"""Ragged paged attention and KV-cache write for TPU, GPU and CPU.
+"""Ragged paged attention (with its KV-cache write) for TPU, GPU and CPU.
 
 One dispatch point per op, selected by `backend`:
 - "reference":  pure jnp (reference.py), the CPU production path and the test oracle;
@@ -26,22 +26,18 @@ def _impl(backend):
     raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
 
 
-def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-                           sm_scale, sliding_window=None, soft_cap=None, backend="reference",
-                           **tuning):
-    """Causal attention of a flat ragged batch of queries over a paged KV cache.
+def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_tables, cu_q_lens, num_seqs, *,
+                           sm_scale, sliding_window=None, soft_cap=None, backend="reference", **tuning):
+    """Store this step's K/V in the paged cache, then run causal attention of a flat ragged batch over it.
 
-    q: [T, Hq, D]; k_pages/v_pages: [Hkv, P, page_size, D] (already hold this step's K/V);
+    q: [T, Hq, D]; k/v: [T, Hkv, D] this step's keys and values, stored at slot_mapping [T] int32
+    (page * page_size + offset; negative = padding, skipped);
+    kv_pages: [P, page_size, 2 * Hkv, D], K of kv head h at 2h and V at 2h + 1 (one token's K/V of every
+    head is one contiguous row, so a page is one DMA and a token one leading-dim write; see tpu.py);
     kv_lens: [S] int32 context length incl. this step; block_tables: [S, pages_per_seq] int32;
     cu_q_lens: [S+1] int32 query offsets; num_seqs: [1] int32 valid sequences.
-    Returns [T, Hq, D] in q's dtype with zero rows for padding tokens.
+    Returns (out [T, Hq, D] in q's dtype with zero rows for padding tokens, updated kv_pages: donate it).
     """
     return _impl(backend).ragged_paged_attention(
-        q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, sm_scale=sm_scale,
+        q, k, v, kv_pages, slot_mapping, kv_lens, block_tables, cu_q_lens, num_seqs, sm_scale=sm_scale,
         sliding_window=sliding_window, soft_cap=soft_cap, **tuning)
-
-
-def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, backend="reference", **tuning):
-    """Store this step's K/V: k_new/v_new [T, Hkv, D] go to slot_mapping [T] (page * page_size +
-    offset; negative = padding, skipped). Returns the updated (k_pages, v_pages); donate them."""
-    return _impl(backend).write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, **tuning)

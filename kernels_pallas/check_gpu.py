@@ -13,7 +13,7 @@ from jax import export
 
 from . import gpu
 from .check_runner import run_cases
-from .check_tpu import BATCHES, DTYPES, HEADS, PAGE_SIZES, PAGES_PER_SEQ
+from .check_tpu import BATCHES, DTYPES, HEADS, PAGE_SIZES, batch_args
 
 # The Triton kernel is a custom call that jax.export does not know to be stable; we accept that.
 DISABLED_CHECKS = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
@@ -30,24 +30,14 @@ def _export(fn, *args, donate=()):
 
 
 def attention_case(dtype, hq, hkv, d, page_size, t, s, **options):
-    pages = jax.ShapeDtypeStruct((hkv, s * PAGES_PER_SEQ, page_size, d), dtype)
-    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     _export(lambda *a: gpu.ragged_paged_attention(*a, sm_scale=d ** -0.5, **options),
-            jax.ShapeDtypeStruct((t, hq, d), dtype), pages, pages, i32(s), i32(s, PAGES_PER_SEQ),
-            i32(s + 1), i32(1))
-
-
-def write_case(dtype, hkv, d, page_size, t, s):
-    pages = jax.ShapeDtypeStruct((hkv, s * PAGES_PER_SEQ, page_size, d), dtype)
-    new = jax.ShapeDtypeStruct((t, hkv, d), dtype)
-    _export(gpu.write_kv, pages, pages, new, new, jax.ShapeDtypeStruct((t,), jnp.int32), donate=(0, 1))
+            *batch_args(dtype, hq, hkv, d, page_size, t, s), donate=(3,))
 
 
 def cases():
     for dtype, (hq, hkv, d), ps, (t, s) in itertools.product(DTYPES, HEADS, PAGE_SIZES, BATCHES):
         name = f"{jnp.dtype(dtype).name} Hq={hq} Hkv={hkv} D={d} page={ps} T={t} S={s}"
         yield f"attention {name}", lambda: attention_case(dtype, hq, hkv, d, ps, t, s)
-        yield f"write_kv  {name}", lambda: write_case(dtype, hkv, d, ps, t, s)
     yield "attention window+softcap", lambda: attention_case(
         jnp.bfloat16, 16, 8, 128, 16, 128, 64, sliding_window=100, soft_cap=30.0)
     for d, splits in ((64, 4), (128, 16), (256, 2)):  # split-KV decode, and each head dim's tile choice

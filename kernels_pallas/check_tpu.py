@@ -1,8 +1,8 @@
 """Compile every TPU kernel for v5e and v6e without a TPU: `python -m kernels_pallas.check_tpu`.
 
 Needs the libtpu wheel pinned by jax[tpu] on PYTHONPATH (tests/kernels/test_compile_tpu.py installs
-it). Each case is traced with ShapeDtypeStructs placed on one device of a 2x2 topology, lowered and
-compiled by Mosaic/XLA:TPU, which catches layout and tiling errors that lowering alone misses.
+it). Each case is traced with ShapeDtypeStructs placed on one device of a 2x2 topology (block sizes of that
+chip's generation), lowered and compiled by Mosaic/XLA:TPU, which catches layout and tiling errors that lowering alone misses.
 Prints one line per case and exits non-zero if any case fails. `--quick` runs one case per kernel.
 """
 import itertools
@@ -18,41 +18,38 @@ from .check_runner import run_cases
 TOPOLOGIES = ("v5e:2x2", "v6e:2x2")
 DTYPES = (jnp.float32, jnp.bfloat16)
 HEADS = ((9, 3, 64), (32, 8, 128), (14, 2, 64), (16, 8, 128))   # (Hq, Hkv, D) of the engine's models
-PAGE_SIZES = (16, 32)
+PAGE_SIZES = (16, 32, 128)
 BATCHES = ((16, 16), (128, 64), (512, 8))                         # (T tokens, S sequences)
 PAGES_PER_SEQ = 64
 
 
-def attention_case(device, dtype, hq, hkv, d, page_size, t, s, **options):
-    sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=jax.sharding.SingleDeviceSharding(device))
-    pages = (hkv, s * PAGES_PER_SEQ, page_size, d)
-    args = (sd((t, hq, d), dtype), sd(pages, dtype), sd(pages, dtype), sd((s,), jnp.int32),
+def batch_args(dtype, hq, hkv, d, page_size, t, s, place=lambda x: x):
+    """Abstract arguments of one attention call: a cache of PAGES_PER_SEQ pages per sequence."""
+    sd = lambda shape, dt: place(jax.ShapeDtypeStruct(shape, dt))
+    return (sd((t, hq, d), dtype), sd((t, hkv, d), dtype), sd((t, hkv, d), dtype),
+            sd((s * PAGES_PER_SEQ, page_size, 2 * hkv, d), dtype), sd((t,), jnp.int32), sd((s,), jnp.int32),
             sd((s, PAGES_PER_SEQ), jnp.int32), sd((s + 1,), jnp.int32), sd((1,), jnp.int32))
+
+
+def attention_case(device, dtype, hq, hkv, d, page_size, t, s, **options):
+    place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device))
     fn = lambda *a: tpu.ragged_paged_attention(*a, sm_scale=d ** -0.5, **options)
-    jax.jit(fn).trace(*args).lower().compile()
-
-
-def write_case(device, dtype, hkv, d, page_size, t, s):
-    sd = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=jax.sharding.SingleDeviceSharding(device))
-    pages = (hkv, s * PAGES_PER_SEQ, page_size, d)
-    args = (sd(pages, dtype), sd(pages, dtype), sd((t, hkv, d), dtype), sd((t, hkv, d), dtype),
-            sd((t,), jnp.int32))
-    jax.jit(tpu.write_kv, donate_argnums=(0, 1)).trace(*args).lower().compile()
+    jax.jit(fn, donate_argnums=3).trace(*batch_args(dtype, hq, hkv, d, page_size, t, s, place)).lower().compile()
 
 
 def cases(quick):
     for topo in TOPOLOGIES:
         device = topologies.get_topology_desc(topo, platform="tpu").devices[0]
+        chip = tpu.generation(device.device_kind)
         grid = itertools.product(DTYPES, HEADS, PAGE_SIZES, BATCHES)
         if quick:
             grid = [(jnp.bfloat16, HEADS[0], 16, BATCHES[1])]
         for dtype, (hq, hkv, d), ps, (t, s) in grid:
             name = f"{topo} {jnp.dtype(dtype).name} Hq={hq} Hkv={hkv} D={d} page={ps} T={t} S={s}"
-            yield f"attention {name}", lambda: attention_case(device, dtype, hq, hkv, d, ps, t, s)
-            yield f"write_kv  {name}", lambda: write_case(device, dtype, hkv, d, ps, t, s)
+            yield f"attention {name}", lambda: attention_case(device, dtype, hq, hkv, d, ps, t, s, generation=chip)
         # Sliding window and soft cap change the kernel body: compile them once per topology.
         yield f"attention {topo} window+softcap", lambda: attention_case(
-            device, jnp.bfloat16, 16, 8, 128, 16, 128, 64, sliding_window=100, soft_cap=30.0)
+            device, jnp.bfloat16, 16, 8, 128, 16, 128, 64, generation=chip, sliding_window=100, soft_cap=30.0)
 
 
 def main(argv):

@@ -1,4 +1,4 @@
-"""Pallas GPU (Triton backend) ragged paged attention and KV-cache write.
+"""Pallas GPU (Triton backend) ragged paged attention; the KV-cache write is XLA's scatter (reference.write_kv).
 
 Attention
 - Work items are the query tiles of tiles.py; rows of a tile are (token, query head of one kv-head
@@ -12,19 +12,18 @@ Attention
   The q tile [rows, D] and row positions [rows]
   come through BlockSpecs; the tile plan, per-sequence kv lengths and the flattened block tables
   are whole-array refs read with scalar / vector loads.
-- K/V: the program's kv-head slice [P, page_size, D] is a ref; each loop step gathers one kv block
+- K/V: the program's kv head's K and V slices of the cache ([P, page_size, D] each, strided views of the
+  combined [P, page_size, 2 * Hkv, D] pages) are refs; each loop step gathers one kv block
   of `block_kv // page_size` pages (a power of two) with a vector-indexed load -> [block_kv, D],
   then runs two tl.dot's (f32 accumulation) and an online softmax in float32. Triton software-
   pipelines the loop (num_stages), overlapping the next block's loads with this block's math.
   Each tile visits only the kv blocks of its causal / sliding-window range; page ids past a
   sequence's last page are clamped to it and V rows past its length are zeroed (stale values, even
   NaN, cannot reach p @ v).
-KV write
-- grid = (T, Hkv): each program stores one [D] row of K and of V at its slot (skipped if slot < 0).
-  The caches are aliased to the outputs (input_output_aliases), so the update is in place.
+KV write: XLA's scatter into the donated cache, in place (a Triton kernel per row bought nothing over it).
 Tolerances vs the reference in tests (atol = rtol): 2e-5 f32, 3e-2 bf16.
 Lowering uses pallas.triton.CompilerParams; exporting needs the Triton custom call allowed
-(check_gpu.DISABLED_CHECKS). `interpret=True` runs both kernels in the generic Pallas interpreter.
+(check_gpu.DISABLED_CHECKS). `interpret=True` runs the kernel in the generic Pallas interpreter.
 """
 import functools
 
@@ -34,6 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from . import reference
 from . import tiles as tiles_lib
 
 MASK_VALUE = -1e30
@@ -122,14 +122,16 @@ def _combine(acc, m, l):
     return (w[..., None] * acc).sum(-3) / jnp.maximum((w * l).sum(-2), 1e-30)[..., None]
 
 
-def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
+def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_tables, cu_q_lens, num_seqs, *,
                            sm_scale, sliding_window=None, soft_cap=None, block_kv=None, q_tile=None,
                            num_warps=None, num_stages=2, num_splits=None, interpret=False):
-    # q: [T, Hq, D]; k_pages/v_pages: [Hkv, P, page_size, D]; returns [T, Hq, D] in q's dtype.
+    # q: [T, Hq, D]; k/v: [T, Hkv, D]; kv_pages: [P, page_size, 2 * Hkv, D]; returns (out [T, Hq, D], kv_pages).
     # block_kv / num_warps: default from TILES; num_splits: default num_kv_splits for decode-shaped batches
     # (q_tile 1), 1 otherwise.
+    kv_pages = reference.write_kv(kv_pages, k, v, slot_mapping)
     t, hq, d = q.shape
-    hkv, num_pages, page_size, _ = k_pages.shape
+    num_pages, page_size, two_hkv, _ = kv_pages.shape
+    hkv = two_hkv // 2
     s, pages_per_seq = block_tables.shape
     g = hq // hkv
     tile_kv, tile_warps = TILES.get(d, TILES[128])
@@ -151,7 +153,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
                                num_splits=num_splits)
     whole = lambda n: pl.BlockSpec((n,), lambda h, i, j: (0,))
     q_block = pl.BlockSpec((None, None, rows, d), lambda h, i, j: (h, i, 0, 0))
-    pages_block = pl.BlockSpec((None, num_pages, page_size, d), lambda h, i, j: (h, 0, 0, 0))
+    k_block = pl.BlockSpec((num_pages, page_size, None, d), lambda h, i, j: (0, 0, 2 * h, 0))
+    v_block = pl.BlockSpec((num_pages, page_size, None, d), lambda h, i, j: (0, 0, 2 * h + 1, 0))
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((hkv, nt, rows, d), q.dtype)
         out_specs = q_block
@@ -167,47 +170,13 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens
         out_shape=out_shape,
         grid=(hkv, nt, num_splits),
         in_specs=[whole(nt), whole(nt), whole(nt), whole(s), whole(s * pages_per_seq), q_block,
-                  pl.BlockSpec((None, rows), lambda h, i, j: (i, 0)), pages_block, pages_block],
+                  pl.BlockSpec((None, rows), lambda h, i, j: (i, 0)), k_block, v_block],
         out_specs=out_specs,
-        cost_estimate=tiles_lib.attention_cost(q, k_pages, s, pages_per_seq),
+        cost_estimate=tiles_lib.attention_cost(q, kv_pages, s, pages_per_seq),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )(plan.seq, plan.first_block, plan.num_blocks, kv_lens.astype(jnp.int32), block_tables.reshape(-1), qt, pos,
-      k_pages, v_pages)
+      kv_pages, kv_pages)
     if num_splits > 1:
         out = _combine(*out).astype(q.dtype)
-    return tiles_lib.scatter_out(out[:, :, :m], plan, cu_q_lens, num_seqs, q_tile, t)
-
-
-def _write_kernel(slots_ref, k_new, v_new, k_in, v_in, k_out, v_out):
-    # slots_ref: [T]; k_new/v_new: [D] (token t, head h); k_out/v_out: [P, page_size, D] of head h,
-    # aliased to k_in/v_in (unused: the row is written in place).
-    del k_in, v_in
-    slot = slots_ref[pl.program_id(0)]
-    page_size = k_out.shape[1]
-
-    @pl.when(slot >= 0)
-    def _():
-        page, off = lax.div(slot, page_size), lax.rem(slot, page_size)
-        k_out[page, off] = k_new[...]
-        v_out[page, off] = v_new[...]
-
-
-def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, interpret=False):
-    # k_pages/v_pages: [Hkv, P, page_size, D]; k_new/v_new: [T, Hkv, D]; slot_mapping: [T] int32.
-    hkv, num_pages, page_size, d = k_pages.shape
-    t = slot_mapping.shape[0]
-    row = pl.BlockSpec((None, None, d), lambda i, h: (i, h, 0))
-    pages = pl.BlockSpec((None, num_pages, page_size, d), lambda i, h: (h, 0, 0, 0))
-    return pl.pallas_call(
-        _write_kernel,
-        out_shape=(jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
-                   jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
-        grid=(t, hkv),
-        in_specs=[pl.BlockSpec((t,), lambda i, h: (0,)), row, row, pages, pages],
-        out_specs=(pages, pages),
-        input_output_aliases={3: 0, 4: 1},
-        compiler_params=plgpu.CompilerParams(num_warps=1),
-        interpret=interpret,
-    )(slot_mapping.astype(jnp.int32), k_new.astype(k_pages.dtype), v_new.astype(v_pages.dtype),
-      k_pages, v_pages)
+    return tiles_lib.scatter_out(out[:, :, :m], plan, cu_q_lens, num_seqs, q_tile, t), kv_pages

@@ -28,9 +28,9 @@ def num_tiles(num_tokens, max_seqs, q_tile):
     return max(1, min(num_tokens, (num_tokens + max_seqs * (q_tile - 1)) // q_tile))
 
 
-def default_q_tile(num_tokens, max_seqs):
-    """1 for decode-shaped batches (no wasted rows), 16 when tokens outnumber sequences (prefill)."""
-    return 1 if num_tokens <= max_seqs else 16
+def default_q_tile(num_tokens, max_seqs, prefill=16):
+    """1 for decode-shaped batches (no wasted rows), `prefill` when tokens outnumber sequences."""
+    return 1 if num_tokens <= max_seqs else prefill
 
 
 def _q_lens(cu_q_lens, num_seqs):
@@ -95,13 +95,13 @@ def scatter_out(o, tiles, cu_q_lens, num_seqs, q_tile, num_tokens):
     return jnp.where(valid[:, None, None], x, 0).astype(o.dtype)
 
 
-def attention_cost(q, k_pages, max_seqs, pages_per_seq):
+def attention_cost(q, kv_pages, max_seqs, pages_per_seq):
     """What an attention call costs with every block table full (each sequence at its longest), bounded by
     the cache: the compiler's cost analysis (and `jaxserve check`'s roofline) sees this instead of nothing.
-    q: [T, Hq, D]; k_pages: [Hkv, P, page_size, D]."""
+    q: [T, Hq, D]; kv_pages: [P, page_size, 2 * Hkv, D]."""
     t, hq, d = q.shape
-    hkv, num_pages, page_size, _ = k_pages.shape
+    num_pages, page_size, two_hkv, _ = kv_pages.shape
     kv_rows = min(max_seqs * pages_per_seq, num_pages) * page_size       # positions read, per kv head
     queries = -(-t // max_seqs)                                          # per sequence
     return pl.CostEstimate(flops=4 * hq * d * kv_rows * queries, transcendentals=hq * kv_rows * queries,
-                           bytes_accessed=2 * hkv * kv_rows * d * k_pages.dtype.itemsize + 2 * q.size * q.dtype.itemsize)
+                           bytes_accessed=two_hkv * kv_rows * d * kv_pages.dtype.itemsize + 2 * q.size * q.dtype.itemsize)

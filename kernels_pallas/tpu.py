@@ -1,33 +1,34 @@
-"""Pallas TPU (Mosaic) ragged paged attention and KV-cache write.
+"""Pallas TPU (Mosaic) ragged paged attention with the KV-cache write fused in.
 
-Attention
-- Work items are the query tiles of tiles.py (up to `q_tile` tokens of one sequence each). Rows of a
-  tile are (token, query head of one kv-head group), padded to a multiple of 16 so every block is
-  (8,128)/(16,128)-tileable in f32/bf16; blocks cover the full last two dims, so head_dim 64 works too.
-- grid = (Hkv, NT), both "parallel". q/out blocks [rows, D] and row positions [rows, 1] come through
-  BlockSpecs; the tile plan, kv lengths and last pages are scalar-prefetched into SMEM.
-  The block tables stay in HBM: each tile copies its sequence's row ([P] int32) into SMEM before its
-  first page DMA, so SMEM use is bounded by one sequence's table (max_num_seqs x P would not fit SMEM
-  at long contexts: 2 MiB for 256 sequences of 32k tokens in pages of 16, SMEM is 1 MiB).
-- K/V pages stay in HBM (memory_space ANY). A kv block is `block_kv // page_size` pages; each page is
-  one async copy into a 2-slot VMEM buffer [2, block_kv, D]: block b+1 is in flight while block b is
-  computed (double buffering). Each tile visits only the blocks its causal / sliding-window range
-  needs; page ids past a sequence's last page are clamped to it, so no DMA leaves the sequence, and
-  V rows past the sequence's length are zeroed (a reused page may hold anything, even NaN).
-- Online softmax in float32 with the matmuls on the MXU in the cache dtype (f32 or bf16 operands,
-  f32 accumulation). Tolerances vs the reference in tests (atol = rtol): 2e-5 f32, 3e-2 bf16.
-KV write
-- Tokens are sorted by slot (padding last) in the wrapper, so each (8|16)-row tile of a page is hit
-  by one consecutive run of grid steps; grid = (T,), "arbitrary". Scalar-prefetched page / tile /
-  row / first-of-run / valid / token order drive the BlockSpec index maps, and Pallas pipelines the
-  [Hkv, tile_rows, D] page tiles in and out (double-buffered). The first step of a run copies the
-  tile into the output block, each valid step overwrites its row (an iota mask, no dynamic store),
-  and the block is written back once when the run ends. Single-row DMAs are not used: Mosaic needs
-  tile-aligned DMA offsets. The caches are aliased to the outputs (input_output_aliases), so the
-  update is in place when donated.
-Interpret mode (CPU): `interpret=True` runs both through the Pallas TPU interpreter.
+Cache layout: kv_pages [P, page_size, 2 * Hkv, D], K of kv head h at 2h and V at 2h + 1. The last two dims hold
+one token's K and V of every head, so
+- a page (all heads, K and V) is one contiguous DMA, HBM -> VMEM, whatever the head count;
+- one token is one DMA at a leading-dim offset: Mosaic refuses DMAs at offsets that are not tile-aligned in the
+  last two dims, which rules out writing a single bf16 token into a [.., page_size, D] layout (checked by
+  compiling for v6e with libtpu) and forced the separate write kernel this one replaces;
+- a head's K is `buf[:, 2h, :]`, a load Mosaic compiles for f32 and bf16 and every head count the engine serves
+  (a strided `pl.ds` load of a flattened buffer does not: no strided loads of 16-bit data).
+
+Grid = (NT,) query tiles of tiles.py (up to q_tile tokens of one sequence), "arbitrary": one core walks the
+tiles in order, so work of tile i+1 can be started during tile i:
+- tile i+1's block-table row (HBM -> SMEM; SMEM holds two rows, never the [S, P] table, which at long contexts
+  exceeds SMEM) and its tokens' K/V rows (HBM -> HBM, one DMA each, into their slots) start at tile i's
+  beginning; during tile i's last kv block they are awaited and tile i+1's first kv block starts, so the next
+  sequence's first DMA overlaps this one's last matmuls;
+- within a tile, block b+1 is in flight while block b is computed (two VMEM slots; a running block count
+  picks the slot across tiles).
+A tile reads only after its own tokens (and every earlier tile's) are written. A block may be read while the
+next tile's tokens land in it: those rows lie past this tile's last position, so they are masked, and V rows
+past it are zeroed (masking alone leaves 0 * NaN in p @ v when a reused page holds NaN), as are rows past the
+sequence's end.
+Every query head of the tile is computed in the grid step (q block [Hkv, rows, D], rows = q_tile x group
+heads padded to 16); online softmax in float32 with MXU matmuls in the cache dtype. Decode-shaped batches
+(no more tokens than sequences) use q_tile 1: one grid step per sequence, its one token written by one DMA.
+Block sizes per TPU generation: BLOCKS. Tolerances vs the reference in tests (atol = rtol): 2e-5 f32, 3e-2 bf16.
+Interpret mode (CPU): `interpret=True` runs the kernel in the Pallas TPU interpreter.
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,176 +36,186 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from . import reference
 from . import tiles as tiles_lib
 
 MASK_VALUE = -1e30
 ROW_ALIGN = 16        # sublane tile of bf16 (f32 needs 8): keeps row blocks tileable for both
 
 
-def _attention_kernel(seq_ref, first_ref, nblk_ref, kv_lens_ref, last_page_ref,  # SMEM prefetch
-                      q_ref, pos_ref, tables_hbm, k_hbm, v_hbm,               # inputs
-                      o_ref,                                                  # output
-                      table, table_sem, k_buf, v_buf, sem,                    # scratch
-                      *, pages_per_block, sm_scale, sliding_window, soft_cap):
-    # q_ref/o_ref: [rows, D]; pos_ref: [rows, 1]; tables_hbm: [S, P]; k_hbm/v_hbm: [Hkv, pages, page_size, D];
-    # table: [P] SMEM, the tile's sequence's block table; k_buf/v_buf: [2, block_kv, D];
-    # sem: DMA semaphores [2 slots, K/V].
-    h, i = pl.program_id(0), pl.program_id(1)
-    seq, first, nblk = seq_ref[i], first_ref[i], nblk_ref[i]
-    kv_len, last_page = kv_lens_ref[seq], last_page_ref[seq]
-    page_size = k_hbm.shape[2]
-    block_kv = k_buf.shape[1]
+class Blocks(NamedTuple):
+    block_kv: int         # kv positions per block (per DMA round and score matmul)
+    prefill_q_tile: int   # query tokens per tile when tokens outnumber sequences
 
-    def copies(blk, slot):
-        out = []
-        for j in range(pages_per_block):
-            page = table[jnp.minimum(blk * pages_per_block + j, last_page)]
-            rows = pl.ds(j * page_size, page_size)
-            out.append(pltpu.make_async_copy(k_hbm.at[h, page], k_buf.at[slot, rows], sem.at[slot, 0]))
-            out.append(pltpu.make_async_copy(v_hbm.at[h, page], v_buf.at[slot, rows], sem.at[slot, 1]))
-        return out
 
-    # Only this sequence's block table comes into SMEM (the whole [S, P] table would not fit at long contexts).
-    @pl.when(nblk > 0)
+# Chosen from each chip's MXU width and default scoped VMEM, not measured (no TPU was lent):
+# - v5e: four 128x128 MXUs and 16 MiB of scoped VMEM: 256 kv positions are two MXU passes per score matmul; the
+#   two kv slots take 2 x 256 x 16 x 128 x 2 B = 2 MiB at 8 kv heads in bf16 (heads padded to the 16-row tile).
+# - v6e: two 256x256 MXUs and 32 MiB: blocks of 512 and prefill tiles of 32 tokens (rows = 32 x group heads)
+#   fill the wider MXU; the kv slots take 4 MiB.
+BLOCKS = {"v5e": Blocks(256, 16), "v6e": Blocks(512, 32)}
+DEFAULT_GENERATION = "v5e"   # the smaller budget: safe on any chip
+
+
+def generation(device_kind: str) -> str | None:
+    """BLOCKS' key for a jax device_kind ("TPU v5 lite" -> "v5e", "TPU v6 lite" -> "v6e"); None if unknown."""
+    kind = device_kind.lower()
+    if "v6" in kind:
+        return "v6e"
+    if "v5 lite" in kind or "v5e" in kind:
+        return "v5e"
+    return None
+
+
+def _kernel(seq_ref, first_ref, nblk_ref, start_ref, len_ref, pos0_ref, boff_ref, slots_ref,  # SMEM prefetch
+            q_ref, pos_ref, tables_hbm, new_hbm, kv_in,                                       # inputs
+            o_ref, kv_hbm,                                                                    # outputs
+            table, table_sem, buf, buf_sem, write_sem,                                        # scratch
+            *, pages_per_block, sm_scale, sliding_window, soft_cap):
+    # q_ref/o_ref: [Hkv, rows, D]; pos_ref: [rows, 1]; tables_hbm: [S, P]; new_hbm: [T, 2 * Hkv, D];
+    # kv_hbm: [P, page_size, 2 * Hkv, D], aliased to kv_in (the cache, updated in place);
+    # table: [2, P] SMEM, the block-table rows of this tile and the next; buf: [2, block_kv, 2 * Hkv, D].
+    del kv_in
+    i, nt = pl.program_id(0), pl.num_programs(0)
+    page_size = kv_hbm.shape[1]
+    block_kv, hkv = buf.shape[1], buf.shape[2] // 2
+    nxt = jnp.minimum(i + 1, nt - 1)
+    has_next = (i + 1 < nt) & (nblk_ref[nxt] > 0)
+
+    def table_copy(j):
+        return pltpu.make_async_copy(tables_hbm.at[seq_ref[j]], table.at[lax.rem(j, 2)], table_sem.at[lax.rem(j, 2)])
+
+    def token_copy(j, t):
+        # Every token of a tile belongs to a sequence, so its slot is valid (>= 0).
+        slot = slots_ref[start_ref[j] + t]
+        return pltpu.make_async_copy(new_hbm.at[start_ref[j] + t],
+                                     kv_hbm.at[lax.div(slot, page_size), lax.rem(slot, page_size)], write_sem.at[0])
+
+    def write_tokens(j, action):
+        def step(t, carry):
+            getattr(token_copy(j, t), action)()
+            return carry
+        lax.fori_loop(0, len_ref[j], step, 0)
+
+    def block_copies(j, blk, slot):
+        last_page = lax.div(pos0_ref[j] + len_ref[j] - 1, page_size)      # the tile's last token's page
+        row = lax.rem(j, 2)
+        return [pltpu.make_async_copy(kv_hbm.at[table[row, jnp.minimum(blk * pages_per_block + p, last_page)]],
+                                      buf.at[slot, pl.ds(p * page_size, page_size)], buf_sem.at[slot])
+                for p in range(pages_per_block)]
+
+    @pl.when((i == 0) & (nblk_ref[0] > 0))
     def _():
-        fetch = pltpu.make_async_copy(tables_hbm.at[seq], table, table_sem.at[0])
-        fetch.start()
-        fetch.wait()
-        for c in copies(first, 0):
+        table_copy(0).start()
+        write_tokens(0, "start")
+        table_copy(0).wait()
+        write_tokens(0, "wait")
+        for c in block_copies(0, first_ref[0], 0):
             c.start()
 
-    q = (q_ref[...].astype(jnp.float32) * sm_scale).astype(k_buf.dtype)      # [rows, D]
-    pos = pos_ref[...]                                                        # [rows, 1]
-    rows, d = q.shape
+    @pl.when(has_next)
+    def _():
+        table_copy(nxt).start()
+        write_tokens(nxt, "start")
+
+    nblk, first, end = nblk_ref[i], first_ref[i], pos0_ref[i] + len_ref[i]
+    pos = pos_ref[...]                                                       # [rows, 1]
+    rows, d = pos.shape[0], q_ref.shape[-1]
+    qs = [(q_ref[h].astype(jnp.float32) * sm_scale).astype(buf.dtype) for h in range(hkv)]   # [rows, D] each
 
     def body(b, carry):
-        m_i, l_i, acc = carry                         # [rows, 1], [rows, 1], [rows, D] f32
-        slot = b % 2
+        slot = lax.rem(boff_ref[i] + b, 2)
         blk = first + b
 
         @pl.when(b + 1 < nblk)
         def _():
-            for c in copies(blk + 1, 1 - slot):
+            for c in block_copies(i, blk + 1, 1 - slot):
                 c.start()
 
-        for c in copies(blk, slot):
+        @pl.when((b + 1 == nblk) & has_next)
+        def _():
+            table_copy(nxt).wait()
+            write_tokens(nxt, "wait")
+            for c in block_copies(nxt, first_ref[nxt], 1 - slot):
+                c.start()
+
+        for c in block_copies(i, blk, slot):
             c.wait()
-        k, v = k_buf[slot], v_buf[slot]               # [block_kv, D]
-        # Rows past the sequence's end hold whatever a reused page held (even NaN): masking their scores is not
-        # enough (0 * NaN in p @ v), so they are zeroed.
-        stale = blk * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0) >= kv_len
-        v = jnp.where(stale, jnp.zeros_like(v), v)
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        kv_pos = blk * block_kv + lax.broadcasted_iota(jnp.int32, s.shape, 1)
+        row_pos = blk * block_kv + lax.broadcasted_iota(jnp.int32, (block_kv, 1), 0)
+        kv_pos = blk * block_kv + lax.broadcasted_iota(jnp.int32, (rows, block_kv), 1)
         mask = kv_pos <= pos
         if sliding_window is not None:
             mask &= kv_pos > pos - sliding_window
-        s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m_i, s.max(axis=1, keepdims=True))
-        p = jnp.exp(s - m_new)
-        alpha = jnp.exp(m_i - m_new)
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, alpha * l_i + p.sum(axis=1, keepdims=True), alpha * acc + pv
+        out = []
+        for h in range(hkv):
+            m_i, l_i, acc = carry[3 * h:3 * h + 3]         # [rows, 1], [rows, 1], [rows, D] f32
+            k, v = buf[slot, :, 2 * h, :], buf[slot, :, 2 * h + 1, :]        # [block_kv, D]
+            v = jnp.where(row_pos >= end, jnp.zeros_like(v), v)             # past this tile's last token
+            s = lax.dot_general(qs[h], k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            s = jnp.where(mask, s, MASK_VALUE)
+            m_new = jnp.maximum(m_i, s.max(axis=1, keepdims=True))
+            p = jnp.exp(s - m_new)
+            alpha = jnp.exp(m_i - m_new)
+            pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            out += [m_new, alpha * l_i + p.sum(axis=1, keepdims=True), alpha * acc + pv]
+        return tuple(out)
 
     init = (jnp.full((rows, 1), MASK_VALUE, jnp.float32), jnp.zeros((rows, 1), jnp.float32),
-            jnp.zeros((rows, d), jnp.float32))
-    _, l_f, acc = lax.fori_loop(0, nblk, body, init)
-    o_ref[...] = (acc / jnp.maximum(l_f, 1e-30)).astype(o_ref.dtype)
+            jnp.zeros((rows, d), jnp.float32)) * hkv
+    final = lax.fori_loop(0, nblk, body, init)
+    for h in range(hkv):
+        _, l_f, acc = final[3 * h:3 * h + 3]
+        o_ref[h] = (acc / jnp.maximum(l_f, 1e-30)).astype(o_ref.dtype)
 
 
-def ragged_paged_attention(q, k_pages, v_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *,
-                           sm_scale, sliding_window=None, soft_cap=None, block_kv=256, q_tile=None,
-                           interpret=False):
-    # q: [T, Hq, D]; k_pages/v_pages: [Hkv, P, page_size, D]; returns [T, Hq, D] in q's dtype.
+def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_tables, cu_q_lens, num_seqs, *,
+                           sm_scale, sliding_window=None, soft_cap=None, generation=None, block_kv=None,
+                           q_tile=None, interpret=False):
+    # q: [T, Hq, D]; k/v: [T, Hkv, D]; kv_pages: [P, page_size, 2 * Hkv, D]; returns (out [T, Hq, D], kv_pages).
+    # generation: a BLOCKS key (the engine passes its chip's); block_kv / q_tile override its sizes.
     t, hq, d = q.shape
-    hkv, _, page_size, _ = k_pages.shape
+    num_pages, page_size, two_hkv, _ = kv_pages.shape
+    hkv = two_hkv // 2
     s, pages_per_seq = block_tables.shape
     g = hq // hkv
-    q_tile = q_tile or tiles_lib.default_q_tile(t, s)
-    ppb = max(1, min(block_kv // page_size, pages_per_seq))
+    blocks = BLOCKS[generation or DEFAULT_GENERATION]
+    q_tile = q_tile or tiles_lib.default_q_tile(t, s, prefill=blocks.prefill_q_tile)
+    ppb = max(1, min((block_kv or blocks.block_kv) // page_size, pages_per_seq))
     plan = tiles_lib.plan(cu_q_lens, num_seqs, kv_lens, num_tokens=t, q_tile=q_tile,
                           kv_block=ppb * page_size, sliding_window=sliding_window)
     m = q_tile * g
     rows = -(-m // ROW_ALIGN) * ROW_ALIGN
     qt = jnp.pad(tiles_lib.gather_q(q, plan, q_tile, hkv), ((0, 0), (0, 0), (0, rows - m), (0, 0)))
+    qt = qt.transpose(1, 0, 2, 3)                                             # [NT, Hkv, rows, D]
     pos = jnp.pad(tiles_lib.row_positions(plan, q_tile, g), ((0, 0), (0, rows - m)),
                   constant_values=-1)[..., None]                            # [NT, rows, 1]
     nt = pos.shape[0]
-    last_page = (jnp.maximum(kv_lens - 1, 0) // page_size).astype(jnp.int32)  # [S]
-    kernel = functools.partial(_attention_kernel, pages_per_block=ppb, sm_scale=sm_scale,
-                               sliding_window=sliding_window, soft_cap=soft_cap)
-    tile_block = pl.BlockSpec((None, None, rows, d), lambda h, i, *_: (h, i, 0, 0))
+    block_offset = jnp.cumsum(plan.num_blocks) - plan.num_blocks             # blocks of the tiles before
+    kernel = functools.partial(_kernel, pages_per_block=ppb, sm_scale=sm_scale, sliding_window=sliding_window,
+                               soft_cap=soft_cap)
+    tile_block = pl.BlockSpec((None, hkv, rows, d), lambda i, *_: (i, 0, 0, 0))
     any_space = pl.BlockSpec(memory_space=pl.ANY)
-    out = pl.pallas_call(
+    prefetch = (plan.seq, plan.first_block, plan.num_blocks, plan.start, plan.length, plan.pos0,
+                block_offset.astype(jnp.int32), slot_mapping.astype(jnp.int32))
+    out, kv_pages = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((hkv, nt, rows, d), q.dtype),
-        cost_estimate=tiles_lib.attention_cost(q, k_pages, s, pages_per_seq),
+        out_shape=(jax.ShapeDtypeStruct((nt, hkv, rows, d), q.dtype),
+                   jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)),
+        cost_estimate=tiles_lib.attention_cost(q, kv_pages, s, pages_per_seq),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=5,
-            grid=(hkv, nt),
-            in_specs=[tile_block, pl.BlockSpec((None, rows, 1), lambda h, i, *_: (i, 0, 0)),
+            num_scalar_prefetch=len(prefetch),
+            grid=(nt,),
+            in_specs=[tile_block, pl.BlockSpec((None, rows, 1), lambda i, *_: (i, 0, 0)),
                       any_space, any_space, any_space],
-            out_specs=tile_block,
-            scratch_shapes=[pltpu.SMEM((pages_per_seq,), jnp.int32), pltpu.SemaphoreType.DMA((1,)),
-                            pltpu.VMEM((2, ppb * page_size, d), k_pages.dtype),
-                            pltpu.VMEM((2, ppb * page_size, d), v_pages.dtype),
-                            pltpu.SemaphoreType.DMA((2, 2))]),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
-        interpret=pltpu.InterpretParams() if interpret else False,
-    )(plan.seq, plan.first_block, plan.num_blocks, kv_lens.astype(jnp.int32), last_page, qt, pos,
-      block_tables.astype(jnp.int32), k_pages, v_pages)
-    return tiles_lib.scatter_out(out[:, :, :m], plan, cu_q_lens, num_seqs, q_tile, t)
-
-
-def _write_kernel(page_ref, tile_ref, row_ref, first_ref, valid_ref, order_ref,   # SMEM prefetch
-                  k_new, v_new, k_in, v_in, k_out, v_out):
-    # k_new/v_new: [Hkv, 1, D] this step's token; k_in/k_out (v_*): [Hkv, rows, D], one row tile of
-    # the page that receives the token. k_out stays in VMEM while consecutive steps hit the same tile.
-    del page_ref, tile_ref, order_ref
-    g = pl.program_id(0)
-
-    @pl.when(first_ref[g] == 1)
-    def _():
-        k_out[...] = k_in[...]
-        v_out[...] = v_in[...]
-
-    @pl.when(valid_ref[g] == 1)
-    def _():
-        hit = lax.broadcasted_iota(jnp.int32, k_out.shape, 1) == row_ref[g]
-        k_out[...] = jnp.where(hit, k_new[...], k_out[...])
-        v_out[...] = jnp.where(hit, v_new[...], v_out[...])
-
-
-def write_kv(k_pages, v_pages, k_new, v_new, slot_mapping, *, interpret=False):
-    # k_pages/v_pages: [Hkv, P, page_size, D]; k_new/v_new: [T, Hkv, D]; slot_mapping: [T] int32.
-    hkv, _, page_size, d = k_pages.shape
-    t = slot_mapping.shape[0]
-    rows = min(page_size, 32 // k_pages.dtype.itemsize)       # one sublane tile: 8 f32, 16 bf16
-    valid = slot_mapping >= 0
-    order = jnp.argsort(jnp.where(valid, slot_mapping, jnp.iinfo(jnp.int32).max), stable=True)
-    slots = slot_mapping[order]                                  # valid slots ascending, padding last
-    last = slots[jnp.maximum(jnp.sum(valid) - 1, 0)]
-    slots = jnp.where(slots >= 0, slots, jnp.maximum(last, 0))  # padding steps revisit the last tile
-    tile = slots // rows                                         # global row-tile id
-    first = jnp.concatenate([jnp.ones((1,), bool), tile[1:] != tile[:-1]])
-    per_page = page_size // rows
-    new_block = pl.BlockSpec((None, hkv, 1, d), lambda g, page, tl, row, fst, ok, order: (order[g], 0, 0, 0))
-    page_block = pl.BlockSpec((hkv, None, rows, d), lambda g, page, tl, *_: (0, page[g], tl[g], 0))
-    to_rows = lambda x, dt: x.astype(dt)[:, :, None, :]           # [T, Hkv, 1, D]
-    return pl.pallas_call(
-        _write_kernel,
-        cost_estimate=pl.CostEstimate(flops=0, transcendentals=0,  # each token's page tile read and written
-                                      bytes_accessed=4 * t * hkv * rows * d * k_pages.dtype.itemsize),
-        out_shape=(jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
-                   jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=6, grid=(t,), in_specs=[new_block, new_block, page_block, page_block],
-            out_specs=(page_block, page_block)),
-        input_output_aliases={8: 0, 9: 1},
+            out_specs=(tile_block, any_space),
+            scratch_shapes=[pltpu.SMEM((2, pages_per_seq), jnp.int32), pltpu.SemaphoreType.DMA((2,)),
+                            pltpu.VMEM((2, ppb * page_size, two_hkv, d), kv_pages.dtype),
+                            pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((1,))]),
+        input_output_aliases={len(prefetch) + 4: 1},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=pltpu.InterpretParams() if interpret else False,
-    )(tile // per_page, tile % per_page, slots % rows, first.astype(jnp.int32),
-      (slot_mapping[order] >= 0).astype(jnp.int32), order.astype(jnp.int32),
-      to_rows(k_new, k_pages.dtype), to_rows(v_new, v_pages.dtype), k_pages, v_pages)
+    )(*prefetch, qt, pos, block_tables.astype(jnp.int32), reference.interleave(k, v, kv_pages.dtype), kv_pages)
+    out = out.transpose(1, 0, 2, 3)[:, :, :m]
+    return tiles_lib.scatter_out(out, plan, cu_q_lens, num_seqs, q_tile, t), kv_pages

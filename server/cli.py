@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allowed-origins", nargs="*", help="enable CORS for these origins (off by default)")
     serve.add_argument("--max-grammar-bytes", type=int, default=64 * 2**10,
                        help="larger JSON schemas, regexes or grammars get 400")
-    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache page")
+    serve.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV-cache page (default 128 on TPU, 16 elsewhere)")
     serve.add_argument("--kv-cache-memory-gb", type=float,
                        help="KV cache per device, in GiB (default: from --gpu-memory-utilization on TPU/GPU, 2 on CPU)")
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,

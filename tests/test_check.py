@@ -45,8 +45,8 @@ def test_every_program_compiles_and_fits(small_check):
     forward = rows[4]
     # Per chip: a quarter of the 2-layer model's bf16 weights (tp 4) + its KV cache share, and real work.
     assert float(forward[4]) > 0 and float(forward[7]) > 0 and float(forward[8]) > 0, forward
-    kv = re.search(r"KV cache: (\d+) pages of 16 tokens", out)
-    assert kv and int(kv.group(1)) == 16 * 2048 // 16  # all 16 sequences at full length fit in 16 GiB
+    kv = re.search(r"KV cache: (\d+) pages of 128 tokens", out)  # the TPU default page
+    assert kv and int(kv.group(1)) == 16 * 2048 // 128  # all 16 sequences at full length fit in 16 GiB
 
 
 def test_a_context_that_cannot_fit_is_refused(tmp_path):
@@ -67,7 +67,7 @@ def test_an_unknown_target_is_named(tmp_path):
 def test_a_cache_that_leaves_no_room_for_a_step_fails(tmp_path):
     """A KV cache of nearly all of a v5e's 16 GiB passes the sizing rule but not the fit: weights + cache + what a
     step adds exceed the chip, and the rows that do say so."""
-    wide = dict(SMALL, num_key_value_heads=8, num_attention_heads=8, head_dim=256)  # 256 KiB per 16-token page
+    wide = dict(SMALL, num_key_value_heads=8, num_attention_heads=8, head_dim=256)  # 2 MiB per 128-token page
     proc = check(wide, tmp_path, "--target", "tpu-v5e-1", "--max-model-len", "4096", "--max-num-seqs", "256",
                  "--kv-cache-memory-gb", "15.99", "--max-num-batched-tokens", "256")
     assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]

@@ -48,7 +48,7 @@ def test_a_cache_too_small_for_one_sequence_is_refused_with_what_fits(folder):
 def test_explicit_sizes_per_device(folder):
     engine = _engine(folder, kv_cache_memory_gb=40 * PAGE_BYTES / 2**30)
     assert engine.core.block_manager.num_pages == 40
-    assert engine.core.runner.cache.k[0].shape[1] == 40
+    assert engine.core.runner.cache.kv[0].shape[0] == 40
     # No more pages than max_num_seqs full-length sequences can use: 4 x 16.
     assert _engine(folder, num_kv_pages=1000).core.block_manager.num_pages == 64
     # CPU devices report no memory: the default size per device (2 GiB here holds far more than 64 pages).
@@ -70,7 +70,7 @@ def test_device_memory_sizes_the_cache_after_a_profiled_step(folder, monkeypatch
 
     def profile_step(self):
         real_step(self)
-        profiled.append(self.cache.k[0].shape[1])
+        profiled.append(self.cache.kv[0].shape[0])
 
     monkeypatch.setattr(DeviceMemory, "of", staticmethod(fake_of))
     monkeypatch.setattr(ModelRunner, "profile_step", profile_step)

@@ -81,7 +81,7 @@ def test_more_devices_than_kv_heads_repeat_each_head_once_per_device(tmp_path):
     prompts = ["Hello world", "The quick brown fox jumps"]
     one = LLM(str(folder), **opts).generate(prompts, params, use_tqdm=False)
     four = LLM(str(folder), tensor_parallel_size=4, **opts)
-    cache = four.engine.core.runner.cache.k[0]
-    assert cache.shape[0] == 4 and cache.sharding.shard_shape(cache.shape)[0] == 1
+    cache = four.engine.core.runner.cache.kv[0]  # [pages, page, 2 * kv heads, D]: each device one (K, V) pair
+    assert cache.shape[2] == 8 and cache.sharding.shard_shape(cache.shape)[2] == 2
     many = four.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in many] == [o.outputs[0].token_ids for o in one]

@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache page")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV-cache page (default 128 on TPU, 16 elsewhere)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--kv-cache-memory-gb", type=float, help="KV cache per chip, in GiB (default: from memory)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     except (kv_memory.KVCacheTooSmall, CompileFailed) as e:
         print(f"check: FAILED: {e}")
         return 1
-    print(kv_memory.describe(serving.kv_pages, config.page_size, serving.page_bytes, serving.kv_source), flush=True)
+    print(kv_memory.describe(serving.kv_pages, serving.config.page_size, serving.page_bytes, serving.kv_source), flush=True)
     all_buckets = serving.buckets
     buckets = all_buckets if args.buckets == "all" else sorted({all_buckets[0], all_buckets[-1]})
     compiled = serving.compile_all(buckets, args.compile_workers)

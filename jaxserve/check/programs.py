@@ -25,7 +25,7 @@ from jaxserve.core.input_batch import num_table_writes
 from jaxserve.core.model_runner import StepPrograms, abstract, compile_bucket, token_buckets
 from jaxserve.core.sampler import SamplerState
 from jaxserve.models import attention
-from jaxserve.models.base import KVCache
+from jaxserve.models.base import KVCache, cache_shape
 from jaxserve.models.config import ModelConfig
 from jaxserve.parallel import sharding
 
@@ -122,6 +122,7 @@ class Serving:
     @classmethod
     def build(cls, cfg: ModelConfig, config: EngineConfig, target: Target, dtype) -> "Serving":
         mesh = sharding.make_mesh(config.tensor_parallel_size, config.data_parallel_size, target.devices())
+        config = config.on(target.chip.platform)
         max_model_len = config.context_length(cfg)
         params, cfg = abstract_params(cfg, dtype, mesh)
         serving = cls(cfg, config, target, jnp.dtype(dtype), mesh, params, max_model_len)
@@ -137,15 +138,12 @@ class Serving:
     def buckets(self) -> list[int]:
         return token_buckets(step_token_budget(self.config))
 
-    def _cache_shape(self, num_pages: int) -> tuple:
-        return (self.cfg.num_kv_heads, num_pages, self.config.page_size, self.cfg.head_dim)
-
     def state(self, num_pages: int):
         """Abstract (cache, tables, sampler state) with a cache of num_pages."""
         cfg, rep = self.cfg, sharding.replicated(self.mesh)
-        shape = self._cache_shape(num_pages)
+        shape = cache_shape(cfg, num_pages, self.config.page_size)
         layer = jax.ShapeDtypeStruct(shape, self.dtype, sharding=sharding.cache_sharding(self.mesh, cfg, shape))
-        cache = KVCache(k=(layer,) * cfg.num_layers, v=(layer,) * cfg.num_layers)
+        cache = KVCache(kv=(layer,) * cfg.num_layers)
         tables = jax.ShapeDtypeStruct((self.config.max_num_seqs, self.pages_per_seq), jnp.int32, sharding=rep)
         state = jax.tree.map(lambda x: abstract(x, rep),
                              jax.eval_shape(lambda: SamplerState.zeros(self.config.max_num_seqs, cfg.vocab_size)))
@@ -153,7 +151,7 @@ class Serving:
 
     def programs(self, cache, state) -> StepPrograms:
         kernel = {"tpu": "pallas_tpu", "cuda": "pallas_gpu"}[self.target.chip.platform]
-        backend = attention.resolve_backend(kernel, self.mesh)
+        backend = attention.resolve_backend(kernel, self.mesh, self.mesh.devices.flat[0].device_kind)
         return StepPrograms.build(self.cfg, backend, sharding.replicated(self.mesh),
                                   jax.tree.map(lambda x: x.sharding, cache), jax.tree.map(lambda x: x.sharding, state))
 

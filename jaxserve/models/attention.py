@@ -29,38 +29,45 @@ class Backend:
     kernel: str  # a kernels_pallas backend: reference | pallas_tpu | pallas_gpu
     interpret: bool = False
     mesh: Mesh | None = None  # set when the kernel must run under shard_map
+    generation: str | None = None  # TPU generation whose block sizes the TPU kernel uses (kernels_pallas.tpu.BLOCKS)
 
 
-def resolve_backend(name: str = "auto", mesh: Mesh | None = None) -> Backend:
+def resolve_backend(name: str = "auto", mesh: Mesh | None = None, device_kind: str | None = None) -> Backend:
+    """device_kind: the chip compiled for (default: this process's first device)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
     if name == "auto":
         name = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "reference")
     kernel = name.removesuffix("_interpret")
     needs_shard_map = kernel != "reference" and mesh is not None and mesh.size > 1
-    return Backend(kernel, name.endswith("_interpret"), mesh if needs_shard_map else None)
+    generation = None
+    if kernel == "pallas_tpu":
+        from kernels_pallas import tpu
+        generation = tpu.generation(device_kind or jax.devices()[0].device_kind)
+    return Backend(kernel, name.endswith("_interpret"), mesh if needs_shard_map else None, generation)
 
 
-def paged_attention(q, k, v, k_pages, v_pages, batch, cfg: ModelConfig, backend: Backend):
-    """Write this step's K/V into the pages, then attend over them.
+def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend):
+    """Write this step's K/V into the pages and attend over them (one kernel call).
 
-    q: [T, q_heads, head_dim]; k, v: [T, kv_heads, head_dim]; k_pages, v_pages: [kv_heads, pages, page_size, head_dim].
-    Returns (out [T, q_heads, head_dim], k_pages, v_pages).
+    q: [T, q_heads, head_dim]; k, v: [T, kv_heads, head_dim]; kv_pages: [pages, page_size, 2 * kv_heads, head_dim].
+    Returns (out [T, q_heads, head_dim], kv_pages).
     """
     tuning = {"interpret": True} if backend.interpret else {}
+    if backend.generation:
+        tuning["generation"] = backend.generation
 
-    def run(q, k, v, k_pages, v_pages, slots, kv_lens, tables, cu, num_seqs):
-        k_pages, v_pages = kernels_pallas.write_kv(k_pages, v_pages, k, v, slots, backend=backend.kernel, **tuning)
-        out = kernels_pallas.ragged_paged_attention(
-            q, k_pages, v_pages, kv_lens, tables, cu, num_seqs, sm_scale=cfg.head_dim**-0.5,
+    def run(q, k, v, kv_pages, slots, kv_lens, tables, cu, num_seqs):
+        return kernels_pallas.ragged_paged_attention(
+            q, k, v, kv_pages, slots, kv_lens, tables, cu, num_seqs, sm_scale=cfg.head_dim**-0.5,
             sliding_window=cfg.sliding_window, backend=backend.kernel, **tuning)
-        return out, k_pages, v_pages
 
-    args = (q, k, v, k_pages, v_pages, batch.slot_mapping, batch.kv_lens, batch.block_tables, batch.cu_q_lens,
+    args = (q, k, v, kv_pages, batch.slot_mapping, batch.kv_lens, batch.block_tables, batch.cu_q_lens,
             batch.num_seqs)
     if backend.mesh is None:
         return run(*args)
+    # Each device's slice of the combined heads axis holds whole (K, V) pairs of its own kv heads.
     heads = "model" if cfg.num_kv_heads % backend.mesh.shape["model"] == 0 else None
-    tok, cache = P(None, heads, None), P(heads, None, None, None)
-    return jax.shard_map(run, mesh=backend.mesh, in_specs=(tok, tok, tok, cache, cache, P(), P(), P(), P(), P()),
-                         out_specs=(tok, cache, cache), check_vma=False)(*args)
+    tok, cache = P(None, heads, None), P(None, None, heads, None)
+    return jax.shard_map(run, mesh=backend.mesh, in_specs=(tok, tok, tok, cache, P(), P(), P(), P(), P()),
+                         out_specs=(tok, cache), check_vma=False)(*args)

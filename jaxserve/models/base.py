@@ -18,28 +18,29 @@ from jaxserve.models.config import ModelConfig
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Paged K/V of every layer, laid out as the kernels want: [kv_heads, pages, page_size, head_dim]."""
+    """Paged K/V of every layer, one array per layer as the kernels want it: [pages, page_size, 2 * kv_heads,
+    head_dim], K of kv head h at 2h and V at 2h + 1 (kernels_pallas explains the layout)."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    kv: tuple[jax.Array, ...]
 
     @property
     def num_pages(self) -> int:
-        return self.k[0].shape[1]
+        return self.kv[0].shape[0]
 
     @property
     def page_size(self) -> int:
-        return self.k[0].shape[2]
+        return self.kv[0].shape[1]
+
+
+def cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
+    """One layer's cache array: [pages, page_size, 2 * kv_heads, head_dim]."""
+    return (num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
 
 
 def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> KVCache:
-    """sharding: where each layer's [kv_heads, pages, page_size, head_dim] array lives (None: default device)."""
-    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-
-    def zeros():
-        return jnp.zeros(shape, dtype, device=sharding)
-
-    return KVCache(k=tuple(zeros() for _ in range(cfg.num_layers)), v=tuple(zeros() for _ in range(cfg.num_layers)))
+    """sharding: where each layer's cache_shape array lives (None: default device)."""
+    shape = cache_shape(cfg, num_pages, page_size)
+    return KVCache(kv=tuple(jnp.zeros(shape, dtype, device=sharding) for _ in range(cfg.num_layers)))
 
 
 @jax.tree_util.register_dataclass

@@ -51,7 +51,7 @@ class Params:
     lm_head: jax.Array | None  # [hidden, vocab]; None when tied to `embed`
 
 
-def _attention_block(layer: Layer, x, cos, sin, k_pages, v_pages, batch: Batch, cfg: ModelConfig,
+def _attention_block(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: ModelConfig,
                      backend: attention.Backend):
     t = x.shape[0]
     h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
@@ -65,8 +65,8 @@ def _attention_block(layer: Layer, x, cos, sin, k_pages, v_pages, batch: Batch, 
         q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
         k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out, k_pages, v_pages = attention.paged_attention(q, k, v, k_pages, v_pages, batch, cfg, backend)
-    return x + out.reshape(t, -1) @ layer.wo, k_pages, v_pages
+    out, kv_pages = attention.paged_attention(q, k, v, kv_pages, batch, cfg, backend)
+    return x + out.reshape(t, -1) @ layer.wo, kv_pages
 
 
 def _mlp_block(layer: Layer, x, cfg: ModelConfig):
@@ -85,13 +85,12 @@ def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig
     x = params.embed[batch.token_ids]  # [T, hidden]
     angles = batch.positions[:, None].astype(jnp.float32) * jnp.asarray(cfg.inv_freq())[None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    ks, vs = [], []
-    for i, layer in enumerate(params.layers):
-        x, k_pages, v_pages = _attention_block(layer, x, cos, sin, cache.k[i], cache.v[i], batch, cfg, backend)
+    kvs = []
+    for layer, kv_pages in zip(params.layers, cache.kv):
+        x, kv_pages = _attention_block(layer, x, cos, sin, kv_pages, batch, cfg, backend)
         x = _mlp_block(layer, x, cfg)
-        ks.append(k_pages)
-        vs.append(v_pages)
-    return x, KVCache(k=tuple(ks), v=tuple(vs))
+        kvs.append(kv_pages)
+    return x, KVCache(kv=tuple(kvs))
 
 
 def final_logits(params: Params, x, cfg: ModelConfig):

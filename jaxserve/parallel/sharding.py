@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.models.config import ModelConfig
+from jaxserve.models.base import cache_shape
 
 RULES = {
     "tokens": "data",
@@ -51,7 +52,7 @@ PARAM_AXES = {
     "w_up": ("embed", "mlp"),
     "w_down": ("mlp", "embed"),
 }
-CACHE_AXES = ("kv_heads", "pages", "page", "head_dim")
+CACHE_AXES = ("pages", "page", "kv_heads", "head_dim")  # kv_heads: the combined (K, V) pairs axis
 
 
 def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1, devices=None) -> Mesh:
@@ -133,8 +134,8 @@ def cache_sharding(mesh: Mesh, cfg: ModelConfig, shape: tuple) -> NamedSharding:
 
 def kv_heads_per_device(mesh: Mesh, cfg: ModelConfig) -> int:
     """The kv heads each device holds of the cache (all of them where the model axis does not split them)."""
-    shape = (cfg.num_kv_heads, 1, 1, cfg.head_dim)
-    return cache_sharding(mesh, cfg, shape).shard_shape(shape)[0]
+    shape = cache_shape(cfg, 1, 1)
+    return cache_sharding(mesh, cfg, shape).shard_shape(shape)[2] // 2
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

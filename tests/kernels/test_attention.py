@@ -1,4 +1,5 @@
-"""Ragged paged attention: reference vs a naive numpy spec, Pallas kernels (interpret mode) vs reference."""
+"""Ragged paged attention (with its cache write): reference vs a naive numpy spec, Pallas kernels (interpret
+mode) vs reference."""
 import numpy as np
 import pytest
 import jax.numpy as jnp
@@ -43,17 +44,19 @@ def options(name):
 @pytest.mark.parametrize("block_kv", [32, 128])
 def test_reference_matches_naive(kv, name, block_kv):
     b = random_batch(kv, name)
-    out = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), block_kv=block_kv)
+    out, cache = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), block_kv=block_kv)
     assert out.shape == b.q.shape and out.dtype == b.q.dtype
     want = kv.naive(b, **options(name))
     tol = TOL[CASES[name][4]]
     np.testing.assert_allclose(np.asarray(out, np.float32), want, atol=tol, rtol=tol)
+    assert cache.dtype == b.kv_pages.dtype
+    np.testing.assert_array_equal(np.asarray(cache, np.float64), kv.naive_cache(b))
 
 
 def test_reference_explicit_q_tile_and_padding_rows_zero(kv):
     name = "p16-gqa8-d128-f32-softcap"
     b = random_batch(kv, name, seed=3)
-    outs = [kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), q_tile=qt)
+    outs = [kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), q_tile=qt)[0]
             for qt in (1, 4, 16)]
     for o in outs[1:]:
         np.testing.assert_allclose(np.asarray(o), np.asarray(outs[0]), atol=2e-5, rtol=2e-5)
@@ -66,34 +69,38 @@ def test_reference_explicit_q_tile_and_padding_rows_zero(kv):
 def test_pallas_interpret_matches_reference(kv, backend, name):
     b = random_batch(kv, name, seed=1)
     # block_kv 64: several kv blocks per sequence, so the double-buffered / pipelined loop runs.
-    out = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), backend=backend,
-                                                interpret=True, block_kv=64)
-    want = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name))
+    out, cache = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), backend=backend,
+                                                       interpret=True, block_kv=64)
+    want, want_cache = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name))
     assert out.shape == want.shape and out.dtype == want.dtype
     tol = TOL[CASES[name][4]]
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32),
                                atol=tol, rtol=tol)
     valid = int(b.cu_q_lens[int(b.num_seqs[0])])
     assert not np.asarray(out[valid:], np.float32).any()
+    assert cache.dtype == want_cache.dtype
+    np.testing.assert_array_equal(np.asarray(cache, np.float32), np.asarray(want_cache, np.float32))
 
 
 @pytest.mark.parametrize("backend", ["reference", "pallas_tpu", "pallas_gpu"])
 def test_stale_nan_past_a_sequence_never_reaches_the_output(kv, backend):
     """Every cache row no sequence owns (the tail of each last page, unused pages) is NaN, as a reused page
-    may hold: the output is finite and equal to the clean cache's."""
-    name = "p16-gqa3-d64-f32-decode"
+    may hold: the output is finite and equal to the clean cache's. The mixed batch has a prefill chunk of
+    several query tiles, whose later tiles' rows the earlier tiles may read before they are written."""
+    name = "p16-gqa8-d128-f32-softcap"
     b = random_batch(kv, name, seed=2)
     ps = CASES[name][0]
-    owned = np.zeros(b.k_pages.shape[1:3], bool)                 # [pages, page_size]
+    owned = np.zeros(b.kv_pages.shape[:2], bool)                 # [pages, page_size]
     tables, lens = np.asarray(b.block_tables), np.asarray(b.kv_lens)
     for s in range(int(b.num_seqs[0])):
         for j in range(lens[s]):
             owned[tables[s, j // ps], j % ps] = True
-    stale = lambda pages: jnp.where(owned[None, :, :, None], pages, jnp.nan).astype(pages.dtype)
-    dirty = (b.q, stale(b.k_pages), stale(b.v_pages), *kv.args(b)[3:])
-    tuning = {} if backend == "reference" else {"interpret": True, "block_kv": 64}
-    out = np.asarray(kernels_pallas.ragged_paged_attention(*dirty, **options(name), backend=backend, **tuning))
-    clean = np.asarray(kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), backend=backend, **tuning))
+    dirty = list(kv.args(b))
+    dirty[3] = jnp.where(owned[:, :, None, None], b.kv_pages, jnp.nan).astype(b.kv_pages.dtype)
+    tuning = {} if backend == "reference" else {"interpret": True, "block_kv": 32}
+    out = np.asarray(kernels_pallas.ragged_paged_attention(*dirty, **options(name), backend=backend, **tuning)[0])
+    clean = np.asarray(kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), backend=backend,
+                                                             **tuning)[0])
     assert np.isfinite(out).all()
     np.testing.assert_array_equal(out, clean)
 
@@ -104,9 +111,9 @@ def test_gpu_split_kv_decode_matches_reference(kv, num_splits):
     splits than a tile has blocks leaves some empty)."""
     name = "p16-gqa3-d128-bf16-decode-window"
     b = random_batch(kv, name, seed=4)
-    out = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), backend="pallas_gpu", interpret=True,
-                                                block_kv=32, num_splits=num_splits)
-    want = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name))
+    out, _ = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name), backend="pallas_gpu",
+                                                   interpret=True, block_kv=32, num_splits=num_splits)
+    want, _ = kernels_pallas.ragged_paged_attention(*kv.args(b), **options(name))
     tol = TOL[CASES[name][4]]
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(want, np.float32), atol=tol, rtol=tol)
 
