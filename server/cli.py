@@ -23,7 +23,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     engine = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.block_size,
-                          tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                          tensor_parallel_size=args.tensor_parallel_size,
                           seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
                           scheduling_policy=args.scheduling_policy,
                           kv_cache_memory_gb=args.kv_cache_memory_gb,
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                        help="fraction of each TPU/GPU's memory for weights, activations and the KV cache")
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    serve.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    serve.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                       help="only 1: run one server per replica (each with its -tp) behind a load balancer")
     serve.add_argument("--chat-template", help="a Jinja chat template, as a file or inline")
     serve.add_argument("--chat-template-content-format", default="auto", choices=["auto", "string", "openai"])
     serve.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral", "pythonic"],
@@ -239,7 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         from jaxserve.check.command import main as check
 
         return check(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "data_parallel_size", 1) != 1:
+        parser.error("--data-parallel-size other than 1 is not supported: one engine shards a model over "
+                     "--tensor-parallel-size devices; for replicas, run one server per replica behind a load balancer")
     return args.func(args)
 
 

@@ -22,3 +22,10 @@ def test_bench_entry_runs_the_bench_scripts():
     r = subprocess.run([sys.executable, "-m", "server.cli", "bench", "throughput", "--help"], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 0 and "--concurrency" in r.stdout and "--constrained" in r.stdout
+
+
+def test_data_parallel_replicas_are_refused_with_the_alternative():
+    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--data-parallel-size", "2"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2
+    assert "--data-parallel-size other than 1 is not supported" in r.stderr and "load balancer" in r.stderr

@@ -67,11 +67,11 @@ def test_two_processes_serve_the_same_tokens_as_one(folder, tmp_path):
     assert served == expected
 
 
-def test_server_with_tensor_and_data_parallel_on_four_devices(folder, tmp_path):
+def test_server_with_tensor_parallel_on_four_devices(folder, tmp_path):
     from serving import Server
 
     s = Server(str(folder), "--max-model-len", "256", "--max-num-batched-tokens", "32", "--max-num-seqs", "4",
-               "--tensor-parallel-size", "2", "--data-parallel-size", "2", log_path=tmp_path / "tpdp.log",
+               "--tensor-parallel-size", "4", log_path=tmp_path / "tp4.log",
                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}).wait_ready()
     try:
         served = [httpx.post(s.url + "/v1/completions", timeout=120, json={

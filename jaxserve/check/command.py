@@ -25,7 +25,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a transformers config.json (or a folder holding one); no weights are read")
     p.add_argument("--target", required=True, help=f"one of {', '.join(targets.names())}")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    p.add_argument("--data-parallel-size", "-dp", type=int, default=1)
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -102,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = ModelConfig.from_hf(_hf_config(args.config))
     config = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.block_size,
-                          tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
+                          tensor_parallel_size=args.tensor_parallel_size,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_memory_gb=args.kv_cache_memory_gb)
     chip = target.chip
@@ -111,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"jaxserve check: {cfg.model_type}, {count_params(serving.params) / 1e9:.2f}B parameters, {args.dtype}, "
           f"on {args.target} ({target.chips} x {chip.name}: {_gib(chip.hbm_bytes)} GiB HBM, "
           f"{chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s per chip), "
-          f"tp {config.tensor_parallel_size} dp {config.data_parallel_size}, max_model_len {serving.max_model_len}, "
+          f"tp {config.tensor_parallel_size}, max_model_len {serving.max_model_len}, "
           f"max_num_seqs {config.max_num_seqs}, {_gib(weights)} GiB of weights per chip", flush=True)
     start = time.perf_counter()
     try:

@@ -121,7 +121,7 @@ class Serving:
 
     @classmethod
     def build(cls, cfg: ModelConfig, config: EngineConfig, target: Target, dtype) -> "Serving":
-        mesh = sharding.make_mesh(config.tensor_parallel_size, config.data_parallel_size, target.devices())
+        mesh = sharding.make_mesh(config.tensor_parallel_size, target.devices())
         config = config.on(target.chip.platform)
         max_model_len = config.context_length(cfg)
         params, cfg = abstract_params(cfg, dtype, mesh)

@@ -50,7 +50,6 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # of each TPU/GPU's memory, for weights, activations and the KV cache
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
     seed: int = 0
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # or "priority" (scheduler.py)
@@ -115,7 +114,7 @@ class EngineCore:
         compilation.install_counter()
         cache_folder = config.compile_cache_dir
         compilation.enable_persistent_cache(cache_dir() / "jax-compile" if cache_folder is None else cache_folder or None)
-        self.mesh = sharding.make_mesh(config.tensor_parallel_size, config.data_parallel_size)
+        self.mesh = sharding.make_mesh(config.tensor_parallel_size)
         config = config.on(self.mesh.devices.flat[0].platform)
         if self.mesh.devices.flat[0].platform == "cpu":  # before anything is traced: the sampler picks them then
             kernels_cpu.enable(cache_dir() / "kernels-cpu")

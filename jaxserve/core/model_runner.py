@@ -137,12 +137,10 @@ class StepPrograms:
             write_tables=jax.jit(write_tables, donate_argnums=(0,), out_shardings=rep))
 
 
-def step_shardings(mesh: Mesh, num_tokens: int) -> StepInput:
-    """Where each StepInput field lives: token-level arrays split over the mesh's `data` axis, per-row data
-    replicated."""
-    tok = sharding.sharding_for(mesh, ("tokens",), (num_tokens,))
+def step_shardings(mesh: Mesh) -> StepInput:
+    """Where each StepInput field lives: replicated (every device reads the whole step)."""
     rep = sharding.replicated(mesh)
-    return StepInput(tok, tok, tok, rep, rep, rep)
+    return StepInput(rep, rep, rep, rep, rep, rep)
 
 
 def abstract(x, where) -> jax.ShapeDtypeStruct:
@@ -158,7 +156,7 @@ def compile_bucket(programs: StepPrograms, params, cache, tables, state, mesh: M
     (its result, the executable or None when it failed); the programs fed by a failed forward are skipped."""
     num_seqs = min(num_tokens, max_num_seqs)
     step, *_ = build_step([], num_tokens, num_seqs, num_table_writes(num_tokens, num_seqs, page_size))
-    step = jax.tree.map(abstract, step, step_shardings(mesh, num_tokens))
+    step = jax.tree.map(abstract, step, step_shardings(mesh))
     rep = sharding.replicated(mesh)
     args = (params, cache, tables, state, step)
     forward, exe = compile_one("forward", programs.forward, *args)
@@ -219,7 +217,7 @@ class ModelRunner:
     def _place(self, step: StepInput) -> StepInput:
         """Placed by `step_shardings`, built shard by shard from host arrays that every process holds, so it also
         works across processes."""
-        return sharding.put_tree(step, step_shardings(self.mesh, step.token_ids.shape[0]))
+        return sharding.put_tree(step, step_shardings(self.mesh))
 
     # --- the only places that launch device work; with several processes the followers mirror them ---
 
@@ -249,8 +247,8 @@ class ModelRunner:
         if self.peers is not None:
             self.peers.send(("prompt_logprobs", targets))
         hidden = self._pending[1]
-        tok = sharding.sharding_for(self.mesh, ("tokens",), targets.shape)
-        return self._program("prompt_logprobs", len(targets))(self.params, hidden, sharding.put(targets, tok))
+        return self._program("prompt_logprobs", len(targets))(self.params, hidden,
+                                                               sharding.put(targets, sharding.replicated(self.mesh)))
 
     def _device_sample(self, mask_rows: np.ndarray | None = None, masks: np.ndarray | None = None):
         """mask_rows [C], masks [C, W]: the grammar masks of the constrained rows (None: no row is), C a multiple

@@ -1,7 +1,8 @@
 """Placement of weights, KV cache and batches on a device mesh, from one table of logical-axis rules.
 
-The mesh has two axes: `data` (requests) and `model` (tensor parallel, Megatron-style: q/k/v/gate/up split by
-output columns, o/down by input rows, embedding and LM head by vocabulary). Every array names its dimensions
+The mesh has one axis, `model` (tensor parallel, Megatron-style: q/k/v/gate/up split by output columns, o/down by
+input rows, embedding and LM head by vocabulary); the step's token and row arrays are replicated. (A `data` axis
+that replicated weights, cache and attention was removed: it was not data parallelism.) Every array names its dimensions
 with logical axes; `RULES` maps those to mesh axes. A dimension that the mesh axis does not divide evenly
 (e.g. SmolLM2's 3 kv heads or 9 query heads on 2 or 4 devices) is replicated instead, so any model runs on
 any mesh; XLA inserts the collectives. Where the model axis is a multiple of the kv heads (Llama-3-8B's 8 on 16
@@ -21,7 +22,6 @@ from jaxserve.models.config import ModelConfig
 from jaxserve.models.base import cache_shape
 
 RULES = {
-    "tokens": "data",
     "vocab": "model",
     "embed": None,
     "q_heads": "model",
@@ -55,16 +55,14 @@ PARAM_AXES = {
 CACHE_AXES = ("pages", "page", "kv_heads", "head_dim")  # kv_heads: the combined (K, V) pairs axis
 
 
-def make_mesh(tensor_parallel_size: int = 1, data_parallel_size: int = 1, devices=None) -> Mesh:
-    """devices: default jax.devices(); `jaxserve check` passes a TPU topology's devices, which exist only to
-    compile for."""
-    need = tensor_parallel_size * data_parallel_size
+def make_mesh(tensor_parallel_size: int = 1, devices=None) -> Mesh:
+    """A one-axis ("model") mesh of the first tensor_parallel_size devices. devices: default jax.devices();
+    `jaxserve check` passes a TPU topology's devices, which exist only to compile for."""
     devices = jax.devices() if devices is None else list(devices)
-    if need > len(devices):
-        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} x data_parallel_size {data_parallel_size} "
-                         f"needs {need} devices; {len(devices)} available ({devices[0].platform})")
-    grid = np.asarray(devices[:need]).reshape(data_parallel_size, tensor_parallel_size)
-    return Mesh(grid, ("data", "model"))
+    if tensor_parallel_size > len(devices):
+        raise ValueError(f"tensor_parallel_size {tensor_parallel_size} needs {tensor_parallel_size} devices; "
+                         f"{len(devices)} available ({devices[0].platform})")
+    return Mesh(np.asarray(devices[:tensor_parallel_size]), ("model",))
 
 
 def sharding_for(mesh: Mesh, axes: tuple, shape: tuple, cfg: ModelConfig | None = None) -> NamedSharding:
