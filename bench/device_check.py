@@ -149,8 +149,8 @@ def _random_model(cfg_dict: dict, dtype):
 
     h, inter = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    layers = tuple(Layer(attn_norm=ones(h), wq=w(h, q), wk=w(h, kv), wv=w(h, kv), wo=w(q, h), mlp_norm=ones(h),
-                         w_gate=w(h, inter), w_up=w(h, inter), w_down=w(inter, h)) for _ in range(cfg.num_layers))
+    layers = tuple(Layer(attn_norm=ones(h), wqkv=w(h, q + 2 * kv), wo=w(q, h), mlp_norm=ones(h),
+                         w_gate_up=w(h, 2 * inter), w_down=w(inter, h)) for _ in range(cfg.num_layers))
     params = Params(embed=w(cfg.vocab_size, h), layers=layers, final_norm=ones(h), lm_head=w(h, cfg.vocab_size))
     return LoadedModel("llama-3-8b-shaped", cfg, params, word_tokenizer(cfg.vocab_size), (2,), jnp.dtype(dtype))
 

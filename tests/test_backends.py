@@ -37,7 +37,7 @@ def test_pallas_kernels_through_the_model(reference, backend):
 
 def test_pallas_kernel_under_shard_map_on_two_devices(reference):
     loaded, ref_logits, ref_tokens = reference
-    mesh = make_mesh(2, 1)
+    mesh = make_mesh(2)
     sharded = loaded.__class__(**{**loaded.__dict__, **dict(zip(("params", "cfg"), shard_params(loaded.params, mesh, loaded.cfg)))})
     logits, _ = run_logits(sharded, PROMPTS, decode_steps=4, page_size=16, backend="pallas_tpu_interpret",
                            feed=ref_tokens, mesh=mesh)

@@ -29,7 +29,7 @@ def _compare_logits(loaded, tp, tol):
     mesh = make_mesh(tp)
     sharded = loaded.__class__(**{**loaded.__dict__, **dict(zip(("params", "cfg"), shard_params(loaded.params, mesh, loaded.cfg)))})
     if tp == 4 and loaded.cfg.num_kv_heads % 4 == 0:
-        assert len(sharded.params.layers[0].wk.sharding.device_set) == 4
+        assert len(sharded.params.layers[0].wqkv.sharding.device_set) == 4
     logits, tokens = run_logits(sharded, prompts, decode_steps=10)
     assert np.abs(logits - ref_logits).max() < tol
     assert (tokens == ref_tokens).all()
@@ -69,10 +69,16 @@ def test_more_devices_than_kv_heads_repeat_each_head_once_per_device(tmp_path):
     folder = tiny.make_checkpoint(tmp_path, "qwen2", num_attention_heads=8, num_key_value_heads=2, head_dim=8)
     loaded = load_model(str(folder), dtype="float32", progress=False)
     params, cfg = shard_params(loaded.params, make_mesh(4), loaded.cfg)
-    assert (loaded.cfg.num_kv_heads, cfg.num_kv_heads) == (2, 4)
-    wk = params.layers[0].wk
-    assert wk.shape == (loaded.cfg.hidden_size, 4 * 8) and wk.sharding.shard_shape(wk.shape) == (wk.shape[0], 8)
-    np.testing.assert_array_equal(np.asarray(wk)[:, 8:16], np.asarray(loaded.params.layers[0].wk)[:, :8])
+    assert (loaded.cfg.num_kv_heads, cfg.num_kv_heads, cfg.qkv_groups) == (2, 4, 4)
+    # One group of columns per device: its 2 query heads, then its k head and v head (8 columns each).
+    wqkv, one = params.layers[0].wqkv, np.asarray(loaded.params.layers[0].wqkv)  # one device: [q 64 | k 16 | v 16]
+    assert wqkv.shape == (loaded.cfg.hidden_size, 4 * 32) and wqkv.sharding.shard_shape(wqkv.shape) == (wqkv.shape[0], 32)
+    four_groups = np.asarray(wqkv).reshape(-1, 4, 32)
+    for device in range(4):
+        kv_head = device // 2  # each original kv head serves two devices
+        np.testing.assert_array_equal(four_groups[:, device, :16], one[:, 16 * device:16 * device + 16])
+        np.testing.assert_array_equal(four_groups[:, device, 16:24], one[:, 64 + 8 * kv_head:72 + 8 * kv_head])
+        np.testing.assert_array_equal(four_groups[:, device, 24:], one[:, 80 + 8 * kv_head:88 + 8 * kv_head])
     _compare_logits(loaded, 4, 1e-4)
     opts = dict(max_model_len=96, max_num_seqs=4, max_num_batched_tokens=16, page_size=8, compile_cache_dir="",
                 progress=False, warm_up=False)

@@ -84,13 +84,12 @@ def abstract_params(cfg: ModelConfig, dtype, mesh):
     family = models.family(cfg.model_type)
     zero = np.zeros((), dtype)
     tensors = {name: np.broadcast_to(zero, shape) for name, shape in family.hf_shapes(cfg).items()}
-    repeats = sharding.kv_head_repeats(mesh, cfg)
-    placed = sharding.with_kv_repeats(cfg, repeats)
+    placed = sharding.placed(mesh, cfg)
 
     def place(array, name):
-        array = sharding.repeat_kv_heads(array, name, cfg, repeats)  # only k/v weights (small) are materialized
-        return jax.ShapeDtypeStruct(array.shape, array.dtype,
-                                    sharding=sharding.param_sharding(mesh, placed, name, array.shape))
+        shape = sharding.fused_shape(array, name, cfg, placed) if isinstance(array, tuple) else array.shape
+        dtype = array[0].dtype if isinstance(array, tuple) else array.dtype
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.param_sharding(mesh, placed, name, shape))
 
     return family.params_from_hf(tensors, cfg, dtype, put=place), placed
 

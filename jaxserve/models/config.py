@@ -44,6 +44,11 @@ class ModelConfig:
     qk_norm: bool = False
     sliding_window: int | None = None
     rope_scaling: RopeScaling | None = None
+    # The fused q/k/v and gate/up weights hold their output columns in this many groups, one per device of the
+    # model axis when they are split over it (each group: that device's q, k, v heads; its gate, up columns),
+    # else 1. Set where the weights are placed (sharding.placed).
+    qkv_groups: int = 1
+    mlp_groups: int = 1
 
     @classmethod
     def from_hf(cls, hf: dict) -> "ModelConfig":

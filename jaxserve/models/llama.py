@@ -27,17 +27,12 @@ from jaxserve.models.base import Batch, KVCache, apply_rope, rms_norm
 @dataclasses.dataclass
 class Layer:
     attn_norm: jax.Array  # [hidden]
-    wq: jax.Array  # [hidden, q_heads * head_dim]
-    wk: jax.Array  # [hidden, kv_heads * head_dim]
-    wv: jax.Array  # [hidden, kv_heads * head_dim]
+    wqkv: jax.Array  # [hidden, (q_heads + 2 * kv_heads) * head_dim], in cfg.qkv_groups groups of (q, k, v) heads
     wo: jax.Array  # [q_heads * head_dim, hidden]
     mlp_norm: jax.Array  # [hidden]
-    w_gate: jax.Array  # [hidden, intermediate]
-    w_up: jax.Array  # [hidden, intermediate]
+    w_gate_up: jax.Array  # [hidden, 2 * intermediate], in cfg.mlp_groups groups of (gate, up) columns
     w_down: jax.Array  # [intermediate, hidden]
-    bq: jax.Array | None = None  # [q_heads * head_dim]   (Qwen2)
-    bk: jax.Array | None = None  # [kv_heads * head_dim]  (Qwen2)
-    bv: jax.Array | None = None  # [kv_heads * head_dim]  (Qwen2)
+    bqkv: jax.Array | None = None  # [(q_heads + 2 * kv_heads) * head_dim], grouped as wqkv  (Qwen2)
     q_norm: jax.Array | None = None  # [head_dim]  (Qwen3)
     k_norm: jax.Array | None = None  # [head_dim]  (Qwen3)
 
@@ -55,12 +50,14 @@ def _attention_block(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: Mod
                      backend: attention.Backend):
     t = x.shape[0]
     h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-    q, k, v = h @ layer.wq, h @ layer.wk, h @ layer.wv
+    qkv = h @ layer.wqkv
     if cfg.qkv_bias:
-        q, k, v = q + layer.bq, k + layer.bk, v + layer.bv
-    q = q.reshape(t, cfg.num_heads, cfg.head_dim)
-    k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-    v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        qkv = qkv + layer.bqkv
+    g, hq, hkv = cfg.qkv_groups, cfg.num_heads // cfg.qkv_groups, cfg.num_kv_heads // cfg.qkv_groups
+    qkv = qkv.reshape(t, g, hq + 2 * hkv, cfg.head_dim)  # each group one device's heads: no data moves
+    q = qkv[:, :, :hq].reshape(t, cfg.num_heads, cfg.head_dim)
+    k = qkv[:, :, hq:hq + hkv].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    v = qkv[:, :, hq + hkv:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
         q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
         k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
@@ -71,7 +68,10 @@ def _attention_block(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: Mod
 
 def _mlp_block(layer: Layer, x, cfg: ModelConfig):
     h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-    return x + (jax.nn.silu(h @ layer.w_gate) * (h @ layer.w_up)) @ layer.w_down
+    gate_up = (h @ layer.w_gate_up).reshape(x.shape[0], cfg.mlp_groups, 2, -1)  # [T, groups, gate/up, columns]
+    gate = gate_up[:, :, 0].reshape(x.shape[0], -1)
+    up = gate_up[:, :, 1].reshape(x.shape[0], -1)
+    return x + (jax.nn.silu(gate) * up) @ layer.w_down
 
 
 def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
@@ -101,32 +101,41 @@ def final_logits(params: Params, x, cfg: ModelConfig):
 
 
 # transformers' tensor names: linear weights are transposed from HF's [out, in] to [in, out] (the model
-# computes `x @ w`). Both loaders (safetensors folders and GGUF files) produce tensors under these names.
-_LINEAR = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
-           "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
-_BIAS = {"bq": "self_attn.q_proj", "bk": "self_attn.k_proj", "bv": "self_attn.v_proj"}
+# computes `x @ w`). Both loaders (safetensors folders and GGUF files) produce tensors under these names. A fused
+# field is made of several tensors, concatenated along the output axis by `put` (which groups them per device).
+_LINEAR = {"wo": "self_attn.o_proj", "w_down": "mlp.down_proj"}
+_FUSED = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+          "w_gate_up": ("mlp.gate_proj", "mlp.up_proj")}
+_BIAS = {"bqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
 _NORM = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 _QK_NORM = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype, put=None) -> Params:
-    """`put(array, field_name)` places each converted array on devices (a sharded load passes its own)."""
-    put = put or (lambda a, _name: jax.device_put(a))
+    """`put(array, field_name)` places each converted array on devices; fused fields pass a tuple of parts in
+    order (q, k, v / gate, up), which put concatenates on the last axis (sharding.param_put groups them per
+    device). The default puts them on one device."""
+    put = put or (lambda a, _name: jax.device_put(np.concatenate(a, axis=-1) if isinstance(a, tuple) else a))
     missing = [n for n in hf_shapes(cfg) if n not in tensors]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
-    def get(name, transpose=False, path=""):
+    def convert(name, transpose=False):
         a = np.asarray(tensors[name])
-        return put((a.T if transpose else a).astype(dtype, copy=False), path or name)
+        return (a.T if transpose else a).astype(dtype, copy=False)
+
+    def get(name, transpose=False, path=""):
+        return put(convert(name, transpose), path or name)
 
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         fields = {k: get(p + v + ".weight", transpose=True, path=k) for k, v in _LINEAR.items()}
+        fields |= {k: put(tuple(convert(p + v + ".weight", transpose=True) for v in parts), k)
+                   for k, parts in _FUSED.items()}
         fields |= {k: get(p + v + ".weight", path=k) for k, v in _NORM.items()}
         if cfg.qkv_bias:
-            fields |= {k: get(p + v + ".bias", path=k) for k, v in _BIAS.items()}
+            fields |= {k: put(tuple(convert(p + v + ".bias") for v in parts), k) for k, parts in _BIAS.items()}
         if cfg.qk_norm:
             fields |= {k: get(p + v + ".weight", path=k) for k, v in _QK_NORM.items()}
         layers.append(Layer(**fields))
@@ -142,15 +151,16 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every transformers tensor this family loads for `cfg`, with its shape ([out, in] for linear weights)."""
     hidden, d = cfg.hidden_size, cfg.head_dim
     q, kv, mlp = cfg.num_heads * d, cfg.num_kv_heads * d, cfg.intermediate_size
-    linear = {"wq": (q, hidden), "wk": (kv, hidden), "wv": (kv, hidden), "wo": (hidden, q),
-              "w_gate": (mlp, hidden), "w_up": (mlp, hidden), "w_down": (hidden, mlp)}
+    linear = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
+              "self_attn.o_proj": (hidden, q), "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden),
+              "mlp.down_proj": (hidden, mlp)}
     shapes = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "model.norm.weight": (hidden,)}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        shapes |= {p + v + ".weight": linear[k] for k, v in _LINEAR.items()}
+        shapes |= {p + name + ".weight": shape for name, shape in linear.items()}
         shapes |= {p + v + ".weight": (hidden,) for v in _NORM.values()}
         if cfg.qkv_bias:
-            shapes |= {p + v + ".bias": (linear["w" + k[1]][0],) for k, v in _BIAS.items()}
+            shapes |= {p + v + ".bias": (linear[v][0],) for v in _BIAS["bqkv"]}
         if cfg.qk_norm:
             shapes |= {p + v + ".weight": (d,) for v in _QK_NORM.values()}
     if not cfg.tie_word_embeddings:

@@ -27,6 +27,8 @@ RULES = {
     "q_heads": "model",
     "kv_heads": "model",
     "mlp": "model",
+    "qkv_heads": "model",  # fused q/k/v columns, split only in whole per-device groups (ModelConfig.qkv_groups)
+    "gate_up": "model",  # fused gate/up columns, likewise (ModelConfig.mlp_groups)
     "head_dim": None,
     "pages": None,
     "page": None,
@@ -39,17 +41,12 @@ PARAM_AXES = {
     "final_norm": ("embed",),
     "attn_norm": ("embed",),
     "mlp_norm": ("embed",),
-    "wq": ("embed", "q_heads"),
-    "wk": ("embed", "kv_heads"),
-    "wv": ("embed", "kv_heads"),
+    "wqkv": ("embed", "qkv_heads"),
     "wo": ("q_heads", "embed"),
-    "bq": ("q_heads",),
-    "bk": ("kv_heads",),
-    "bv": ("kv_heads",),
+    "bqkv": ("qkv_heads",),
     "q_norm": ("head_dim",),
     "k_norm": ("head_dim",),
-    "w_gate": ("embed", "mlp"),
-    "w_up": ("embed", "mlp"),
+    "w_gate_up": ("embed", "gate_up"),
     "w_down": ("mlp", "embed"),
 }
 CACHE_AXES = ("pages", "page", "kv_heads", "head_dim")  # kv_heads: the combined (K, V) pairs axis
@@ -79,6 +76,10 @@ def sharding_for(mesh: Mesh, axes: tuple, shape: tuple, cfg: ModelConfig | None 
             units = cfg.num_heads
         elif cfg is not None and axis == "kv_heads":
             units = cfg.num_kv_heads
+        elif cfg is not None and axis == "qkv_heads":
+            units = cfg.qkv_groups
+        elif cfg is not None and axis == "gate_up":
+            units = cfg.mlp_groups
         spec.append(mesh_axis if mesh_axis and units % n == 0 else None)
     return NamedSharding(mesh, PartitionSpec(*spec))
 
@@ -97,31 +98,64 @@ def kv_head_repeats(mesh: Mesh, cfg: ModelConfig) -> int:
     return n // kv if n > kv and n % kv == 0 and cfg.num_heads % n == 0 else 1
 
 
-def with_kv_repeats(cfg: ModelConfig, repeats: int) -> ModelConfig:
-    """The configuration the repeated weights compute with: kv_heads x repeats heads (GQA groups shrink)."""
-    return dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * repeats)
+def placed(mesh: Mesh, cfg: ModelConfig) -> ModelConfig:
+    """The configuration the weights compute with once placed on `mesh` (cfg: the checkpoint's): kv heads repeated
+    by kv_head_repeats, and the fused weights in one group per device where their heads (q and kv) or columns
+    (gate/up) split evenly over the model axis, else in one group (then replicated)."""
+    n = mesh.shape["model"]
+    kv = cfg.num_kv_heads * kv_head_repeats(mesh, cfg)
+    return dataclasses.replace(cfg, num_kv_heads=kv,
+                               qkv_groups=n if cfg.num_heads % n == 0 and kv % n == 0 else 1,
+                               mlp_groups=n if cfg.intermediate_size % n == 0 else 1)
 
 
-def repeat_kv_heads(array: np.ndarray, name: str, cfg: ModelConfig, repeats: int) -> np.ndarray:
-    """A params field with each kv head's head_dim block repeated `repeats` times in place (k0 k0 k1 k1 ...), so
-    query head h still reads original kv head h // (q_heads / kv_heads). Fields without a kv_heads axis pass."""
-    axes = PARAM_AXES[name]
-    if repeats == 1 or "kv_heads" not in axes:
-        return array
-    i = axes.index("kv_heads")
-    heads = array.reshape(array.shape[:i] + (cfg.num_kv_heads, cfg.head_dim) + array.shape[i + 1:])
-    return np.repeat(heads, repeats, axis=i).reshape(array.shape[:i] + (-1,) + array.shape[i + 1:])
+FUSED_PARTS = {"wqkv": 3, "bqkv": 3, "w_gate_up": 2}  # fields made of several checkpoint tensors: how many
+
+
+def fuse(parts: tuple[np.ndarray, ...], name: str, cfg: ModelConfig, to: ModelConfig) -> np.ndarray:
+    """A fused field from its parts (q, k, v or gate, up; output columns last), as `to` (placed(mesh, cfg)) reads
+    it: k and v heads repeated (k0 k0 k1 k1 ...: query head h still reads original kv head h // group), then the
+    columns in `to`'s groups, each holding its device's share of every part."""
+    if name in ("wqkv", "bqkv"):
+        q, k, v = parts
+        repeats = to.num_kv_heads // cfg.num_kv_heads
+
+        def repeat(x):
+            heads = x.reshape(x.shape[:-1] + (cfg.num_kv_heads, cfg.head_dim))
+            return np.repeat(heads, repeats, axis=-2).reshape(x.shape[:-1] + (-1,))
+
+        parts, groups = (q, repeat(k), repeat(v)), to.qkv_groups
+    else:
+        groups = to.mlp_groups
+    grouped = [p.reshape(p.shape[:-1] + (groups, -1)) for p in parts]
+    return np.concatenate(grouped, axis=-1).reshape(parts[0].shape[:-1] + (-1,))
+
+
+def fused_shape(parts, name: str, cfg: ModelConfig, to: ModelConfig) -> tuple[int, ...]:
+    """fuse()'s output shape, without touching the parts' data (`jaxserve check` fuses abstract weights)."""
+    columns = fuse(tuple(np.zeros(p.shape[-1:], np.int8) for p in parts), name, cfg, to).shape[-1]
+    return tuple(parts[0].shape[:-1]) + (columns,)
+
+
+def split_fused(array: np.ndarray, name: str, cfg: ModelConfig) -> tuple[np.ndarray, ...]:
+    """A fused field in one group (as loaded on one device) back into its parts."""
+    if name in ("wqkv", "bqkv"):
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        return tuple(np.split(array, [q, q + kv], axis=-1))
+    return tuple(np.split(array, 2, axis=-1))
 
 
 def param_put(mesh: Mesh, cfg: ModelConfig):
-    """A `put(array, field_name)` for `weights.params_from_hf` that shards each field by PARAM_AXES, kv heads
-    repeated by kv_head_repeats (cfg: the checkpoint's; the model then runs with `with_kv_repeats`)."""
-    repeats = kv_head_repeats(mesh, cfg)
-    placed = with_kv_repeats(cfg, repeats)
+    """A `put(array, field_name)` for `params_from_hf` that shards each field by PARAM_AXES; fused fields come
+    as tuples of parts and are fused for the placed configuration (cfg: the checkpoint's; the model then runs with
+    `placed(mesh, cfg)`)."""
+    to = placed(mesh, cfg)
 
     def place(array, name):
-        array = repeat_kv_heads(np.asarray(array), name, cfg, repeats)
-        return put(array, param_sharding(mesh, placed, name, array.shape))
+        if isinstance(array, tuple):
+            array = fuse(tuple(np.asarray(a) for a in array), name, cfg, to)
+        array = np.asarray(array)
+        return put(array, param_sharding(mesh, to, name, array.shape))
 
     return place
 
@@ -159,8 +193,13 @@ def host(array: jax.Array) -> np.ndarray:
 
 
 def shard_params(params, mesh: Mesh, cfg: ModelConfig):
-    """Re-places an already loaded params pytree on `mesh` by the same rules as loading does. Returns the params
-    and the configuration they compute with (kv heads repeated, see kv_head_repeats)."""
+    """Re-places a params pytree loaded on one device (cfg: its configuration, one group per fused field) on `mesh`
+    by the same rules as loading does. Returns the params and the configuration they compute with (placed)."""
+    assert cfg.qkv_groups == cfg.mlp_groups == 1, "re-placing params that are already grouped for a mesh"
     put = param_put(mesh, cfg)
-    params = jax.tree_util.tree_map_with_path(lambda path, x: put(x, path[-1].name), params)
-    return params, with_kv_repeats(cfg, kv_head_repeats(mesh, cfg))
+
+    def place(path, x):
+        name = path[-1].name
+        return put(split_fused(np.asarray(x), name, cfg) if name in FUSED_PARTS else x, name)
+
+    return jax.tree_util.tree_map_with_path(place, params), placed(mesh, cfg)

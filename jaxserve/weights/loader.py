@@ -89,7 +89,7 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
     jdtype = resolve_dtype(dtype)
     params = models.family(cfg.model_type).params_from_hf(ckpt.tensors, cfg, jdtype, put=sharding.param_put(mesh, cfg) if mesh else None)
     if mesh is not None:
-        cfg = sharding.with_kv_repeats(cfg, sharding.kv_head_repeats(mesh, cfg))
+        cfg = sharding.placed(mesh, cfg)
     jax.block_until_ready(params)
     log.info("loaded %s: %s, %.1fM parameters, %s, %.1f s", name, cfg.model_type,
              count_params(params) / 1e6, jdtype.name, time.perf_counter() - start)
