@@ -13,7 +13,7 @@ import pytest
 from jaxserve.check import libtpu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SMALL = {"model_type": "qwen2", "vocab_size": 1000, "hidden_size": 256, "intermediate_size": 512,
+SMALL = {"model_type": "qwen2", "vocab_size": 32000, "hidden_size": 256, "intermediate_size": 512,
          "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32,
          "max_position_embeddings": 4096, "tie_word_embeddings": False}
 
@@ -42,9 +42,14 @@ def test_every_program_compiles_and_fits(small_check):
                                      for p in ("forward", "sample", "masks", "prompt_logprobs")]
     assert [line.split()[0] for line in lines if line.startswith(("init_slot", "write_tables"))] == \
         ["init_slot", "write_tables"]
-    forward = rows[4]
+    forward, sample = rows[4], rows[5]
     # Per chip: a quarter of the 2-layer model's bf16 weights (tp 4) + its KV cache share, and real work.
     assert float(forward[4]) > 0 and float(forward[7]) > 0 and float(forward[8]) > 0, forward
+    # Logits stay split over the vocabulary. Gathering them would put one [16, 32000] float32 all-gather (2 MB) in
+    # the forward pass; its collectives are the row-parallel layers' all-reduces alone. The sampler's are per-row
+    # reductions and candidate exchanges ([16, 64]-sized), together well under one gather of the logits.
+    logits_mb = 16 * 32000 * 4 / 1e6
+    assert 0 < float(forward[9]) < logits_mb / 4 and float(sample[9]) < logits_mb / 2, (forward, sample)
     kv = re.search(r"KV cache: (\d+) pages of 128 tokens", out)  # the TPU default page
     assert kv and int(kv.group(1)) == 16 * 2048 // 128  # all 16 sequences at full length fit in 16 GiB
 

@@ -90,3 +90,36 @@ def test_more_devices_than_kv_heads_repeat_each_head_once_per_device(tmp_path):
     assert cache.shape[2] == 8 and cache.sharding.shard_shape(cache.shape)[2] == 2
     many = four.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in many] == [o.outputs[0].token_ids for o in one]
+
+
+def test_output_token_counts_stay_split_over_the_vocabulary():
+    """The penalties' [slots, vocab] counts live split over the model axis; the forward pass counts each fed token
+    on the device that holds its id (tokens at both edges of every device's range, a prompt token, a padding
+    slot), giving the counts of one device."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxserve.core import sampler
+    from jaxserve.parallel.sharding import by_vocab, replicated
+
+    vocab, slots = 64, 3
+    mesh = make_mesh(4)
+    split = by_vocab(mesh, vocab)
+    assert split.shard_shape((slots, vocab)) == (slots, 16)
+    num_prompt = sampler.INT_PARAMS.index("num_prompt")
+    tokens = jnp.array([0, 15, 16, 31, 32, 63, 63, 5, 9])
+    token_slot = jnp.array([0, 0, 1, 1, 2, 2, 2, 0, 3])              # slot 3 = padding, dropped
+    positions = jnp.array([4, 5, 4, 5, 4, 5, 6, 0, 4])               # position 0 of slot 0 is its prompt
+
+    def run(placement, where):
+        state = sampler.SamplerState.zeros(slots, vocab, placement)
+        state = dataclasses.replace(state, ints=state.ints.at[:, num_prompt].set(1))
+        out = jax.jit(lambda s: sampler.record_tokens(s, tokens, token_slot, positions, where))(state)
+        return out.counts
+
+    one = np.asarray(run(None, None))
+    counts = run(sampler.SamplerState.placement(replicated(mesh), split), split)
+    assert counts.sharding.is_equivalent_to(split, 2)
+    np.testing.assert_array_equal(np.asarray(counts), one)
+    assert one.sum() == 7 and one[2, 63] == 2 and one[0, 5] == 0

@@ -61,7 +61,7 @@ def report(serving, compiled: list, buckets: list[int], seconds: float) -> tuple
     chip = serving.target.chip
     resident = per_chip_bytes((serving.params, *serving.state(serving.kv_pages)))
     lines = [f"{'program':<16} {'bucket':<14} {'compile s':>9} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} "
-             f"{'GFLOP':>9} {'GB moved':>9} {'est ms':>8}"]
+             f"{'GFLOP':>9} {'GB moved':>9} {'coll MB':>8} {'est ms':>8}"]
     fits = True
     for c in compiled:
         if c.error:
@@ -74,7 +74,8 @@ def report(serving, compiled: list, buckets: list[int], seconds: float) -> tuple
         est = c.seconds_at_roofline(chip.bf16_flops, chip.hbm_bandwidth) * 1e3
         lines.append(f"{c.name:<16} {c.bucket:<14} {c.seconds:>9.1f} {_gib(c.argument_bytes):>9} "
                      f"{_gib(c.temp_bytes):>9} {_gib(peak):>9} {c.flops / 1e9:>9.2f} "
-                     f"{c.bytes_accessed / 1e9:>9.3f} {est:>8.3f}" + ("  OVER HBM" if over else ""))
+                     f"{c.bytes_accessed / 1e9:>9.3f} {c.collective_bytes / 1e6:>8.3f} {est:>8.3f}"
+                     + ("  OVER HBM" if over else ""))
     summed = sum(c.seconds for c in compiled)
     lines.append(f"compiled {len(compiled)} programs in {seconds:.1f} s of wall time ({summed:.1f} s summed over "
                  "programs; those compiled side by side share the cores)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import math
+import re
 import time
 
 import jax
@@ -45,6 +46,7 @@ class Compiled:
     bytes_accessed: float
     error: str = ""  # the compiler's refusal, when it failed
     live_bytes: int = 0  # other programs' outputs alive meanwhile: the bucket's logits and hidden states
+    collective_bytes: int = 0  # per chip: results of cross-chip collectives, each counted once (not per loop trip)
 
     @property
     def overhead_bytes(self) -> int:
@@ -74,8 +76,24 @@ def _compile(name: str, bucket: str, jitted, *args) -> tuple[Compiled, object]:
     cost = cost[0] if isinstance(cost, list) else cost
     stats = Compiled(name, bucket, seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes,
                      mem.alias_size_in_bytes, mem.temp_size_in_bytes, float(cost.get("flops", 0.0)),
-                     float(cost.get("bytes accessed", 0.0)))
+                     float(cost.get("bytes accessed", 0.0)), collective_bytes=collective_bytes(exe.as_text()))
     return stats, exe
+
+
+_COLLECTIVE = re.compile(r"= ([^=\n]+?) (?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
+                         r"(?:-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+
+
+def collective_bytes(hlo: str) -> int:
+    """Bytes of the results of the cross-device collectives in compiled HLO text: the largest array of each
+    collective's result (an async start's tuple holds its operand too)."""
+    total = 0
+    for result in _COLLECTIVE.findall(hlo):
+        sizes = [math.prod(int(d) for d in dims.split(",") if d) * (1 if kind == "pred" else int(kind.lstrip("sufb")) // 8)
+                 for kind, dims in _ARRAY.findall(result)]
+        total += max(sizes, default=0)
+    return total
 
 
 def abstract_params(cfg: ModelConfig, dtype, mesh):
@@ -144,15 +162,17 @@ class Serving:
         layer = jax.ShapeDtypeStruct(shape, self.dtype, sharding=sharding.cache_sharding(self.mesh, cfg, shape))
         cache = KVCache(kv=(layer,) * cfg.num_layers)
         tables = jax.ShapeDtypeStruct((self.config.max_num_seqs, self.pages_per_seq), jnp.int32, sharding=rep)
-        state = jax.tree.map(lambda x: abstract(x, rep),
-                             jax.eval_shape(lambda: SamplerState.zeros(self.config.max_num_seqs, cfg.vocab_size)))
+        placement = SamplerState.placement(rep, sharding.by_vocab(self.mesh, cfg.vocab_size))
+        state = jax.tree.map(abstract, jax.eval_shape(lambda: SamplerState.zeros(self.config.max_num_seqs,
+                                                                                  cfg.vocab_size)), placement)
         return cache, tables, state
 
     def programs(self, cache, state) -> StepPrograms:
         kernel = {"tpu": "pallas_tpu", "cuda": "pallas_gpu"}[self.target.chip.platform]
         backend = attention.resolve_backend(kernel, self.mesh, self.mesh.devices.flat[0].device_kind)
         return StepPrograms.build(self.cfg, backend, sharding.replicated(self.mesh),
-                                  jax.tree.map(lambda x: x.sharding, cache), jax.tree.map(lambda x: x.sharding, state))
+                                  jax.tree.map(lambda x: x.sharding, cache), jax.tree.map(lambda x: x.sharding, state),
+                                  sharding.by_vocab(self.mesh, self.cfg.vocab_size))
 
     def compile_bucket(self, programs: StepPrograms, cache, tables, state, num_tokens: int) -> list[Compiled]:
         """The bucket's forward, sampler, grammar-mask and prompt-logprob programs (only the forward when it

@@ -59,7 +59,7 @@ def token_buckets(max_num_batched_tokens: int) -> list[int]:
 PROMPT_LOGPROB_ROWS = 64
 
 
-def _forward(params, cache, tables, state: SamplerState, step: StepInput, cfg, backend):
+def _forward(params, cache, tables, state: SamplerState, step: StepInput, cfg, backend, by_vocab):
     """The model step: the step's block-table writes, the sampler-state updates that need the step's tokens (its
     fresh rows admitted, the fed output tokens counted for penalties), then the forward pass. Doing those here
     leaves the sampler only [S]-shaped inputs: one sampler program per row count, not per token bucket. Returns
@@ -74,7 +74,7 @@ def _forward(params, cache, tables, state: SamplerState, step: StepInput, cfg, b
                   rows[:, ROW_PARAMS:])
     row_slot = jnp.where(slot >= 0, slot, n)
     token_slot = jnp.where(step.token_rows < s, row_slot[jnp.minimum(step.token_rows, s - 1)], n)
-    state = record_tokens(state, batch.token_ids, token_slot, step.positions)
+    state = record_tokens(state, batch.token_ids, token_slot, step.positions, by_vocab)
     family = models.family(cfg.model_type)
     hidden, cache = family.hidden_states(params, cache, batch, cfg, backend)
     logits = family.final_logits(params, hidden[batch.logits_indices], cfg)
@@ -123,15 +123,19 @@ class StepPrograms:
     write_tables: object  # (tables [slots, P], writes [E, 3]) -> tables
 
     @classmethod
-    def build(cls, cfg: ModelConfig, backend: Backend, rep, cache_shardings, state_shardings) -> "StepPrograms":
-        """rep: the mesh's replicated sharding. Pinning the state's output shardings to its input shardings keeps
-        every step on one compiled program; the hidden states keep whatever placement XLA gives them (None):
-        they never leave the device. The KV cache, tables and sampler state are donated."""
+    def build(cls, cfg: ModelConfig, backend: Backend, rep, cache_shardings, state_shardings,
+              logits_sharding) -> "StepPrograms":
+        """rep: the mesh's replicated sharding; logits_sharding: the logits' (split over the vocabulary, as the LM
+        head computes them: no [S, V] all-gather; the sampler reduces across devices per row). Pinning the
+        state's output shardings to its input shardings keeps every step on one compiled program; the hidden
+        states keep whatever placement XLA gives them (None): they never leave the device. The KV cache, tables
+        and sampler state are donated."""
         return cls(
-            forward=jax.jit(functools.partial(_forward, cfg=cfg, backend=backend), donate_argnums=(1, 2, 3),
-                            out_shardings=(rep, cache_shardings, rep, state_shardings, None)),
+            forward=jax.jit(functools.partial(_forward, cfg=cfg, backend=backend, by_vocab=logits_sharding),
+                            donate_argnums=(1, 2, 3),
+                            out_shardings=(logits_sharding, cache_shardings, rep, state_shardings, None)),
             prompt_logprobs=jax.jit(functools.partial(_prompt_logprobs, cfg=cfg), out_shardings=rep),
-            masks=jax.jit(apply_masks, out_shardings=rep),
+            masks=jax.jit(apply_masks, out_shardings=logits_sharding),
             sample=jax.jit(_sample, donate_argnums=(2,), out_shardings=(rep, rep, state_shardings)),
             init_slot=jax.jit(init_slot, donate_argnums=(0,), out_shardings=state_shardings),
             write_tables=jax.jit(write_tables, donate_argnums=(0,), out_shardings=rep))
@@ -196,9 +200,10 @@ class ModelRunner:
         self.mesh = mesh
         rep = sharding.replicated(mesh)
         self.tables = jnp.zeros((max_num_seqs, pages_per_seq), jnp.int32, device=rep)
-        self.sampler_state = SamplerState.zeros(max_num_seqs, cfg.vocab_size, rep)
+        vocab = sharding.by_vocab(mesh, cfg.vocab_size)
+        self.sampler_state = SamplerState.zeros(max_num_seqs, cfg.vocab_size, SamplerState.placement(rep, vocab))
         self.programs = StepPrograms.build(cfg, backend, rep, jax.tree.map(lambda x: x.sharding, cache),
-                                           jax.tree.map(lambda x: x.sharding, self.sampler_state))
+                                           jax.tree.map(lambda x: x.sharding, self.sampler_state), vocab)
         self._pending = None  # (logits, hidden states, step input) between forward and sample
         self.executables = {}  # (program, tokens or rows) -> executable compiled ahead (compile_ahead)
         # Shapes and shardings of the device state, to rebuild it after a failed step (donated buffers are gone).

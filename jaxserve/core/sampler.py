@@ -53,13 +53,23 @@ class SamplerState:
     last_token: jax.Array  # [slots] int32: the token the slot sampled last (what a placeholder stands for)
 
     @classmethod
-    def zeros(cls, slots: int, vocab: int, sharding=None) -> "SamplerState":
-        def z(shape, dtype):
+    def zeros(cls, slots: int, vocab: int, placement: "SamplerState | None" = None) -> "SamplerState":
+        """placement: each field's sharding (`placement()`); None: the default device."""
+        where = placement or cls(*[None] * len(dataclasses.fields(cls)))
+
+        def z(shape, dtype, sharding):
             return jnp.zeros(shape, dtype, device=sharding)
 
-        return cls(z((slots, vocab), jnp.int32), z((slots, vocab), jnp.bool_), z((slots, vocab), jnp.float32),
-                   z((slots, vocab), jnp.bool_), z((slots, len(FLOAT_PARAMS)), jnp.float32),
-                   z((slots, len(INT_PARAMS)), jnp.int32), z((slots,), jnp.int32))
+        return cls(z((slots, vocab), jnp.int32, where.counts), z((slots, vocab), jnp.bool_, where.in_prompt),
+                   z((slots, vocab), jnp.float32, where.bias), z((slots, vocab), jnp.bool_, where.stop_ids),
+                   z((slots, len(FLOAT_PARAMS)), jnp.float32, where.floats),
+                   z((slots, len(INT_PARAMS)), jnp.int32, where.ints), z((slots,), jnp.int32, where.last_token))
+
+    @classmethod
+    def placement(cls, rep, by_vocab) -> "SamplerState":
+        """Where each field lives on a mesh: the [slots, V] rows split over the vocabulary as the logits are
+        (by_vocab), so the sampler never gathers a whole row; the rest replicated (rep)."""
+        return cls(by_vocab, by_vocab, by_vocab, by_vocab, rep, rep, rep)
 
 
 # A slot's parameters, as columns of SamplerState.floats / .ints (and of the step rows that admit a sequence).
@@ -176,13 +186,28 @@ def rows_of(state: SamplerState, slot, valid=None) -> SamplingBatch:
         sample_index=col("num_output"))
 
 
-def record_tokens(state: SamplerState, token_ids, token_slot, positions) -> SamplerState:
+def record_tokens(state: SamplerState, token_ids, token_slot, positions, by_vocab=None) -> SamplerState:
     """Counts this step's fed output tokens in their slots. token_ids, token_slot (the slot count for padding,
-    dropped), positions: [T]. Prompt tokens are not counted (they are in `in_prompt`)."""
+    dropped), positions: [T]. Prompt tokens are not counted (they are in `in_prompt`). by_vocab: the counts'
+    NamedSharding when it splits the vocabulary over a mesh axis: each device then counts the tokens of its own
+    range (XLA would all-gather the [slots, V] counts to scatter into them: 131 MB per step for Llama-3-8B)."""
     n = state.counts.shape[0]
     num_prompt = state.ints[jnp.minimum(token_slot, n - 1), _I["num_prompt"]]
     slot = jnp.where(positions < num_prompt, n, token_slot)
-    return dataclasses.replace(state, counts=state.counts.at[slot, token_ids].add(1, mode="drop"))
+    axis = None if by_vocab is None else by_vocab.spec[1] if len(by_vocab.spec) > 1 else None
+    if axis is None or by_vocab.mesh.shape[axis] == 1:
+        return dataclasses.replace(state, counts=state.counts.at[slot, token_ids].add(1, mode="drop"))
+
+    def count_local(counts, slot, token_ids):                   # counts: [slots, V / devices]
+        v = counts.shape[1]
+        local = token_ids - jax.lax.axis_index(axis) * v
+        mine = (local >= 0) & (local < v)
+        return counts.at[jnp.where(mine, slot, n), jnp.clip(local, 0, v - 1)].add(1, mode="drop")
+
+    spec = jax.sharding.PartitionSpec()
+    counts = jax.shard_map(count_local, mesh=by_vocab.mesh, in_specs=(by_vocab.spec, spec, spec),
+                           out_specs=by_vocab.spec)(state.counts, slot, token_ids)
+    return dataclasses.replace(state, counts=counts)
 
 
 def apply_masks(logits, rows, masks):

@@ -170,6 +170,12 @@ def kv_heads_per_device(mesh: Mesh, cfg: ModelConfig) -> int:
     return cache_sharding(mesh, cfg, shape).shard_shape(shape)[2] // 2
 
 
+def by_vocab(mesh: Mesh, vocab: int) -> NamedSharding:
+    """[rows, vocab] arrays (logits, the sampler's per-token rows) split over the vocabulary as the LM head's
+    output is (replicated where the model axis does not divide it)."""
+    return sharding_for(mesh, ("rows", "vocab"), (1, vocab))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
