@@ -109,14 +109,15 @@ def placed(mesh: Mesh, cfg: ModelConfig) -> ModelConfig:
                                mlp_groups=n if cfg.intermediate_size % n == 0 else 1)
 
 
-FUSED_PARTS = {"wqkv": 3, "bqkv": 3, "w_gate_up": 2}  # fields made of several checkpoint tensors: how many
+QKV_FIELDS = ("wqkv", "bqkv")  # fused from q, k, v
+FUSED_FIELDS = QKV_FIELDS + ("w_gate_up",)  # fields made of several checkpoint tensors
 
 
 def fuse(parts: tuple[np.ndarray, ...], name: str, cfg: ModelConfig, to: ModelConfig) -> np.ndarray:
     """A fused field from its parts (q, k, v or gate, up; output columns last), as `to` (placed(mesh, cfg)) reads
     it: k and v heads repeated (k0 k0 k1 k1 ...: query head h still reads original kv head h // group), then the
     columns in `to`'s groups, each holding its device's share of every part."""
-    if name in ("wqkv", "bqkv"):
+    if name in QKV_FIELDS:
         q, k, v = parts
         repeats = to.num_kv_heads // cfg.num_kv_heads
 
@@ -139,7 +140,7 @@ def fused_shape(parts, name: str, cfg: ModelConfig, to: ModelConfig) -> tuple[in
 
 def split_fused(array: np.ndarray, name: str, cfg: ModelConfig) -> tuple[np.ndarray, ...]:
     """A fused field in one group (as loaded on one device) back into its parts."""
-    if name in ("wqkv", "bqkv"):
+    if name in QKV_FIELDS:
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         return tuple(np.split(array, [q, q + kv], axis=-1))
     return tuple(np.split(array, 2, axis=-1))
@@ -206,6 +207,6 @@ def shard_params(params, mesh: Mesh, cfg: ModelConfig):
 
     def place(path, x):
         name = path[-1].name
-        return put(split_fused(np.asarray(x), name, cfg) if name in FUSED_PARTS else x, name)
+        return put(split_fused(np.asarray(x), name, cfg) if name in FUSED_FIELDS else x, name)
 
     return jax.tree_util.tree_map_with_path(place, params), placed(mesh, cfg)
