@@ -172,7 +172,7 @@ class Serving:
         backend = attention.resolve_backend(kernel, self.mesh, self.mesh.devices.flat[0].device_kind)
         return StepPrograms.build(self.cfg, backend, sharding.replicated(self.mesh),
                                   jax.tree.map(lambda x: x.sharding, cache), jax.tree.map(lambda x: x.sharding, state),
-                                  sharding.by_vocab(self.mesh, self.cfg.vocab_size))
+                                  state.counts.sharding)  # the logits split as the sampler's [slots, V] rows are
 
     def compile_bucket(self, programs: StepPrograms, cache, tables, state, num_tokens: int) -> list[Compiled]:
         """The bucket's forward, sampler, grammar-mask and prompt-logprob programs (only the forward when it

@@ -156,11 +156,6 @@ class EngineCore:
         log.info("engine ready: max_model_len %d, %d KV pages of %d tokens, %d step buckets, backend %s",
                  self.max_model_len, num_pages, config.page_size, len(self.runner.buckets), backend.kernel)
 
-    def _cache_sharding(self, config: EngineConfig, num_pages: int):
-        cfg = self.model.cfg
-        shape = cache_shape(cfg, num_pages, config.page_size)
-        return shape, sharding.cache_sharding(self.mesh, cfg, shape)
-
     def _page_bytes(self, config: EngineConfig) -> int:
         """Bytes of one KV page on one device (the cache is split over kv heads where the model axis allows)."""
         cfg = self.model.cfg
@@ -168,8 +163,9 @@ class EngineCore:
                                                config.page_size, cfg.head_dim, self.model.dtype.itemsize)
 
     def _runner(self, config: EngineConfig, num_pages: int, pages_per_seq: int, backend) -> ModelRunner:
-        shape, where = self._cache_sharding(config, num_pages)
-        cache = init_cache(self.model.cfg, num_pages, config.page_size, self.model.dtype, where)
+        cfg = self.model.cfg
+        where = sharding.cache_sharding(self.mesh, cfg, cache_shape(cfg, num_pages, config.page_size))
+        cache = init_cache(cfg, num_pages, config.page_size, self.model.dtype, where)
         return ModelRunner(self.model.cfg, self.model.params, cache, backend=backend,
                            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=step_token_budget(config),
                            pages_per_seq=pages_per_seq, mesh=self.mesh, eos_token_ids=self.model.eos_token_ids)
