@@ -1,5 +1,5 @@
 """`jaxserve check`: a small model's every serving program compiled for a TPU v5e topology with libtpu, on this
-CPU-only machine; a configuration that cannot fit refused. (The abstract weights' shapes are checked against
+CPU-only machine, and lowered for 4 H100s; a configuration that cannot fit refused. (The abstract weights' shapes are checked against
 transformers' models in test_model_parity.py.)"""
 
 import json
@@ -52,6 +52,44 @@ def test_every_program_compiles_and_fits(small_check):
     assert 0 < float(forward[9]) < logits_mb / 4 and float(sample[9]) < logits_mb / 2, (forward, sample)
     kv = re.search(r"KV cache: (\d+) pages of 128 tokens", out)  # the TPU default page
     assert kv and int(kv.group(1)) == 16 * 2048 // 128  # all 16 sequences at full length fit in 16 GiB
+
+
+@pytest.fixture(scope="module")
+def cuda_check(tmp_path_factory):
+    return check(SMALL, tmp_path_factory.mktemp("check"), "--target", "cuda-h100-4", "-tp", "4", "--max-model-len",
+                 "2048", "--max-num-seqs", "16", "--max-num-batched-tokens", "64")
+
+
+def test_a_cuda_target_lowers_every_program(cuda_check):
+    """The same programs lowered for 4 H100s (an abstract mesh: no GPU here), with what is known without compiling
+    in the columns and "-" for the rest."""
+    out = cuda_check.stdout
+    assert cuda_check.returncode == 0, out + cuda_check.stderr[-3000:]
+    lines = out.strip().splitlines()
+    assert lines[-1] == ("check: OK: 10 programs lowered for cuda-h100-4 (2 of 5 buckets) and fit in 74.506 GiB "
+                         "per chip (without temporaries: compiling needs the GPU)"), lines[-1]
+    assert lines[2].split() == ["program", "bucket", "lower", "s", "args", "GiB", "temp", "GiB", "peak", "GiB",
+                                "GFLOP", "GB", "moved", "coll", "MB", "est", "ms"]
+    rows = [line.split() for line in lines if re.match(r"(forward|sample|masks|prompt_logprobs) +T=", line)]
+    assert [r[:3] for r in rows] == [[p, f"T={t}", f"S={s}"] for t, s in ((1, 1), (64, 16))
+                                     for p in ("forward", "sample", "masks", "prompt_logprobs")]
+    forward = rows[4]
+    # A quarter of the weights and the KV cache per GPU; the 64-token step's matmuls, a quarter of them per GPU:
+    # 2 layers x 64 tokens x 2 FLOPs x (q/k/v/o 256x(256+128+128+256) + MLP 3x256x512), plus the LM head 256x32000.
+    assert float(forward[4]) > 0 and forward[5] == "-" and forward[8:] == ["-", "-", "-"], forward
+    matmuls = 2 * 64 * 2 * (256 * 768 + 3 * 256 * 512) + 16 * 2 * 256 * 32000
+    assert 0.9 * matmuls / 4 <= float(forward[7]) * 1e9 < 1.5 * matmuls / 4, (forward, matmuls)  # 2 decimals
+    kv = re.search(r"KV cache: (\d+) pages of 16 tokens", out)  # the GPU default page
+    assert kv and int(kv.group(1)) == 16 * 2048 // 16
+    assert "(lowered only: temporaries, memory traffic and collectives are known after compiling" in out
+
+
+def test_the_gpu_kernel_is_lowered(tmp_path):
+    """The lowering runs the Pallas Triton kernel's own (the reference would lower at any head size): a head size
+    whose tiles Triton cannot hold fails the check, naming the kernel's refusal."""
+    proc = check(dict(SMALL, head_dim=40), tmp_path, "--target", "cuda-h200-1", "--max-model-len", "2048")
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
+    assert "FAILED" in proc.stdout.strip().splitlines()[-1] and "power of 2" in proc.stdout, proc.stdout[-2000:]
 
 
 def test_a_context_that_cannot_fit_is_refused(tmp_path):

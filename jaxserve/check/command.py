@@ -1,9 +1,11 @@
 """`jaxserve check CONFIG.json --target tpu-v6e-4 ...`: does this model, at this configuration, compile and fit?
 
-Compiles every serving program (jaxserve/check/programs.py) for the target on this machine, with libtpu and
+Compiles every serving program (jaxserve/check/programs.py) for a TPU target on this machine, with libtpu and
 no TPU, and prints per program its compile time, the compiler's per-chip memory against the chip's HBM and a
-roofline estimate of its run time from the compiled cost analysis. The last line begins `check: OK` and the
-exit status is 0 only when every program compiled and fits.
+roofline estimate of its run time from the compiled cost analysis. A CUDA target is lowered only (compiling
+needs the GPU): its rows give the lowering time, the memory of the placed arguments and outputs (no
+temporaries: "-") and a cost from the program before partitioning. The last line begins `check: OK` and the
+exit status is 0 only when every program compiled (or lowered) and fits.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def report(serving, compiled: list, buckets: list[int], seconds: float) -> tuple
 
     chip = serving.target.chip
     resident = per_chip_bytes((serving.params, *serving.state(serving.kv_pages)))
-    lines = [f"{'program':<16} {'bucket':<14} {'compile s':>9} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} "
+    lines = [f"{'program':<16} {'bucket':<14} {'lower s' if serving.target.lowers_only else 'compile s':>9} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} "
              f"{'GFLOP':>9} {'GB moved':>9} {'coll MB':>8} {'est ms':>8}"]
     fits = True
     for c in compiled:
@@ -72,13 +74,19 @@ def report(serving, compiled: list, buckets: list[int], seconds: float) -> tuple
         over = peak > chip.hbm_bytes
         fits &= not over
         est = c.seconds_at_roofline(chip.bf16_flops, chip.hbm_bandwidth) * 1e3
-        lines.append(f"{c.name:<16} {c.bucket:<14} {c.seconds:>9.1f} {_gib(c.argument_bytes):>9} "
-                     f"{_gib(c.temp_bytes):>9} {_gib(peak):>9} {c.flops / 1e9:>9.2f} "
-                     f"{c.bytes_accessed / 1e9:>9.3f} {c.collective_bytes / 1e6:>8.3f} {est:>8.3f}"
-                     + ("  OVER HBM" if over else ""))
+        temp, moved, coll, est = (f"{_gib(c.temp_bytes):>9}", f"{c.bytes_accessed / 1e9:>9.3f}",
+                                  f"{c.collective_bytes / 1e6:>8.3f}", f"{est:>8.3f}") if c.compiled else \
+            (f"{'-':>9}", f"{'-':>9}", f"{'-':>8}", f"{'-':>8}")
+        lines.append(f"{c.name:<16} {c.bucket:<14} {c.seconds:>9.1f} {_gib(c.argument_bytes):>9} {temp} "
+                     f"{_gib(peak):>9} {c.flops / 1e9:>9.2f} {moved} {coll} {est}" + ("  OVER HBM" if over else ""))
     summed = sum(c.seconds for c in compiled)
-    lines.append(f"compiled {len(compiled)} programs in {seconds:.1f} s of wall time ({summed:.1f} s summed over "
-                 "programs; those compiled side by side share the cores)")
+    verb = _verb(serving.target)
+    lines.append(f"{verb} {len(compiled)} programs in {seconds:.1f} s of wall time ({summed:.1f} s summed over "
+                 f"programs; those {verb} side by side share the cores)")
+    if serving.target.lowers_only:
+        lines.append("(lowered only: temporaries, memory traffic and collectives are known after compiling, so no "
+                     "roofline time; FLOPs are the unpartitioned program's divided by the GPUs)")
+        return lines, fits
     for b in buckets:
         step = [c for c in compiled if c.bucket.startswith(f"T={b} ") and c.name in ("forward", "sample")]
         ms = sum(c.seconds_at_roofline(chip.bf16_flops, chip.hbm_bandwidth) for c in step) * 1e3
@@ -86,6 +94,10 @@ def report(serving, compiled: list, buckets: list[int], seconds: float) -> tuple
         lines.append(f"step T={b} S={seqs} (forward + sample) at the roofline: {ms:.3f} ms"
                      + (f", {seqs / ms * 1e3:,.0f} sampled tokens/s when each of the {seqs} rows samples" if ms else ""))
     return lines, fits
+
+
+def _verb(target) -> str:
+    return "lowered" if target.lowers_only else "compiled"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,9 +108,6 @@ def run(args: argparse.Namespace) -> int:
     from jaxserve.models.config import ModelConfig
 
     target = targets.target(args.target)
-    if target.chip.platform != "tpu":
-        print(f"check: {args.target}: CUDA targets are not compiled yet (only TPU targets are)", file=sys.stderr)
-        return 2
     cfg = ModelConfig.from_hf(_hf_config(args.config))
     config = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.block_size,
@@ -106,7 +115,11 @@ def run(args: argparse.Namespace) -> int:
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_memory_gb=args.kv_cache_memory_gb)
     chip = target.chip
-    serving = Serving.build(cfg, config, target, args.dtype)
+    try:
+        serving = Serving.build(cfg, config, target, args.dtype)
+    except ValueError as e:  # more chips asked for than the target has
+        print(f"check: {e}", file=sys.stderr)
+        return 2
     weights = per_chip_bytes(serving.params)
     print(f"jaxserve check: {cfg.model_type}, {count_params(serving.params) / 1e9:.2f}B parameters, {args.dtype}, "
           f"on {args.target} ({target.chips} x {chip.name}: {_gib(chip.hbm_bytes)} GiB HBM, "
@@ -127,25 +140,26 @@ def run(args: argparse.Namespace) -> int:
     lines, fits = report(serving, compiled, buckets, seconds)
     print("\n".join(lines))
     if profiled:
-        print(f"(sizing the KV cache compiled the largest bucket once more with one sequence's cache: "
+        print(f"(sizing the KV cache {_verb(target)} the largest bucket once more with one sequence's cache: "
               f"{sum(c.seconds for c in profiled):.1f} s, counted above)")
     if not fits:
-        print(f"check: FAILED: some program did not compile or needs more than the {_gib(chip.hbm_bytes)} GiB "
-              f"of one {chip.name}")
+        print(f"check: FAILED: some program did not {'lower' if target.lowers_only else 'compile'} or needs more "
+              f"than the {_gib(chip.hbm_bytes)} GiB of one {chip.name}")
         return 1
-    print(f"check: OK: {len(compiled)} programs compiled for {args.target} ({len(buckets)} of {len(all_buckets)} "
-          f"buckets) and fit in {_gib(chip.hbm_bytes)} GiB per chip")
+    print(f"check: OK: {len(compiled)} programs {_verb(target)} for {args.target} ({len(buckets)} of "
+          f"{len(all_buckets)} buckets) and fit in {_gib(chip.hbm_bytes)} GiB per chip"
+          + (" (without temporaries: compiling needs the GPU)" if target.lowers_only else ""))
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        targets.target(args.target)
+        target = targets.target(args.target)
     except ValueError as e:
         print(f"check: {e}", file=sys.stderr)
         return 2
-    if not libtpu.importable():  # run again with libtpu on the path; this process never imports it
+    if not target.lowers_only and not libtpu.importable():  # run again with libtpu on the path; this process never imports it
         env = libtpu.environment()
         os.execve(sys.executable, [sys.executable, "-m", "jaxserve.check", *(sys.argv[1:] if argv is None else argv)],
                   env)

@@ -1,4 +1,5 @@
-"""Every serving program of a model, built from its config alone with abstract weights, compiled for a target.
+"""Every serving program of a model, built from its config alone with abstract weights, compiled for a target
+(TPU) or lowered for it (CUDA: compiling needs the GPU).
 
 The programs are the engine's own (`StepPrograms`, model_runner.py) with the engine's shapes: the token-count
 buckets, the KV cache sized by the engine's rule (kv_memory.py) from the chip's memory and the compiled peak of
@@ -47,6 +48,7 @@ class Compiled:
     error: str = ""  # the compiler's refusal, when it failed
     live_bytes: int = 0  # other programs' outputs alive meanwhile: the bucket's logits and hidden states
     collective_bytes: int = 0  # per chip: results of cross-chip collectives, each counted once (not per loop trip)
+    compiled: bool = True  # False when only lowered: no temporaries or collectives known, cost before partitioning
 
     @property
     def overhead_bytes(self) -> int:
@@ -62,22 +64,49 @@ class Compiled:
         return max(self.flops / flops_per_s, self.bytes_accessed / bytes_per_s)
 
 
+def _cost(stage) -> dict:
+    cost = stage.cost_analysis() or {}
+    return cost[0] if isinstance(cost, list) else cost
+
+
 def _compile(name: str, bucket: str, jitted, *args) -> tuple[Compiled, object]:
-    """Compiles for the args' devices; a failure is returned (error set, no executable), not raised."""
+    """Compiles for the args' devices. Returns (its figures, its outputs' ShapeDtypeStructs); a failure is
+    returned (error set, no outputs), not raised."""
     start = time.perf_counter()
     try:
         exe = jitted.trace(*args).lower().compile()
     except Exception as e:  # the compiler's refusal (out of SMEM/VMEM, an unsupported op) is the finding
-        return Compiled(name, bucket, time.perf_counter() - start, 0, 0, 0, 0, 0.0, 0.0,
-                        f"{type(e).__name__}: {e}".splitlines()[0]), None
+        return _failed(name, bucket, start, e), None
     seconds = time.perf_counter() - start
-    mem = exe.memory_analysis()
-    cost = exe.cost_analysis() or {}
-    cost = cost[0] if isinstance(cost, list) else cost
+    mem, cost = exe.memory_analysis(), _cost(exe)
     stats = Compiled(name, bucket, seconds, mem.argument_size_in_bytes, mem.output_size_in_bytes,
                      mem.alias_size_in_bytes, mem.temp_size_in_bytes, float(cost.get("flops", 0.0)),
                      float(cost.get("bytes accessed", 0.0)), collective_bytes=collective_bytes(exe.as_text()))
-    return stats, exe
+    return stats, exe.out_info
+
+
+def _lower(mesh, name: str, bucket: str, jitted, *args) -> tuple[Compiled, object]:
+    """Lowers for CUDA on an abstract mesh, as _compile does for TPU. Without the compiler, memory comes from the
+    placed shapes (arguments, outputs, the donated inputs they replace) and FLOPs from XLA's analysis of the
+    program before partitioning, divided by the GPUs. Its bytes are not kept: before optimization every op counts
+    each buffer it touches whole (the in-place KV write, the whole cache twice per layer)."""
+    start = time.perf_counter()
+    try:
+        with jax.sharding.use_abstract_mesh(mesh):  # where the Pallas Triton lowering reads the GPU it lowers for
+            lowered = jitted.trace(*args).lower(lowering_platforms=("cuda",))
+    except Exception as e:  # a kernel the Triton lowering refuses (block shapes, dtypes) is the finding
+        return _failed(name, bucket, start, e), None
+    seconds = time.perf_counter() - start
+    donated = [a for a, info in zip(jax.tree.leaves(args), jax.tree.leaves(lowered.args_info)) if info.donated]
+    outputs, cost = lowered.out_info, _cost(lowered)
+    stats = Compiled(name, bucket, seconds, per_chip_bytes(args), per_chip_bytes(outputs), per_chip_bytes(donated),
+                     0, float(cost.get("flops", 0.0)) / mesh.size, 0.0, compiled=False)
+    return stats, outputs
+
+
+def _failed(name: str, bucket: str, start: float, e: Exception) -> Compiled:
+    return Compiled(name, bucket, time.perf_counter() - start, 0, 0, 0, 0, 0.0, 0.0,
+                    f"{type(e).__name__}: {e}".splitlines()[0])
 
 
 _COLLECTIVE = re.compile(r"= ([^=\n]+?) (?:all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)"
@@ -113,8 +142,9 @@ def abstract_params(cfg: ModelConfig, dtype, mesh):
 
 
 def per_chip_bytes(tree) -> int:
-    """Bytes one chip holds of a tree of placed ShapeDtypeStructs (the most any chip holds)."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    """Bytes one chip holds of a tree of placed ShapeDtypeStructs (the most any chip holds; an unplaced one whole)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape) if x.sharding else x.shape) * x.dtype.itemsize
+               for x in jax.tree.leaves(tree))
 
 
 class CompileFailed(RuntimeError):
@@ -129,7 +159,7 @@ class Serving:
     config: EngineConfig
     target: Target
     dtype: jnp.dtype
-    mesh: jax.sharding.Mesh
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh  # abstract for a lowered-only (CUDA) target
     params: object
     max_model_len: int
     kv_pages: int = 0
@@ -138,7 +168,7 @@ class Serving:
 
     @classmethod
     def build(cls, cfg: ModelConfig, config: EngineConfig, target: Target, dtype) -> "Serving":
-        mesh = sharding.make_mesh(config.tensor_parallel_size, target.devices())
+        mesh = target.mesh(config.tensor_parallel_size)
         config = config.on(target.chip.platform)
         max_model_len = config.context_length(cfg)
         params, cfg = abstract_params(cfg, dtype, mesh)
@@ -169,7 +199,7 @@ class Serving:
 
     def programs(self, cache, state) -> StepPrograms:
         kernel = {"tpu": "pallas_tpu", "cuda": "pallas_gpu"}[self.target.chip.platform]
-        backend = attention.resolve_backend(kernel, self.mesh, self.mesh.devices.flat[0].device_kind)
+        backend = attention.resolve_backend(kernel, self.mesh, self.target.device_kind(self.mesh))
         return StepPrograms.build(self.cfg, backend, sharding.replicated(self.mesh),
                                   jax.tree.map(lambda x: x.sharding, cache), jax.tree.map(lambda x: x.sharding, state),
                                   state.counts.sharding)  # the logits split as the sampler's [slots, V] rows are
@@ -180,9 +210,14 @@ class Serving:
         label = f"T={num_tokens} S={min(num_tokens, self.config.max_num_seqs)}"
         forward, *rest = compile_bucket(programs, self.params, cache, tables, state, self.mesh, num_tokens,
                                         self.config.max_num_seqs, self.config.page_size, self.cfg.vocab_size,
-                                        lambda name, jitted, *args: _compile(name, label, jitted, *args))
+                                        lambda name, jitted, *args: self._build(name, label, jitted, *args))
         live = forward.output_bytes - forward.alias_bytes  # its logits and hidden states, read by the others
         return [forward] + [dataclasses.replace(c, live_bytes=live) for c in rest]
+
+    def _build(self, name: str, bucket: str, jitted, *args) -> tuple[Compiled, object]:
+        if self.target.lowers_only:
+            return _lower(self.mesh, name, bucket, jitted, *args)
+        return _compile(name, bucket, jitted, *args)
 
     def compile_once(self, programs: StepPrograms, tables, state) -> list[Compiled]:
         """The programs outside the step: a slot's admission and the overflow block-table writes."""
@@ -190,12 +225,12 @@ class Serving:
         v = self.cfg.vocab_size
         row = lambda dt: jax.ShapeDtypeStruct((v,), dt, sharding=rep)
         slot = jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)
-        init, _ = _compile("init_slot", "", programs.init_slot, state, slot, row(jnp.int32), row(jnp.bool_),
+        init, _ = self._build("init_slot", "", programs.init_slot, state, slot, row(jnp.int32), row(jnp.bool_),
                            row(jnp.float32), row(jnp.bool_))
         largest = self.buckets[-1]
         writes = jax.ShapeDtypeStruct((num_table_writes(largest, min(largest, self.config.max_num_seqs),
                                                         self.config.page_size), 3), jnp.int32, sharding=rep)
-        tables_prog, _ = _compile("write_tables", "", programs.write_tables, tables, writes)
+        tables_prog, _ = self._build("write_tables", "", programs.write_tables, tables, writes)
         return [init, tables_prog]
 
     def size_kv_cache(self) -> list[Compiled]:

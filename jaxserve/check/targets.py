@@ -1,8 +1,8 @@
 """The hardware `jaxserve check` compiles for: a chip's memory and roofline, and the devices to compile with.
 
-TPU targets compile for a real topology description from libtpu (no TPU needed); `cuda-*` targets only lower
-(PTX needs a GPU). Per-chip figures are the vendors' published peaks: bf16 dense FLOP/s, HBM bytes and HBM
-bandwidth.
+TPU targets compile for a real topology description from libtpu (no TPU needed); `cuda-*` targets only lower,
+for an abstract mesh of GPUs (compiling needs the GPU). Per-chip figures are the vendors' published peaks: bf16
+dense FLOP/s, HBM bytes and HBM bandwidth.
 """
 
 from __future__ import annotations
@@ -20,13 +20,14 @@ class Chip:
     bf16_flops: float  # per second
     hbm_bandwidth: float  # bytes per second
     topology: str  # libtpu topology holding up to 8 chips, e.g. "v5e:2x4" ("" for cuda)
+    cores: int = 0  # streaming multiprocessors (cuda), given to the abstract device lowered for
 
 
 CHIPS = {
     "v5e": Chip("TPU v5e", "tpu", 16 * GIB, 197e12, 819e9, "v5e:2x4"),
     "v6e": Chip("TPU v6e", "tpu", 32 * GIB, 918e12, 1640e9, "v6e:2x4"),
-    "h100": Chip("NVIDIA H100 SXM", "cuda", 80 * 10**9, 989e12, 3.35e12, ""),
-    "h200": Chip("NVIDIA H200", "cuda", 141 * 10**9, 989e12, 4.8e12, ""),
+    "h100": Chip("NVIDIA H100 SXM", "cuda", 80 * 10**9, 989e12, 3.35e12, "", 132),
+    "h200": Chip("NVIDIA H200", "cuda", 141 * 10**9, 989e12, 4.8e12, "", 132),
 }
 CHIP_COUNTS = (1, 4, 8)
 
@@ -37,13 +38,36 @@ class Target:
     chip: Chip
     chips: int
 
-    def devices(self) -> list:
-        """The devices to compile for: the first `chips` of the chip's topology (TPU)."""
+    @property
+    def lowers_only(self) -> bool:
+        return self.chip.platform == "cuda"
+
+    def mesh(self, tensor_parallel_size: int):
+        """The ("model",) mesh to build the programs on: TPU, the first chips of the chip's topology (libtpu
+        describes whole hosts of 2x2 chips and up; fewer chips are a sub-mesh of one host, which is how a 1-chip
+        VM compiles too); CUDA, an abstract mesh of GPUs of this kind."""
+        if tensor_parallel_size > self.chips:
+            raise ValueError(f"tensor_parallel_size {tensor_parallel_size} needs {tensor_parallel_size} chips; "
+                             f"{self.name} has {self.chips}")
+        import jax
+
+        from jaxserve.parallel import sharding
+
+        if self.lowers_only:
+            kind = jax.sharding.AbstractDevice(device_kind=self.chip.name, num_cores=self.chip.cores,
+                                               platform="cuda")
+            return jax.sharding.AbstractMesh((tensor_parallel_size,), ("model",), abstract_device=kind,
+                                             axis_types=(jax.sharding.AxisType.Auto,))  # as a Mesh's default
         from jax.experimental import topologies
 
-        # libtpu describes whole hosts (2x2 chips and up); fewer chips are a sub-mesh of one host, which is
-        # how a 1-chip VM compiles too.
-        return list(topologies.get_topology_desc(self.chip.topology, platform="tpu").devices[:self.chips])
+        return sharding.make_mesh(tensor_parallel_size, topologies.get_topology_desc(
+            self.chip.topology, platform="tpu").devices[:self.chips])
+
+    @staticmethod
+    def device_kind(mesh) -> str:
+        """The device kind the programs are built for (the kernels' tuning reads it)."""
+        abstract = getattr(mesh, "abstract_device", None)
+        return abstract.device_kind if abstract is not None else mesh.devices.flat[0].device_kind
 
 
 def names() -> list[str]:

@@ -156,18 +156,18 @@ def compile_bucket(programs: StepPrograms, params, cache, tables, state, mesh: M
                    max_num_seqs: int, page_size: int, vocab: int, compile_one) -> list:
     """Compiles one token bucket's forward, sampler, grammar-mask and prompt-logprob programs ahead of time, from
     abstract params, cache, tables and sampler state (ShapeDtypeStructs with shardings): what `jaxserve check`
-    reports on, and what warm-up compiles in parallel. compile_one(name, jitted, *args) compiles and returns
-    (its result, the executable or None when it failed); the programs fed by a failed forward are skipped."""
+    reports on, and what warm-up compiles in parallel. compile_one(name, jitted, *args) compiles (or lowers) and
+    returns (its result, its outputs' ShapeDtypeStructs, or None when it failed); the programs fed by a failed
+    forward are skipped."""
     num_seqs = min(num_tokens, max_num_seqs)
     step, *_ = build_step([], num_tokens, num_seqs, num_table_writes(num_tokens, num_seqs, page_size))
     step = jax.tree.map(abstract, step, step_shardings(mesh))
     rep = sharding.replicated(mesh)
     args = (params, cache, tables, state, step)
-    forward, exe = compile_one("forward", programs.forward, *args)
-    if exe is None:
+    forward, outputs = compile_one("forward", programs.forward, *args)
+    if outputs is None:
         return [forward]
-    logits, _, _, state, hidden = jax.tree.map(abstract, jax.eval_shape(programs.forward, *args),
-                                               exe.output_shardings)
+    logits, _, _, state, hidden = jax.tree.map(lambda x: abstract(x, x.sharding), outputs)
     m = min(num_seqs, MASK_ROWS)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)
     targets = jax.ShapeDtypeStruct((num_tokens,), jnp.int32, sharding=step.token_ids.sharding)
@@ -395,7 +395,7 @@ class ModelRunner:
                 exe = jitted.trace(*args).lower().compile()
                 rows = name in ("sample", "masks")
                 self.executables[(name, min(size, self.max_num_seqs) if rows else size)] = exe
-                return None, exe
+                return None, exe.out_info
 
             compile_bucket(self.programs, params, cache, tables, state, self.mesh, size, self.max_num_seqs,
                            self.cache.page_size, self.cfg.vocab_size, one)
