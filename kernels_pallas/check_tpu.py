@@ -50,6 +50,9 @@ def cases(quick):
         # Sliding window and soft cap change the kernel body: compile them once per topology.
         yield f"attention {topo} window+softcap", lambda: attention_case(
             device, jnp.bfloat16, 16, 8, 128, 16, 128, 64, generation=chip, sliding_window=100, soft_cap=30.0)
+        for d in (80, 96):  # head sizes that are not a power of two (Phi-3's 96)
+            yield f"attention {topo} bfloat16 Hq=32 Hkv=8 D={d} page=128 T=128 S=64", lambda: attention_case(
+                device, jnp.bfloat16, 32, 8, d, 128, 128, 64, generation=chip)
 
 
 def main(argv):

@@ -8,7 +8,8 @@ Attention
   a few sequences has few programs (Hkv x NT: 64 for 8 sequences of an 8-kv-head model, on 132 SMs), so
   decode-shaped batches split each tile's kv blocks into `num_kv_splits` parts (flash-decoding): each
   program writes its part's unnormalized output, max and sum, merged by a log-sum-exp in XLA after.
-  One split (prefill, large batches) normalizes in the kernel. Tiles per head dim: `TILES`.
+  One split (prefill, large batches) normalizes in the kernel. Tiles per head dim: `TILES`. A head that
+  is not a power of two (80, 96) is loaded and multiplied in power-of-two pieces (`head_parts`).
   The q tile [rows, D] and row positions [rows]
   come through BlockSpecs; the tile plan, per-sequence kv lengths and the flattened block tables
   are whole-array refs read with scalar / vector loads.
@@ -26,6 +27,7 @@ Lowering uses pallas.triton.CompilerParams; exporting needs the Triton custom ca
 (check_gpu.DISABLED_CHECKS). `interpret=True` runs the kernel in the generic Pallas interpreter.
 """
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -39,33 +41,43 @@ from . import tiles as tiles_lib
 MASK_VALUE = -1e30
 
 
+def head_parts(d: int) -> tuple[tuple[int, int], ...]:
+    """(offset, width) pieces of a head: the powers of two that sum to d, largest first (80 -> (0, 64), (64, 16)).
+    Triton tensors must have power-of-two sizes and tl.dot a K of at least 16, so a head of 80 or 96 is loaded and
+    multiplied in pieces; d must be a multiple of 16."""
+    if d % 16:
+        raise ValueError(f"the Pallas GPU attention needs a head_dim that is a multiple of 16, not {d}")
+    widths = [1 << b for b in reversed(range(d.bit_length())) if d >> b & 1]
+    return tuple((sum(widths[:i]), w) for i, w in enumerate(widths))
+
+
 def _attention_kernel(seq_ref, first_ref, nblk_ref, kv_lens_ref, tables_ref, q_ref, pos_ref,
                       k_ref, v_ref, *out_refs, pages_per_block, pages_per_seq, sm_scale,
                       sliding_window, soft_cap, num_splits):
     # seq/first/nblk_ref: [NT]; kv_lens_ref: [S]; tables_ref: [S * pages_per_seq];
     # q_ref: [rows, D]; pos_ref: [rows]; k_ref/v_ref: [P, page_size, D] of this kv head.
     # out_refs: o [rows, D] normalized (one split), or acc [rows, D] f32, m [rows], l [rows] of this split's
-    # kv blocks (several splits; combined outside).
+    # kv blocks (several splits; combined outside). Every [.., D] value is held as head_parts(D) pieces.
     i, split = pl.program_id(1), pl.program_id(2)
     seq, first, nblk = seq_ref[i], first_ref[i], nblk_ref[i]
     kv_len = kv_lens_ref[seq]
     _, page_size, d = k_ref.shape
+    parts = [pl.ds(o, w) for o, w in head_parts(d)]
     last_page = jnp.maximum(kv_len - 1, 0) // page_size
     block_kv = pages_per_block * page_size
-    q = (q_ref[...].astype(jnp.float32) * sm_scale).astype(k_ref.dtype)    # [rows, D]
+    qs = [(q_ref[:, c].astype(jnp.float32) * sm_scale).astype(k_ref.dtype) for c in parts]  # [rows, w] each
     pos = pos_ref[...][:, None]                                            # [rows, 1]
-    rows = q.shape[0]
+    rows = qs[0].shape[0]
 
     def body(b, carry):
-        m_i, l_i, acc = carry                          # [rows], [rows], [rows, D] f32
+        m_i, l_i, accs = carry                         # [rows], [rows], [rows, w] f32 per part
         blk = first + b
         cols = jnp.minimum(blk * pages_per_block + jnp.arange(pages_per_block), last_page)
         pages = tables_ref[seq * pages_per_seq + cols]                     # [pages_per_block]
-        k = k_ref[pages].reshape(block_kv, d)
-        v = v_ref[pages].reshape(block_kv, d)
         # Rows past the sequence's end may hold anything (a reused page, even NaN): 0 * NaN in p @ v.
-        v = jnp.where((blk * block_kv + jnp.arange(block_kv))[:, None] < kv_len, v, jnp.zeros_like(v))
-        s = plgpu.dot(q, k, trans_b=True)                                  # [rows, block_kv] f32
+        live = (blk * block_kv + jnp.arange(block_kv))[:, None] < kv_len
+        s = functools.reduce(operator.add, (plgpu.dot(q, k_ref[pages, :, c].reshape(block_kv, c.size), trans_b=True)
+                                            for q, c in zip(qs, parts)))  # [rows, block_kv] f32
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         kv_pos = blk * block_kv + jnp.arange(block_kv)[None, :]
@@ -76,20 +88,24 @@ def _attention_kernel(seq_ref, first_ref, nblk_ref, kv_lens_ref, tables_ref, q_r
         m_new = jnp.maximum(m_i, s.max(axis=1))
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m_i - m_new)
-        acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
-        return m_new, l_i * alpha + p.sum(axis=1), acc
+        pv = p.astype(k_ref.dtype)
+        accs = tuple(acc * alpha[:, None] + plgpu.dot(pv, jnp.where(live, v, jnp.zeros_like(v)))
+                     for acc, v in zip(accs, (v_ref[pages, :, c].reshape(block_kv, c.size) for c in parts)))
+        return m_new, l_i * alpha + p.sum(axis=1), accs
 
     init = (jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32),
-            jnp.zeros((rows, d), jnp.float32))
+            tuple(jnp.zeros((rows, c.size), jnp.float32) for c in parts))
     if num_splits == 1:
-        _, l_f, acc = lax.fori_loop(0, nblk, body, init)
-        out_refs[0][...] = (acc / jnp.maximum(l_f, 1e-30)[:, None]).astype(out_refs[0].dtype)
+        _, l_f, accs = lax.fori_loop(0, nblk, body, init)
+        for acc, c in zip(accs, parts):
+            out_refs[0][:, c] = (acc / jnp.maximum(l_f, 1e-30)[:, None]).astype(out_refs[0].dtype)
         return
     per = lax.div(nblk + num_splits - 1, num_splits)                   # this tile's blocks per split
     start = jnp.minimum(split * per, nblk)
-    m_f, l_f, acc = lax.fori_loop(start, jnp.minimum(start + per, nblk), body, init)
+    m_f, l_f, accs = lax.fori_loop(start, jnp.minimum(start + per, nblk), body, init)
     acc_ref, m_ref, l_ref = out_refs
-    acc_ref[...] = acc
+    for acc, c in zip(accs, parts):
+        acc_ref[:, c] = acc
     m_ref[...] = m_f
     l_ref[...] = l_f
 

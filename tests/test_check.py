@@ -85,11 +85,12 @@ def test_a_cuda_target_lowers_every_program(cuda_check):
 
 
 def test_the_gpu_kernel_is_lowered(tmp_path):
-    """The lowering runs the Pallas Triton kernel's own (the reference would lower at any head size): a head size
-    whose tiles Triton cannot hold fails the check, naming the kernel's refusal."""
+    """What is lowered is the Pallas GPU kernel (the reference would take any head size): a head of 40, which
+    Triton's power-of-two tiles cannot hold in pieces of 16 or more, fails the check with the kernel's refusal."""
     proc = check(dict(SMALL, head_dim=40), tmp_path, "--target", "cuda-h200-1", "--max-model-len", "2048")
     assert proc.returncode == 1, proc.stdout + proc.stderr[-2000:]
-    assert "FAILED" in proc.stdout.strip().splitlines()[-1] and "power of 2" in proc.stdout, proc.stdout[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == ("check: FAILED: forward T=512 S=64: ValueError: the Pallas GPU "
+                                                    "attention needs a head_dim that is a multiple of 16, not 40")
 
 
 def test_a_context_that_cannot_fit_is_refused(tmp_path):

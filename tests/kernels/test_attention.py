@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import kernels_pallas
 
 # (page_size, Hq, Hkv, D, dtype, sliding_window, soft_cap, decode_only): together they cover page
-# sizes 16/32, GQA ratios 1/3/8 (incl. MQA), head dims 64/128, f32/bf16, window and soft cap.
+# sizes 16/32, GQA ratios 1/2/3/4/8 (incl. MQA), head dims 64/80/96/128, f32/bf16, window and soft cap.
 CASES = {
     "p16-mha-d64-f32": (16, 4, 4, 64, jnp.float32, None, None, False),
     "p32-gqa3-d64-bf16-window": (32, 6, 2, 64, jnp.bfloat16, 40, None, False),
@@ -15,6 +15,8 @@ CASES = {
     "p32-mqa8-d128-bf16-window-softcap": (32, 8, 1, 128, jnp.bfloat16, 64, 30.0, False),
     "p16-gqa3-d64-f32-decode": (16, 9, 3, 64, jnp.float32, None, None, True),
     "p16-gqa3-d128-bf16-decode-window": (16, 3, 1, 128, jnp.bfloat16, 50, None, True),
+    "p16-gqa4-d80-bf16": (16, 8, 2, 80, jnp.bfloat16, None, None, False),   # heads Triton takes in pieces
+    "p32-gqa2-d96-f32-decode": (32, 4, 2, 96, jnp.float32, None, None, True),
 }
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}          # vs float64 numpy / vs the reference
 
