@@ -53,6 +53,9 @@ def cases(quick):
         for d in (80, 96):  # head sizes that are not a power of two (Phi-3's 96)
             yield f"attention {topo} bfloat16 Hq=32 Hkv=8 D={d} page=128 T=128 S=64", lambda: attention_case(
                 device, jnp.bfloat16, 32, 8, d, 128, 128, 64, generation=chip)
+        for dtype in DTYPES:  # one kv head per chip (Llama-3.1-8B at tp 8): the heads axis padded most
+            yield f"attention {topo} {jnp.dtype(dtype).name} Hq=4 Hkv=1 D=128 page=16 T=64 S=64", lambda: \
+                attention_case(device, dtype, 4, 1, 128, 16, 64, 64, generation=chip)
 
 
 def main(argv):

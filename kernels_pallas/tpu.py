@@ -6,8 +6,10 @@ one token's K and V of every head, so
 - one token is one DMA at a leading-dim offset: Mosaic refuses DMAs at offsets that are not tile-aligned in the
   last two dims, which rules out writing a single bf16 token into a [.., page_size, D] layout (checked by
   compiling for v6e with libtpu) and forced the separate write kernel this one replaces;
-- a head's K is `buf[:, 2h, :]`, a load Mosaic compiles for f32 and bf16 and every head count the engine serves
-  (a strided `pl.ds` load of a flattened buffer does not: no strided loads of 16-bit data).
+- a head's K and V are sublane-strided loads of the block flattened to rows (`_head_kv`); in bf16 a token's K and
+  V of one head share a 32-bit word, loaded once and split. The VMEM block pads the heads axis to the sublane
+  tile, so flattening it is a view at any head count. (Indexing `buf[:, 2h, :]` instead compiled to a relayout of
+  the whole block per head: about 13x the vector instructions in the compiled kernel.)
 
 Grid = (NT,) query tiles of tiles.py (up to q_tile tokens of one sequence), "arbitrary": one core walks the
 tiles in order, so work of tile i+1 can be started during tile i:
@@ -25,7 +27,8 @@ Every query head of the tile is computed in the grid step (q block [Hkv, rows, D
 heads padded to 16); online softmax in float32 with MXU matmuls in the cache dtype. Decode-shaped batches
 (no more tokens than sequences) use q_tile 1: one grid step per sequence, its one token written by one DMA.
 Block sizes per TPU generation: BLOCKS. Tolerances vs the reference in tests (atol = rtol): 2e-5 f32, 3e-2 bf16.
-Interpret mode (CPU): `interpret=True` runs the kernel in the Pallas TPU interpreter.
+Interpret mode (CPU): `interpret=True` runs the kernel in Pallas' generic interpreter (the TPU interpreter,
+`pltpu.InterpretParams`, cannot yet reshape a ref, which `_head_kv` does).
 """
 import functools
 from typing import NamedTuple
@@ -67,6 +70,19 @@ def generation(device_kind: str) -> str | None:
     return None
 
 
+def _head_kv(block, h):
+    """K and V of kv head h from block [block_kv, 2 * Hkv, D] in VMEM, each [block_kv, D], by sublane-strided loads
+    of the block flattened to rows. 16-bit data packs two rows per 32-bit sublane word, so rows 2h and 2h + 1, a
+    token's K and V of head h, share a word: load the words of head h (stride Hkv) and split their halves."""
+    block_kv, two_hkv, d = block.shape          # two_hkv: 2 * Hkv rounded up to the sublane tile
+    rows = block.reshape(block_kv * two_hkv, d)
+    if rows.dtype.itemsize == 4:
+        return rows[pl.ds(2 * h, block_kv, stride=two_hkv), :], rows[pl.ds(2 * h + 1, block_kv, stride=two_hkv), :]
+    words = rows.bitcast(jnp.uint32)[pl.ds(h, block_kv, stride=two_hkv // 2), :]      # [block_kv, D] uint32
+    half = lambda w: pltpu.bitcast(w, jnp.float32).astype(rows.dtype)   # the high half is a bf16's float32
+    return half(words << 16), half(words & jnp.uint32(0xFFFF0000))
+
+
 def _kernel(seq_ref, first_ref, nblk_ref, start_ref, len_ref, pos0_ref, boff_ref, slots_ref,  # SMEM prefetch
             q_ref, pos_ref, tables_hbm, new_hbm, kv_in,                                       # inputs
             o_ref, kv_hbm,                                                                    # outputs
@@ -74,11 +90,12 @@ def _kernel(seq_ref, first_ref, nblk_ref, start_ref, len_ref, pos0_ref, boff_ref
             *, pages_per_block, sm_scale, sliding_window, soft_cap):
     # q_ref/o_ref: [Hkv, rows, D]; pos_ref: [rows, 1]; tables_hbm: [S, P]; new_hbm: [T, 2 * Hkv, D];
     # kv_hbm: [P, page_size, 2 * Hkv, D], aliased to kv_in (the cache, updated in place);
-    # table: [2, P] SMEM, the block-table rows of this tile and the next; buf: [2, block_kv, 2 * Hkv, D].
+    # table: [2, P] SMEM, the block-table rows of this tile and the next; buf: [2, block_kv, 2 * Hkv rounded up
+    # to the sublane tile, D] (rows past 2 * Hkv are never written or read).
     del kv_in
     i, nt = pl.program_id(0), pl.num_programs(0)
     page_size = kv_hbm.shape[1]
-    block_kv, hkv = buf.shape[1], buf.shape[2] // 2
+    block_kv, hkv = buf.shape[1], kv_hbm.shape[2] // 2
     nxt = jnp.minimum(i + 1, nt - 1)
     has_next = (i + 1 < nt) & (nblk_ref[nxt] > 0)
 
@@ -101,7 +118,8 @@ def _kernel(seq_ref, first_ref, nblk_ref, start_ref, len_ref, pos0_ref, boff_ref
         last_page = lax.div(pos0_ref[j] + len_ref[j] - 1, page_size)      # the tile's last token's page
         row = lax.rem(j, 2)
         return [pltpu.make_async_copy(kv_hbm.at[table[row, jnp.minimum(blk * pages_per_block + p, last_page)]],
-                                      buf.at[slot, pl.ds(p * page_size, page_size)], buf_sem.at[slot])
+                                      buf.at[slot, pl.ds(p * page_size, page_size), pl.ds(0, 2 * hkv)],
+                                      buf_sem.at[slot])
                 for p in range(pages_per_block)]
 
     @pl.when((i == 0) & (nblk_ref[0] > 0))
@@ -149,7 +167,7 @@ def _kernel(seq_ref, first_ref, nblk_ref, start_ref, len_ref, pos0_ref, boff_ref
         out = []
         for h in range(hkv):
             m_i, l_i, acc = carry[3 * h:3 * h + 3]         # [rows, 1], [rows, 1], [rows, D] f32
-            k, v = buf[slot, :, 2 * h, :], buf[slot, :, 2 * h + 1, :]        # [block_kv, D]
+            k, v = _head_kv(buf.at[slot], h)                                 # [block_kv, D]
             v = jnp.where(row_pos >= end, jnp.zeros_like(v), v)             # past this tile's last token
             s = lax.dot_general(qs[h], k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             if soft_cap is not None:
@@ -193,6 +211,7 @@ def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_table
                   constant_values=-1)[..., None]                            # [NT, rows, 1]
     nt = pos.shape[0]
     block_offset = jnp.cumsum(plan.num_blocks) - plan.num_blocks             # blocks of the tiles before
+    tile = 8 * (4 // kv_pages.dtype.itemsize)   # sublanes of a VMEM tile: the heads axis of buf rounds up to it
     kernel = functools.partial(_kernel, pages_per_block=ppb, sm_scale=sm_scale, sliding_window=sliding_window,
                                soft_cap=soft_cap)
     tile_block = pl.BlockSpec((None, hkv, rows, d), lambda i, *_: (i, 0, 0, 0))
@@ -211,11 +230,11 @@ def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_table
                       any_space, any_space, any_space],
             out_specs=(tile_block, any_space),
             scratch_shapes=[pltpu.SMEM((2, pages_per_seq), jnp.int32), pltpu.SemaphoreType.DMA((2,)),
-                            pltpu.VMEM((2, ppb * page_size, two_hkv, d), kv_pages.dtype),
+                            pltpu.VMEM((2, ppb * page_size, -(-two_hkv // tile) * tile, d), kv_pages.dtype),
                             pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((1,))]),
         input_output_aliases={len(prefetch) + 4: 1},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=interpret,
     )(*prefetch, qt, pos, block_tables.astype(jnp.int32), reference.interleave(k, v, kv_pages.dtype), kv_pages)
     out = out.transpose(1, 0, 2, 3)[:, :, :m]
     return tiles_lib.scatter_out(out, plan, cu_q_lens, num_seqs, q_tile, t), kv_pages

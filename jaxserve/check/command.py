@@ -62,7 +62,8 @@ def report(serving, compiled: list, buckets: list[int], seconds: float) -> tuple
 
     chip = serving.target.chip
     resident = per_chip_bytes((serving.params, *serving.state(serving.kv_pages)))
-    lines = [f"{'program':<16} {'bucket':<14} {'lower s' if serving.target.lowers_only else 'compile s':>9} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} "
+    seconds_column = "lower s" if serving.target.lowers_only else "compile s"
+    lines = [f"{'program':<16} {'bucket':<14} {seconds_column:>9} {'args GiB':>9} {'temp GiB':>9} {'peak GiB':>9} "
              f"{'GFLOP':>9} {'GB moved':>9} {'coll MB':>8} {'est ms':>8}"]
     fits = True
     for c in compiled:
