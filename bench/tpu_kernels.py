@@ -31,7 +31,7 @@ SHAPES = [  # (label, Hq, Hkv, D, page_size, max_model_len, max_num_seqs, tokens
     ("Qwen2.5-14B tp4, 32k x 256 seqs, page 16, decode", 10, 2, 128, 16, 32768, 256, 256),
 ]
 DUMP = pathlib.Path(os.environ.get("JAXSERVE_MOSAIC_DUMP", tempfile.gettempdir())) / "jaxserve-mosaic-dump"
-_MEMREF = re.compile(r"memref<([\dx]+)x(bf16|f32|i32|u32|i8)\b[^>]*#tpu\.memory_space<(vmem|smem)")
+_MEMREF = re.compile(r"memref<([\dx]+)x(bf16|f32|i32|u32|i8), (?:#tpu\.tiled<[^>]*>, )?#tpu\.memory_space<(vmem|smem)")
 _BYTES = {"bf16": 2, "f32": 4, "i32": 4, "u32": 4, "i8": 1}
 
 
@@ -50,10 +50,13 @@ def compiled_kernel(fn, args, donate, device) -> tuple[float, str]:
 
 def kernel_figures(llo: str) -> str:
     """SMEM / VMEM of the kernel function's operands and scratch, and its vector instruction count."""
-    signature = llo[llo.index("func.func"):llo.index("{", llo.index(") attributes"))] if "func.func" in llo else ""
+    signature = llo[llo.index("func.func"):llo.index(") attributes")] if "func.func" in llo else ""
     space = collections.Counter()
-    for dims, dtype, where in _MEMREF.findall(signature):
-        space[where] += math.prod(int(x) for x in dims.split("x")) * _BYTES[dtype]
+    for operand in re.findall(r"%\w+: i32 \{([^{}]*)\}", signature):
+        if "unspecified_memory_space" in operand:  # pl.ANY operands (the cache, tables): they stay in HBM
+            continue
+        for dims, dtype, where in _MEMREF.findall(operand):
+            space[where] += math.prod(int(x) for x in dims.split("x")) * _BYTES[dtype]
     vector_ops = len(re.findall(r"llo\.v[a-z_]+", llo))
     return f"SMEM {space['smem'] / 1024:8.1f} KiB  VMEM {space['vmem'] / 2**20:6.2f} MiB  {vector_ops:6d} vector ops"
 
