@@ -43,7 +43,8 @@ def cases():
     for d in (80, 96):  # heads Triton takes in power-of-two pieces
         yield f"attention bfloat16 Hq=32 Hkv=8 D={d} page=16 T=128 S=64", lambda: attention_case(
             jnp.bfloat16, 32, 8, d, 16, 128, 64)
-        yield f"attention decode D={d} splits=8", lambda: attention_case(jnp.bfloat16, 32, 8, d, 16, 8, 8, num_splits=8)
+        yield f"attention decode D={d} splits=8", lambda: attention_case(
+            jnp.bfloat16, 32, 8, d, 16, 8, 8, num_splits=8)
     for d, splits in ((64, 4), (128, 16), (256, 2)):  # split-KV decode, and each head dim's tile choice
         yield f"attention decode D={d} splits={splits}", lambda: attention_case(
             jnp.bfloat16, 32, 8, d, 16, 8, 8, num_splits=splits)

@@ -1,6 +1,6 @@
 """`jaxserve check`: a small model's every serving program compiled for a TPU v5e topology with libtpu, on this
-CPU-only machine, and lowered for 4 H100s; a configuration that cannot fit refused. (The abstract weights' shapes are checked against
-transformers' models in test_model_parity.py.)"""
+CPU-only machine, and lowered for 4 H100s; a configuration that cannot fit refused. (The abstract weights'
+shapes are checked against transformers' models in test_model_parity.py.)"""
 
 import json
 import pathlib

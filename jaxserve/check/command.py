@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"check: {e}", file=sys.stderr)
         return 2
-    if not target.lowers_only and not libtpu.importable():  # run again with libtpu on the path; this process never imports it
+    if not target.lowers_only and not libtpu.importable():  # again with libtpu on the path (never imported here)
         env = libtpu.environment()
         os.execve(sys.executable, [sys.executable, "-m", "jaxserve.check", *(sys.argv[1:] if argv is None else argv)],
                   env)
