@@ -6,12 +6,14 @@ single decode tokens mixed), their K/V written into the paged cache, attention r
 does not know which attention backend runs: `attention.py` is the one dispatch point.
 
 Layers are a Python tuple, unrolled under jit: measured ~3x faster per step on CPU than `lax.scan` over
-stacked layers (design.md), at the price of a longer compile.
+stacked layers (design.md). Each layer is a jit of its own (`_decoder_layer`), so a step program traces and
+lowers one layer instead of every layer; XLA inlines the calls, and the optimized program is the same.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -87,10 +89,17 @@ def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     kvs = []
     for layer, kv_pages in zip(params.layers, cache.kv):
-        x, kv_pages = _attention_block(layer, x, cos, sin, kv_pages, batch, cfg, backend)
-        x = _mlp_block(layer, x, cfg)
+        x, kv_pages = _decoder_layer(layer, x, cos, sin, kv_pages, batch, cfg, backend)
         kvs.append(kv_pages)
     return x, KVCache(kv=tuple(kvs))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "backend"))
+def _decoder_layer(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
+    """One decoder layer: x [T, hidden] -> x, and its kv_pages with this step's K/V written. Every layer has the same
+    shapes, so this is traced and lowered once per step program, not once per layer."""
+    x, kv_pages = _attention_block(layer, x, cos, sin, kv_pages, batch, cfg, backend)
+    return _mlp_block(layer, x, cfg), kv_pages
 
 
 def final_logits(params: Params, x, cfg: ModelConfig):
