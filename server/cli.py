@@ -23,8 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     engine = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.block_size,
-                          tensor_parallel_size=args.tensor_parallel_size,
-                          seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
+                          tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
+                          quantization_group_size=args.quantization_group_size, seed=args.seed, enable_prefix_caching=not args.no_enable_prefix_caching,
                           scheduling_policy=args.scheduling_policy,
                           kv_cache_memory_gb=args.kv_cache_memory_gb,
                           gpu_memory_utilization=args.gpu_memory_utilization,
@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reasoning-parser", choices=["deepseek_r1", "qwen3"],
                        help="split <think> reasoning into reasoning_content")
     serve.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on TPU/GPU), float32, bfloat16")
+    serve.add_argument("--quantization", "-q", choices=["auto", "none", "gguf", "int8", "int4", "fp8"],
+                       default="auto",
+                       help="weights: gguf keeps a GGUF file's quantized matrices as stored, none dequantizes them, "
+                            "auto is gguf on TPU/GPU and none on CPU; int8 (per channel), int4 (per group) or fp8 "
+                            "(per channel; TPU v6e+, CUDA 8.9+) quantize the decoder layers at load")
+    serve.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale of int4 weights")
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--distributed-coordinator", help="host:port of process 0, for several processes (hosts); "
                        "the default comes from JAX_COORDINATOR_ADDRESS")

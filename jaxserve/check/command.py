@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which token buckets to compile: smallest,largest (default) or all")
     p.add_argument("--compile-workers", type=int, default=len(os.sched_getaffinity(0)),
                    help="buckets compiled at once, on threads (default: the cores this process may use)")
-    p.add_argument("--quantization", choices=["none"], default="none",
-                   help="weight quantization (only unquantized weights exist so far)")
+    p.add_argument("--quantization", choices=["none", "int8", "int4", "fp8"], default="none",
+                   help="quantize the decoder layers' weights as `jaxserve serve --quantization` does at load")
+    p.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale of int4 weights")
     return p
 
 
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxserve.core.engine_core import EngineConfig
     from jaxserve.models.base import count_params
     from jaxserve.models.config import ModelConfig
+    from jaxserve.quantization.schemes import WeightQuantization, check_backend
 
     target = targets.target(args.target)
     cfg = ModelConfig.from_hf(_hf_config(args.config))
@@ -117,12 +119,17 @@ def run(args: argparse.Namespace) -> int:
                           kv_cache_memory_gb=args.kv_cache_memory_gb)
     chip = target.chip
     try:
-        serving = Serving.build(cfg, config, target, args.dtype)
-    except ValueError as e:  # more chips asked for than the target has
+        quantize = None
+        if args.quantization != "none":
+            quantize = WeightQuantization(args.quantization, args.quantization_group_size)
+            check_backend(args.quantization, chip.platform, chip.name)
+        serving = Serving.build(cfg, config, target, args.dtype, quantize)
+    except ValueError as e:  # more chips asked for than the target has, a scheme the chip cannot run
         print(f"check: {e}", file=sys.stderr)
         return 2
     weights = per_chip_bytes(serving.params)
-    print(f"jaxserve check: {cfg.model_type}, {count_params(serving.params) / 1e9:.2f}B parameters, {args.dtype}, "
+    print(f"jaxserve check: {cfg.model_type}, {count_params(serving.params) / 1e9:.2f}B parameters, {args.dtype}"
+          f"{'' if quantize is None else ' with ' + args.quantization + ' weights'}, "
           f"on {args.target} ({target.chips} x {chip.name}: {_gib(chip.hbm_bytes)} GiB HBM, "
           f"{chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s per chip), "
           f"tp {config.tensor_parallel_size}, max_model_len {serving.max_model_len}, "

@@ -30,6 +30,7 @@ from jaxserve.models import attention
 from jaxserve.models.base import KVCache, cache_shape
 from jaxserve.models.config import ModelConfig
 from jaxserve.parallel import sharding
+from jaxserve.quantization.schemes import WeightQuantization
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,9 +126,10 @@ def collective_bytes(hlo: str) -> int:
     return total
 
 
-def abstract_params(cfg: ModelConfig, dtype, mesh):
+def abstract_params(cfg: ModelConfig, dtype, mesh, quantize: WeightQuantization | None = None):
     """The family's params pytree as ShapeDtypeStructs, sharded as loading would, and the configuration they
-    compute with: params_from_hf runs over zero-stride arrays (no memory) and places each field abstractly."""
+    compute with: params_from_hf runs over zero-stride arrays (no memory) and places each field abstractly, quantized
+    as `quantize` would at load."""
     family = models.family(cfg.model_type)
     zero = np.zeros((), dtype)
     tensors = {name: np.broadcast_to(zero, shape) for name, shape in family.hf_shapes(cfg).items()}
@@ -135,8 +137,10 @@ def abstract_params(cfg: ModelConfig, dtype, mesh):
 
     def place(array, name):
         shape = sharding.fused_shape(array, name, cfg, placed) if isinstance(array, tuple) else array.shape
-        dtype = array[0].dtype if isinstance(array, tuple) else array.dtype
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.param_sharding(mesh, placed, name, shape))
+        struct = jax.ShapeDtypeStruct(shape, array[0].dtype if isinstance(array, tuple) else array.dtype)
+        struct = quantize.abstract(struct, name) if quantize else struct
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+            s.shape, s.dtype, sharding=sharding.param_sharding(mesh, placed, name, s.shape)), struct)
 
     return family.params_from_hf(tensors, cfg, dtype, put=place), placed
 
@@ -167,11 +171,12 @@ class Serving:
     page_bytes: int = 0
 
     @classmethod
-    def build(cls, cfg: ModelConfig, config: EngineConfig, target: Target, dtype) -> "Serving":
+    def build(cls, cfg: ModelConfig, config: EngineConfig, target: Target, dtype,
+              quantize: WeightQuantization | None = None) -> "Serving":
         mesh = target.mesh(config.tensor_parallel_size)
         config = config.on(target.chip.platform)
         max_model_len = config.context_length(cfg)
-        params, cfg = abstract_params(cfg, dtype, mesh)
+        params, cfg = abstract_params(cfg, dtype, mesh, quantize)
         serving = cls(cfg, config, target, jnp.dtype(dtype), mesh, params, max_model_len)
         serving.page_bytes = kv_memory.page_bytes_per_device(cfg.num_layers, sharding.kv_heads_per_device(mesh, cfg),
                                                              config.page_size, cfg.head_dim, serving.dtype.itemsize)

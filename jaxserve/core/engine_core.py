@@ -49,6 +49,8 @@ class EngineConfig:
     kv_cache_memory_gb: float | None = None  # per device
     gpu_memory_utilization: float = 0.9  # of each TPU/GPU's memory, for weights, activations and the KV cache
     attention_backend: str = "auto"
+    quantization: str = "auto"  # weights: auto, none, gguf, int8, int4, fp8 (weights/loader.load_model)
+    quantization_group_size: int = 128  # int4's group of inputs per scale
     tensor_parallel_size: int = 1
     seed: int = 0
     enable_prefix_caching: bool = True
@@ -122,7 +124,8 @@ class EngineCore:
             params, cfg = sharding.shard_params(model.params, self.mesh, model.cfg)
             model = dataclasses.replace(model, params=params, cfg=cfg)
         else:
-            model = load_model(model, dtype=dtype, mesh=self.mesh, progress=progress)
+            model = load_model(model, dtype=dtype, mesh=self.mesh, quantization=config.quantization,
+                               quantization_group_size=config.quantization_group_size, progress=progress)
         self.model = model
         cfg = self.model.cfg
         self.tokenizer = self.model.tokenizer

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.models.config import ModelConfig
+from jaxserve.quantization import qarray
 
 
 @jax.tree_util.register_dataclass
@@ -73,4 +74,5 @@ def apply_rope(x, cos, sin):
 
 
 def count_params(params) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    """Parameters of a params tree, a quantized matrix counted by its logical shape."""
+    return sum(int(np.prod(x.shape)) for x in qarray.leaves(params))

@@ -23,11 +23,13 @@ import numpy as np
 from jaxserve.models import attention
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.base import Batch, KVCache, apply_rope, rms_norm
+from jaxserve.quantization.qarray import QArray, linear, take_rows
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Layer:
+    # The four matrices may be QArrays (jaxserve.quantization), grouped along their input axis.
     attn_norm: jax.Array  # [hidden]
     wqkv: jax.Array  # [hidden, (q_heads + 2 * kv_heads) * head_dim], in cfg.qkv_groups groups of (q, k, v) heads
     wo: jax.Array  # [q_heads * head_dim, hidden]
@@ -42,17 +44,17 @@ class Layer:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Params:
-    embed: jax.Array  # [vocab, hidden]
+    embed: jax.Array | QArray  # [vocab, hidden]; a QArray is grouped along hidden
     layers: tuple[Layer, ...]
     final_norm: jax.Array  # [hidden]
-    lm_head: jax.Array | None  # [hidden, vocab]; None when tied to `embed`
+    lm_head: jax.Array | QArray | None  # [hidden, vocab]; None when tied to `embed`
 
 
 def _attention_block(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: ModelConfig,
                      backend: attention.Backend):
     t = x.shape[0]
     h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
-    qkv = h @ layer.wqkv
+    qkv = linear(h, layer.wqkv)
     if cfg.qkv_bias:
         qkv = qkv + layer.bqkv
     g, hq, hkv = cfg.qkv_groups, cfg.num_heads // cfg.qkv_groups, cfg.num_kv_heads // cfg.qkv_groups
@@ -65,15 +67,15 @@ def _attention_block(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: Mod
         k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out, kv_pages = attention.paged_attention(q, k, v, kv_pages, batch, cfg, backend)
-    return x + out.reshape(t, -1) @ layer.wo, kv_pages
+    return x + linear(out.reshape(t, -1), layer.wo), kv_pages
 
 
 def _mlp_block(layer: Layer, x, cfg: ModelConfig):
     h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-    gate_up = (h @ layer.w_gate_up).reshape(x.shape[0], cfg.mlp_groups, 2, -1)  # [T, groups, gate/up, columns]
+    gate_up = linear(h, layer.w_gate_up).reshape(x.shape[0], cfg.mlp_groups, 2, -1)  # [T, groups, gate/up, columns]
     gate = gate_up[:, :, 0].reshape(x.shape[0], -1)
     up = gate_up[:, :, 1].reshape(x.shape[0], -1)
-    return x + (jax.nn.silu(gate) * up) @ layer.w_down
+    return x + linear(jax.nn.silu(gate) * up, layer.w_down)
 
 
 def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
@@ -84,7 +86,7 @@ def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, back
 
 def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
     """Returns (the last layer's output [T, hidden] for every token, before the final norm; updated cache)."""
-    x = params.embed[batch.token_ids]  # [T, hidden]
+    x = take_rows(params.embed, batch.token_ids, params.final_norm.dtype)  # [T, hidden]
     angles = batch.positions[:, None].astype(jnp.float32) * jnp.asarray(cfg.inv_freq())[None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     kvs = []
@@ -106,7 +108,7 @@ def final_logits(params: Params, x, cfg: ModelConfig):
     """x: [N, hidden] last-layer outputs -> logits [N, vocab] float32."""
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     head = params.embed.T if params.lm_head is None else params.lm_head
-    return jnp.dot(x, head, preferred_element_type=jnp.float32)
+    return linear(x, head, out_dtype=jnp.float32)
 
 
 # transformers' tensor names: linear weights are transposed from HF's [out, in] to [in, out] (the model
@@ -120,17 +122,20 @@ _NORM = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 _QK_NORM = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: ModelConfig, dtype, put=None) -> Params:
-    """`put(array, field_name)` places each converted array on devices; fused fields pass a tuple of parts in
-    order (q, k, v / gate, up), which put concatenates on the last axis (sharding.param_put groups them per
-    device). The default puts them on one device."""
-    put = put or (lambda a, _name: jax.device_put(np.concatenate(a, axis=-1) if isinstance(a, tuple) else a))
+def params_from_hf(tensors: Mapping[str, np.ndarray | QArray], cfg: ModelConfig, dtype, put) -> Params:
+    """Tensors are float arrays or QArrays (a GGUF file's quantized types, grouped along their last axis), under
+    transformers' names and [out, in] layout. `put(array, field_name)` places each converted array on devices
+    (parallel.sharding.param_put: it also quantizes where asked); fused fields pass a tuple of parts in order
+    (q, k, v / gate, up), which put concatenates on the last axis."""
     missing = [n for n in hf_shapes(cfg) if n not in tensors]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
 
     def convert(name, transpose=False):
-        a = np.asarray(tensors[name])
+        a = tensors[name]
+        if isinstance(a, QArray):
+            return a.T if transpose else a
+        a = np.asarray(a)
         return (a.T if transpose else a).astype(dtype, copy=False)
 
     def get(name, transpose=False, path=""):

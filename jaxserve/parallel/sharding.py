@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.base import cache_shape
+from jaxserve.quantization.qarray import QArray, common_form
 
 RULES = {
     "vocab": "model",
@@ -80,7 +81,7 @@ def sharding_for(mesh: Mesh, axes: tuple, shape: tuple, cfg: ModelConfig | None 
             units = cfg.qkv_groups
         elif cfg is not None and axis == "gate_up":
             units = cfg.mlp_groups
-        spec.append(mesh_axis if mesh_axis and units % n == 0 else None)
+        spec.append(mesh_axis if mesh_axis and units % n == 0 and size % n == 0 else None)
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 
@@ -146,19 +147,26 @@ def split_fused(array: np.ndarray, name: str, cfg: ModelConfig) -> tuple[np.ndar
     return tuple(np.split(array, 2, axis=-1))
 
 
-def param_put(mesh: Mesh, cfg: ModelConfig):
+def param_put(mesh: Mesh, cfg: ModelConfig, quantize=None):
     """A `put(array, field_name)` for `params_from_hf` that shards each field by PARAM_AXES; fused fields come
     as tuples of parts and are fused for the placed configuration (cfg: the checkpoint's; the model then runs with
-    `placed(mesh, cfg)`)."""
+    `placed(mesh, cfg)`). quantize(array, name): applied to each (fused) field before it is placed
+    (quantization.schemes.WeightQuantization). A QArray's values, scales and offsets are fused and placed alike: each
+    has the field's logical axes (its groups run along one of them)."""
     to = placed(mesh, cfg)
 
     def place(array, name):
         if isinstance(array, tuple):
-            array = fuse(tuple(np.asarray(a) for a in array), name, cfg, to)
-        array = np.asarray(array)
-        return put(array, param_sharding(mesh, to, name, array.shape))
+            parts = common_form(tuple(_host(a) for a in array))
+            array = jax.tree.map(lambda *leaves: fuse(leaves, name, cfg, to), *parts)
+        array = quantize(_host(array), name) if quantize else _host(array)
+        return jax.tree.map(lambda a: put(a, param_sharding(mesh, to, name, a.shape)), array)
 
     return place
+
+
+def _host(array):
+    return array if isinstance(array, QArray) else np.asarray(array)
 
 
 def cache_sharding(mesh: Mesh, cfg: ModelConfig, shape: tuple) -> NamedSharding:
@@ -205,8 +213,15 @@ def shard_params(params, mesh: Mesh, cfg: ModelConfig):
     assert cfg.qkv_groups == cfg.mlp_groups == 1, "re-placing params that are already grouped for a mesh"
     put = param_put(mesh, cfg)
 
+    def split(x, name):
+        if not isinstance(x, QArray):
+            return split_fused(np.asarray(x), name, cfg)
+        pieces = jax.tree.map(lambda a: split_fused(np.asarray(a), name, cfg), x)  # a QArray of tuples
+        return tuple(jax.tree.map(lambda t, i=i: t[i], pieces, is_leaf=lambda t: isinstance(t, tuple))
+                     for i in range(len(pieces.values)))
+
     def place(path, x):
         name = path[-1].name
-        return put(split_fused(np.asarray(x), name, cfg) if name in FUSED_FIELDS else x, name)
+        return put(split(x, name) if name in FUSED_FIELDS else x, name)
 
-    return jax.tree_util.tree_map_with_path(place, params), placed(mesh, cfg)
+    return jax.tree_util.tree_map_with_path(place, params, is_leaf=lambda x: isinstance(x, QArray)), placed(mesh, cfg)

@@ -1,5 +1,6 @@
-"""Load a GGUF file (llama.cpp's format) as a transformers-style config, float32 numpy tensors
-under Hugging Face names and layout, and a fast tokenizer built from the file's metadata.
+"""Load a GGUF file (llama.cpp's format) as a transformers-style config, tensors under Hugging Face names and
+layout, and a fast tokenizer built from the file's metadata. Matrices of the types in gguf_blocks.KEPT stay in
+integer form as QArrays (keep_quantized=True); everything else is dequantized to float32 numpy arrays.
 
 Supported: architectures llama (also Mistral and SmolLM2, which llama.cpp stores as llama), qwen2 and
 qwen3; the tensor types in SUPPORTED_TENSOR_TYPES; tokenizers of type "gpt2" (byte-level BPE) and
@@ -15,11 +16,14 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader
 from gguf.quants import dequantize
 from tqdm.auto import tqdm
+
+from jaxserve.quantization import gguf_blocks
 
 _ARCHITECTURES = {  # GGUF general.architecture -> (model_type, HF class)
     "llama": ("llama", "LlamaForCausalLM"),
@@ -67,7 +71,7 @@ class GGUFModel:
     eos_token_ids: tuple
 
 
-def load_gguf(path, *, progress=True) -> GGUFModel:
+def load_gguf(path, *, keep_quantized=False, progress=True) -> GGUFModel:
     """Raises FileNotFoundError for a missing file, ValueError for a garbled one or for an
     architecture, tensor type or tokenizer this loader does not support."""
     path = pathlib.Path(path)
@@ -79,7 +83,7 @@ def load_gguf(path, *, progress=True) -> GGUFModel:
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {sorted(_ARCHITECTURES)}.")
     _check_tensor_types(reader, path)
 
-    raw = _dequantize_all(reader, progress)
+    raw = _read_all(reader, keep_quantized, progress)
     config = _hf_config(meta, arch, raw)
     tensors = _hf_tensors(raw, arch, config)
     tokenizer = build_tokenizer(meta)
@@ -117,18 +121,21 @@ def _check_tensor_types(reader: GGUFReader, path: pathlib.Path) -> None:
             f"supported: {sorted(t.name for t in SUPPORTED_TENSOR_TYPES)}.")
 
 
-def _dequantize_all(reader: GGUFReader, progress: bool) -> dict:
-    """GGUF name -> float32 array in numpy (row-major) order, i.e. HF's [out, in] for matrices."""
+def _read_all(reader: GGUFReader, keep_quantized: bool, progress: bool) -> dict:
+    """GGUF name -> float32 array or QArray in numpy (row-major) order, i.e. HF's [out, in] for matrices."""
     def one(t):
+        shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the fastest dimension first
+        if keep_quantized and t.tensor_type in gguf_blocks.KEPT and len(shape) == 2:
+            return gguf_blocks.from_gguf(t.data, t.tensor_type, shape)
         array = dequantize(t.data, t.tensor_type)
         # F32 comes back as a view of the file's memory map; copy it so the map can close
         array = array.copy() if t.tensor_type == QT.F32 else array.astype(np.float32, copy=False)
-        return array.reshape(tuple(int(d) for d in reversed(t.shape)))  # ggml lists the fastest dimension first
+        return array.reshape(shape)
 
-    # numpy releases the GIL in the bulk of dequantization, so threads use the cores
+    # numpy releases the GIL in the bulk of this work, so threads use the cores
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
         arrays = tqdm(pool.map(one, reader.tensors), total=len(reader.tensors),
-                      desc="Dequantizing GGUF tensors", unit="tensor", disable=not progress)
+                      desc="Reading GGUF tensors", unit="tensor", disable=not progress)
         return {t.name: array for t, array in zip(reader.tensors, arrays)}
 
 
@@ -166,7 +173,7 @@ def _hf_config(meta: dict, arch: str, raw: dict) -> dict:
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "attention_bias": "blk.0.attn_q.bias" in raw,
-        "torch_dtype": "float32",  # every tensor is dequantized to float32
+        "torch_dtype": "float32",  # float tensors are read as float32
     }
     if model_type == "mistral":
         config["sliding_window"] = None  # llama.cpp's llama architecture has no sliding window
@@ -250,7 +257,7 @@ def _hf_tensors(raw: dict, arch: str, config: dict) -> dict:
         layer, part, kind = match.groups()
         if arch == "llama" and part in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if part == "attn_q" else config["num_key_value_heads"]
-            array = unpermute_rotary(array, heads)
+            array = jax.tree.map(lambda a, heads=heads: unpermute_rotary(a, heads), array)  # a QArray's rows too
         tensors[f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"] = array
     return tensors
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+from collections.abc import Mapping
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors.numpy can read bf16 files)
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 
@@ -33,12 +34,31 @@ def load_hf_folder(path, *, progress: bool = True) -> Checkpoint:
     if not config_file.is_file():
         raise ValueError(f"{folder} has no config.json: not a transformers model folder")
     hf_config = json.loads(config_file.read_text())
-    tensors = {}
-    for f in tqdm(_safetensors_files(folder), desc="Loading safetensors", unit="file", disable=not progress):
-        tensors.update(load_file(f))
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return Checkpoint(hf_config, tensors, tokenizer, _eos_ids(folder, hf_config, tokenizer),
+    return Checkpoint(hf_config, LazyTensors(_safetensors_files(folder), progress), tokenizer,
+                      _eos_ids(folder, hf_config, tokenizer),
                       _sampling_defaults(folder))
+
+
+class LazyTensors(Mapping):
+    """The folder's tensors by name, each read from its (memory-mapped) file when asked for: the loader converts,
+    quantizes and places one tensor at a time, so host memory holds about one float tensor beyond what is kept."""
+
+    def __init__(self, files: list[pathlib.Path], progress: bool):
+        self._where = {}
+        for f in tqdm(files, desc="Indexing safetensors", unit="file", disable=not progress):
+            with safe_open(f, framework="np") as opened:
+                self._where.update(dict.fromkeys(opened.keys(), f))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        with safe_open(self._where[name], framework="np") as opened:
+            return opened.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def _safetensors_files(folder: pathlib.Path) -> list[pathlib.Path]:
