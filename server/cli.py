@@ -190,11 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reasoning-parser", choices=["deepseek_r1", "qwen3"],
                        help="split <think> reasoning into reasoning_content")
     serve.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on TPU/GPU), float32, bfloat16")
-    serve.add_argument("--quantization", "-q", choices=["auto", "none", "gguf", "int8", "int4", "fp8"],
+    serve.add_argument("--quantization", "-q", choices=["auto", "none", "gguf", "awq", "gptq", "int8", "int4", "fp8"],
                        default="auto",
-                       help="weights: gguf keeps a GGUF file's quantized matrices as stored, none dequantizes them, "
-                            "auto is gguf on TPU/GPU and none on CPU; int8 (per channel), int4 (per group) or fp8 "
-                            "(per channel; TPU v6e+, CUDA 8.9+) quantize the decoder layers at load")
+                       help="weights: a checkpoint stored quantized (GGUF, fp8, AWQ, GPTQ) is kept as stored on "
+                            "TPU/GPU and dequantized on CPU (auto), dequantized (none) or kept (gguf, awq, gptq); "
+                            "int8 (per channel), int4 (per group) or fp8 (per channel; TPU v6e+, CUDA 8.9+) quantize "
+                            "the decoder layers at load (an fp8 checkpoint under fp8 is kept as stored)")
     serve.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale of int4 weights")
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--distributed-coordinator", help="host:port of process 0, for several processes (hosts); "

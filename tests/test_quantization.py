@@ -4,6 +4,8 @@ quantized model shards like a float one."""
 
 import dataclasses
 
+import ml_dtypes
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -197,3 +199,118 @@ def test_default_model_served_from_its_gguf_codes(tmp_path):
     _, dense_tokens = run_logits(dense, prompt, decode_steps=19, page_size=16)
     assert kept_tokens.shape == (1, 20)
     assert kept_tokens.tolist() == dense_tokens.tolist()
+
+
+# ------------------------------------------------------------------- checkpoints published quantized
+
+def _pack8(codes: np.ndarray, axis: int) -> np.ndarray:
+    """uint8 4-bit codes -> int32 holding 8 of them along axis, element 8k + i in bits 4i..4i+3."""
+    codes = np.moveaxis(codes.astype(np.uint32), axis, -1)
+    words = (codes.reshape(codes.shape[:-1] + (-1, 8)) << (4 * np.arange(8, dtype=np.uint32))).sum(-1)
+    return np.moveaxis(words.astype(np.uint32).view(np.int32), -1, axis)
+
+
+def _asymmetric_int4(w_in_out: np.ndarray, group: int):
+    """AWQ/GPTQ-style codes of w [in, out]: per group of inputs, scale (float16) and zero point."""
+    g = w_in_out.reshape(-1, group, w_in_out.shape[1])
+    lo, hi = g.min(1), g.max(1)
+    scale = ((hi - lo) / 15).astype(np.float16)
+    zero = np.clip(np.rint(-lo / scale.astype(np.float32)), 0, 15).astype(np.uint8)
+    q = np.clip(np.rint(g / scale.astype(np.float32)[:, None]) + zero[:, None], 0, 15).astype(np.uint8)
+    return q.reshape(w_in_out.shape), scale, zero
+
+
+def _save_safetensors(tensors: dict, path):
+    """The safetensors layout written by hand: safetensors' numpy API has no float8 types."""
+    import json
+
+    names = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
+             np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3"}
+    header, blobs, offset = {}, [], 0
+    for name, array in tensors.items():
+        blob = np.ascontiguousarray(array).tobytes()
+        header[name] = {"dtype": names[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + b"".join(blobs))
+
+
+def _write_quantized(folder, out, method):
+    """`folder`'s checkpoint with every decoder-layer matrix in `method`'s published layout; returns the float32
+    weights each format stands for, by tensor name."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    shutil.copytree(folder, out)
+    tensors, expected, group = load_file(folder / "model.safetensors"), {}, 16
+    for name in [n for n in tensors if ".layers." in n and n.endswith("proj.weight")]:
+        w = tensors.pop(name).astype(np.float32)  # [out, in]
+        prefix = name.removesuffix(".weight")
+        if method in ("awq", "gptq"):
+            q, scale, zero = _asymmetric_int4(w.T, group)
+            expected[name] = ((np.repeat(q.reshape(-1, group, q.shape[1]).astype(np.float32)
+                               - zero[:, None], 1, 0).reshape(q.shape)
+                               * np.repeat(scale.astype(np.float32), group, 0)).T)
+            if method == "awq":  # columns stored in the order 0 2 4 6 1 3 5 7 within each 8
+                order = np.array([0, 2, 4, 6, 1, 3, 5, 7])
+                shuffle = lambda c: c.reshape(c.shape[0], -1, 8)[..., order].reshape(c.shape)  # noqa: E731
+                tensors[prefix + ".qweight"] = _pack8(shuffle(q), 1)
+                tensors[prefix + ".qzeros"] = _pack8(shuffle(zero), 1)
+            else:
+                tensors[prefix + ".qweight"] = _pack8(q, 0)
+                tensors[prefix + ".qzeros"] = _pack8(zero - 1, 1)  # GPTQ v1: zero points minus one
+                tensors[prefix + ".g_idx"] = (np.arange(w.shape[1]) // group).astype(np.int32)
+            tensors[prefix + ".scales"] = scale
+        else:
+            if method == "fp8":  # blocks of 32 x 32 here (128 x 128 in published checkpoints)
+                blocks = np.abs(w.reshape(w.shape[0] // 32, 32, -1, 32)).max((1, 3)) / 448
+                scale = np.repeat(np.repeat(blocks, 32, 0), 32, 1)
+                tensors[prefix + ".weight_scale_inv"] = blocks.astype(np.float32)
+            else:
+                scale = np.abs(w).max(1, keepdims=True) / 448
+                tensors[prefix + ".weight_scale"] = scale.astype(np.float32)
+            codes = (w / scale).astype(ml_dtypes.float8_e4m3fn)
+            tensors[name] = codes
+            expected[name] = codes.astype(np.float32) * scale.astype(np.float32)
+    _save_safetensors(tensors, out / "model.safetensors")
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {
+        "awq": {"quant_method": "awq", "bits": 4, "group_size": group, "zero_point": True, "version": "gemm"},
+        "gptq": {"quant_method": "gptq", "bits": 4, "group_size": group, "desc_act": False, "sym": False},
+        "fp8": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [32, 32]},
+        "compressed-tensors": {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {
+            "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}},
+    }[method]
+    (out / "config.json").write_text(json.dumps(config))
+    return expected
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "fp8", "compressed-tensors"])
+def test_published_quantized_checkpoints_load_as_stored(tiny_folder, tmp_path, method):
+    expected = _write_quantized(tiny_folder, tmp_path / method, method)
+    flag = "fp8" if method == "compressed-tensors" else method
+    kept = load_model(str(tmp_path / method), dtype="float32", quantization=flag, progress=False)
+    dense = load_model(str(tmp_path / method), dtype="float32", quantization="none", progress=False)
+    auto = load_model(str(tmp_path / method), dtype="float32", progress=False)  # CPU: dequantized
+    wo = kept.params.layers[1].wo
+    assert isinstance(wo, QArray) and wo.bits == (4 if method in ("awq", "gptq") else 8)
+    assert not isinstance(auto.params.layers[1].wo, QArray)
+    np.testing.assert_allclose(dequantize(jax.tree.map(np.asarray, wo)),
+                               expected["model.layers.1.self_attn.o_proj.weight"].T, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(dense.params.layers[1].wo), np.asarray(auto.params.layers[1].wo))
+    kept_logits, kept_tokens = run_logits(kept, PROMPTS, decode_steps=4)
+    dense_logits, dense_tokens = run_logits(dense, PROMPTS, decode_steps=4)
+    np.testing.assert_allclose(kept_logits, dense_logits, rtol=1e-4, atol=1e-4)
+    assert (kept_tokens == dense_tokens).all()
+
+
+def test_naming_a_format_the_checkpoint_is_not_in_fails(tiny_folder):
+    with pytest.raises(ValueError, match="--quantization awq: the checkpoint is not quantized"):
+        load_model(str(tiny_folder), quantization="awq", progress=False)
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        load_model(str(tiny_folder), quantization="int3", progress=False)

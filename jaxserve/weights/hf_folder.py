@@ -7,9 +7,8 @@ import json
 import pathlib
 from collections.abc import Mapping
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy so safetensors.numpy can read bf16 files)
+import ml_dtypes
 import numpy as np
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 
@@ -40,19 +39,35 @@ def load_hf_folder(path, *, progress: bool = True) -> Checkpoint:
                       _sampling_defaults(folder))
 
 
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
 class LazyTensors(Mapping):
-    """The folder's tensors by name, each read from its (memory-mapped) file when asked for: the loader converts,
-    quantizes and places one tensor at a time, so host memory holds about one float tensor beyond what is kept."""
+    """The folder's tensors by name, each a read-only view of its memory-mapped file until asked for: the loader
+    converts, quantizes and places one tensor at a time, so host memory holds about one float tensor beyond what
+    is kept. (Read here rather than by safetensors' numpy API, which has no float8 types.)"""
 
     def __init__(self, files: list[pathlib.Path], progress: bool):
-        self._where = {}
+        self._where: dict[str, tuple[np.memmap, dict]] = {}
         for f in tqdm(files, desc="Indexing safetensors", unit="file", disable=not progress):
-            with safe_open(f, framework="np") as opened:
-                self._where.update(dict.fromkeys(opened.keys(), f))
+            with open(f, "rb") as opened:
+                size = int.from_bytes(opened.read(8), "little")
+                header = json.loads(opened.read(size))
+            header.pop("__metadata__", None)
+            data = np.memmap(f, np.uint8, mode="r", offset=8 + size)
+            self._where.update((name, (data, info)) for name, info in header.items())
 
     def __getitem__(self, name: str) -> np.ndarray:
-        with safe_open(self._where[name], framework="np") as opened:
-            return opened.get_tensor(name)
+        data, info = self._where[name]
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"tensor {name}: safetensors dtype {info['dtype']} is not supported")
+        start, end = info["data_offsets"]
+        return data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
 
     def __iter__(self):
         return iter(self._where)

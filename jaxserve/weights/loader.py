@@ -15,7 +15,8 @@ from jaxserve.models.base import count_params
 from jaxserve.models.config import ModelConfig
 from jaxserve.parallel import sharding
 from jaxserve.quantization import qarray
-from jaxserve.quantization.schemes import DEFAULT_INT4_GROUP, WeightQuantization, check_backend
+from jaxserve.quantization.schemes import DEFAULT_INT4_GROUP, SCHEMES, WeightQuantization, check_backend
+from jaxserve.weights import prequantized
 from jaxserve.weights.hf_folder import Checkpoint, load_hf_folder
 
 log = logging.getLogger("jaxserve")
@@ -42,26 +43,35 @@ def resolve_dtype(dtype: str | None) -> jnp.dtype:
     return jnp.dtype(names[dtype])
 
 
-def read_checkpoint(model: str | None, *, keep_quantized: bool = False,
+def read_checkpoint(model: str | None, *, keep=lambda stored: False,
                     progress: bool = True) -> tuple[str, Checkpoint]:
-    """Returns (display name, checkpoint). None means the embedded default model. keep_quantized: a GGUF file's
-    quantized matrices come as QArrays instead of float32."""
+    """Returns (display name, checkpoint). None means the embedded default model. keep(stored): whether a checkpoint
+    stored quantized (stored: "gguf", "fp8", "awq", "gptq") keeps its matrices as QArrays; else they come as
+    float32."""
     if model is None:
         from jaxserve.weights import default_model
 
         path = default_model.default_model_path(progress=progress)
-        ckpt = _load_gguf(path, keep_quantized, progress)  # a GGUF carries no generation config: the model card's sampling
+        ckpt = _load_gguf(path, keep("gguf"), progress)  # a GGUF carries no generation config: the model card's
         return default_model.DEFAULT_MODEL_NAME, dataclasses.replace(ckpt, generation_config=default_model.SAMPLING)
     path = pathlib.Path(model).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path} is a file but not a .gguf; pass a .gguf file or a transformers model folder")
-        return path.stem, _load_gguf(path, keep_quantized, progress)
+        return path.stem, _load_gguf(path, keep("gguf"), progress)
     if path.is_dir():
-        return path.name, load_hf_folder(path, progress=progress)
+        return path.name, _quantized_view(load_hf_folder(path, progress=progress), keep)
     if model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        return model, load_hf_folder(_download_from_hub(model), progress=progress)
+        return model, _quantized_view(load_hf_folder(_download_from_hub(model), progress=progress), keep)
     raise ValueError(f"model {model!r} is neither a .gguf file, a model folder, nor a hub id like 'org/name'")
+
+
+def _quantized_view(ckpt: Checkpoint, keep) -> Checkpoint:
+    stored = prequantized.stored_quantization(ckpt.hf_config)
+    if stored is None:
+        keep(None)  # it still refuses a format the checkpoint is not in
+        return ckpt
+    return dataclasses.replace(ckpt, tensors=prequantized.QuantizedTensors(ckpt.tensors, ckpt.hf_config, keep(stored)))
 
 
 def _load_gguf(path: pathlib.Path, keep_quantized: bool, progress: bool) -> Checkpoint:
@@ -84,24 +94,37 @@ def _download_from_hub(repo_id: str) -> pathlib.Path:
                          "pass a local model folder or .gguf file instead") from e
 
 
+STORED = ("gguf", "awq", "gptq")  # --quantization values that name a checkpoint's own format
+
+
 def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=None, quantization: str | None = "auto",
                quantization_group_size: int = DEFAULT_INT4_GROUP, progress: bool = True) -> LoadedModel:
     """mesh: a jax.sharding.Mesh to shard the weights over (see sharding.py); None puts them on one device.
-    quantization: "gguf" keeps a GGUF file's quantized matrices as stored (QArrays); "none" dequantizes them to
-    `dtype`; "auto" is gguf on TPU and GPU and none on CPU (XLA:CPU does not fuse the dequantization into its dot,
-    which made the default model's decode ~9x slower); "int8", "int4" (groups of quantization_group_size) or "fp8"
-    quantize the decoder layers' matrices tensor by tensor as they are placed (a GGUF's dequantized first)."""
+
+    quantization, for a checkpoint stored quantized (GGUF, or transformers fp8 / AWQ / GPTQ): "auto" keeps its
+    matrices as stored (QArrays) on TPU and GPU, and dequantizes them to `dtype` on CPU (XLA:CPU does not fuse the
+    dequantization into its dot: the default model's decode was ~9x slower); "none" dequantizes them; "gguf", "awq",
+    "gptq" keep them and fail for a checkpoint of another format. "int8", "int4" (groups of quantization_group_size)
+    or "fp8" quantize the decoder layers' matrices tensor by tensor as they are placed (a quantized checkpoint's
+    dequantized first, except an fp8 checkpoint under "fp8", kept as stored)."""
     start = time.perf_counter()
     mesh = mesh or sharding.make_mesh(1)
     device = mesh.devices.flat[0]
-    if quantization in (None, "auto"):
-        quantization = "none" if device.platform == "cpu" else "gguf"
+    if quantization not in (None, "auto", "none", *STORED, *SCHEMES):
+        raise ValueError(f"unknown quantization {quantization!r}; choose auto, none, {', '.join(STORED + SCHEMES)}")
     quantize = None
-    if quantization not in ("gguf", "none"):
+    if quantization in SCHEMES:
         quantize = WeightQuantization(quantization, quantization_group_size)
-        check_backend(quantization, device.platform, device.device_kind,
-                      getattr(device, "compute_capability", None))
-    name, ckpt = read_checkpoint(model, keep_quantized=quantization == "gguf", progress=progress)
+        check_backend(quantization, device.platform, device.device_kind, getattr(device, "compute_capability", None))
+
+    def keep(stored: str | None) -> bool:
+        if quantization in STORED and stored != quantization:
+            raise ValueError(f"--quantization {quantization}: the checkpoint is {stored or 'not quantized'}")
+        if quantization in (None, "auto"):
+            return device.platform != "cpu"
+        return stored == quantization
+
+    name, ckpt = read_checkpoint(model, keep=keep, progress=progress)
     cfg = ModelConfig.from_hf(ckpt.hf_config)
     jdtype = resolve_dtype(dtype)
     params = models.family(cfg.model_type).params_from_hf(ckpt.tensors, cfg, jdtype,
@@ -109,6 +132,6 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
     cfg = sharding.placed(mesh, cfg)
     jax.block_until_ready(params)
     log.info("loaded %s: %s, %.1fM parameters, %s, weights %.0f MB (%s), %.1f s", name, cfg.model_type,
-             count_params(params) / 1e6, jdtype.name, qarray.nbytes(params) / 1e6, quantization,
+             count_params(params) / 1e6, jdtype.name, qarray.nbytes(params) / 1e6, quantization or "auto",
              time.perf_counter() - start)
     return LoadedModel(name, cfg, params, ckpt.tokenizer, ckpt.eos_token_ids, jdtype, dict(ckpt.generation_config))
