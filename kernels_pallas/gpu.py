@@ -22,6 +22,8 @@ Attention
   sequence's last page are clamped to it and V rows past its length are zeroed (stale values, even
   NaN, cannot reach p @ v).
 KV write: XLA's scatter into the donated cache, in place (a Triton kernel per row bought nothing over it).
+A quantized cache (codes, scales: reference.py) is read as codes cast to q's dtype, each key's scale applied to its
+column of the scores and each value's to its column of p before p @ v, so no dequantized tile is formed.
 Tolerances vs the reference in tests (atol = rtol): 2e-5 f32, 3e-2 bf16.
 Lowering uses pallas.triton.CompilerParams; exporting needs the Triton custom call allowed
 (check_gpu.DISABLED_CHECKS). `interpret=True` runs the kernel in the generic Pallas interpreter.
@@ -52,12 +54,15 @@ def head_parts(d: int) -> tuple[tuple[int, int], ...]:
 
 
 def _attention_kernel(seq_ref, first_ref, nblk_ref, kv_lens_ref, tables_ref, q_ref, pos_ref,
-                      k_ref, v_ref, *out_refs, pages_per_block, pages_per_seq, sm_scale,
-                      sliding_window, soft_cap, num_splits):
+                      k_ref, v_ref, *refs, pages_per_block, pages_per_seq, sm_scale,
+                      sliding_window, soft_cap, num_splits, quantized):
     # seq/first/nblk_ref: [NT]; kv_lens_ref: [S]; tables_ref: [S * pages_per_seq];
-    # q_ref: [rows, D]; pos_ref: [rows]; k_ref/v_ref: [P, page_size, D] of this kv head.
+    # q_ref: [rows, D]; pos_ref: [rows]; k_ref/v_ref: [P, page_size, D] of this kv head; quantized: refs starts
+    # with ks_ref/vs_ref [P, page_size], the scales of this kv head's K and V.
     # out_refs: o [rows, D] normalized (one split), or acc [rows, D] f32, m [rows], l [rows] of this split's
     # kv blocks (several splits; combined outside). Every [.., D] value is held as head_parts(D) pieces.
+    ks_ref, vs_ref = refs[:2] if quantized else (None, None)
+    out_refs = refs[2:] if quantized else refs
     i, split = pl.program_id(1), pl.program_id(2)
     seq, first, nblk = seq_ref[i], first_ref[i], nblk_ref[i]
     kv_len = kv_lens_ref[seq]
@@ -65,7 +70,8 @@ def _attention_kernel(seq_ref, first_ref, nblk_ref, kv_lens_ref, tables_ref, q_r
     parts = [pl.ds(o, w) for o, w in head_parts(d)]
     last_page = jnp.maximum(kv_len - 1, 0) // page_size
     block_kv = pages_per_block * page_size
-    qs = [(q_ref[:, c].astype(jnp.float32) * sm_scale).astype(k_ref.dtype) for c in parts]  # [rows, w] each
+    dot_dtype = q_ref.dtype if quantized else k_ref.dtype  # int8 / fp8 codes are exact in bf16
+    qs = [(q_ref[:, c].astype(jnp.float32) * sm_scale).astype(dot_dtype) for c in parts]  # [rows, w] each
     pos = pos_ref[...][:, None]                                            # [rows, 1]
     rows = qs[0].shape[0]
 
@@ -76,8 +82,11 @@ def _attention_kernel(seq_ref, first_ref, nblk_ref, kv_lens_ref, tables_ref, q_r
         pages = tables_ref[seq * pages_per_seq + cols]                     # [pages_per_block]
         # Rows past the sequence's end may hold anything (a reused page, even NaN): 0 * NaN in p @ v.
         live = (blk * block_kv + jnp.arange(block_kv))[:, None] < kv_len
-        s = functools.reduce(operator.add, (plgpu.dot(q, k_ref[pages, :, c].reshape(block_kv, c.size), trans_b=True)
-                                            for q, c in zip(qs, parts)))  # [rows, block_kv] f32
+        s = functools.reduce(operator.add, (
+            plgpu.dot(q, k_ref[pages, :, c].reshape(block_kv, c.size).astype(dot_dtype), trans_b=True)
+            for q, c in zip(qs, parts)))  # [rows, block_kv] f32
+        if quantized:
+            s = s * ks_ref[pages, :].reshape(1, block_kv)
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         kv_pos = blk * block_kv + jnp.arange(block_kv)[None, :]
@@ -88,9 +97,10 @@ def _attention_kernel(seq_ref, first_ref, nblk_ref, kv_lens_ref, tables_ref, q_r
         m_new = jnp.maximum(m_i, s.max(axis=1))
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m_i - m_new)
-        pv = p.astype(k_ref.dtype)
+        pv = (p * vs_ref[pages, :].reshape(1, block_kv) if quantized else p).astype(dot_dtype)
         accs = tuple(acc * alpha[:, None] + plgpu.dot(pv, jnp.where(live, v, jnp.zeros_like(v)))
-                     for acc, v in zip(accs, (v_ref[pages, :, c].reshape(block_kv, c.size) for c in parts)))
+                     for acc, v in zip(accs, (v_ref[pages, :, c].reshape(block_kv, c.size).astype(dot_dtype)
+                                              for c in parts)))
         return m_new, l_i * alpha + p.sum(axis=1), accs
 
     init = (jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32),
@@ -145,8 +155,10 @@ def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_table
     # block_kv / num_warps: default from TILES; num_splits: default num_kv_splits for decode-shaped batches
     # (q_tile 1), 1 otherwise.
     kv_pages = reference.write_kv(kv_pages, k, v, slot_mapping)
+    quantized = isinstance(kv_pages, tuple)
+    codes, scales = kv_pages if quantized else (kv_pages, None)
     t, hq, d = q.shape
-    num_pages, page_size, two_hkv, _ = kv_pages.shape
+    num_pages, page_size, two_hkv, _ = codes.shape
     hkv = two_hkv // 2
     s, pages_per_seq = block_tables.shape
     g = hq // hkv
@@ -166,11 +178,13 @@ def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_table
         num_splits = num_kv_splits(hkv * nt, -(-pages_per_seq // ppb)) if q_tile == 1 else 1
     kernel = functools.partial(_attention_kernel, pages_per_block=ppb, pages_per_seq=pages_per_seq,
                                sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-                               num_splits=num_splits)
+                               num_splits=num_splits, quantized=quantized)
     whole = lambda n: pl.BlockSpec((n,), lambda h, i, j: (0,))
     q_block = pl.BlockSpec((None, None, rows, d), lambda h, i, j: (h, i, 0, 0))
     k_block = pl.BlockSpec((num_pages, page_size, None, d), lambda h, i, j: (0, 0, 2 * h, 0))
     v_block = pl.BlockSpec((num_pages, page_size, None, d), lambda h, i, j: (0, 0, 2 * h + 1, 0))
+    scale_blocks = [pl.BlockSpec((num_pages, page_size, None), lambda h, i, j, kv=kv: (0, 0, 2 * h + kv))
+                    for kv in (0, 1)] if quantized else []
     if num_splits == 1:
         out_shape = jax.ShapeDtypeStruct((hkv, nt, rows, d), q.dtype)
         out_specs = q_block
@@ -186,13 +200,13 @@ def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_table
         out_shape=out_shape,
         grid=(hkv, nt, num_splits),
         in_specs=[whole(nt), whole(nt), whole(nt), whole(s), whole(s * pages_per_seq), q_block,
-                  pl.BlockSpec((None, rows), lambda h, i, j: (i, 0)), k_block, v_block],
+                  pl.BlockSpec((None, rows), lambda h, i, j: (i, 0)), k_block, v_block, *scale_blocks],
         out_specs=out_specs,
-        cost_estimate=tiles_lib.attention_cost(q, kv_pages, s, pages_per_seq),
+        cost_estimate=tiles_lib.attention_cost(q, codes, s, pages_per_seq),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
     )(plan.seq, plan.first_block, plan.num_blocks, kv_lens.astype(jnp.int32), block_tables.reshape(-1), qt, pos,
-      kv_pages, kv_pages)
+      codes, codes, *((scales, scales) if quantized else ()))
     if num_splits > 1:
         out = _combine(*out).astype(q.dtype)
     return tiles_lib.scatter_out(out[:, :, :m], plan, cu_q_lens, num_seqs, q_tile, t), kv_pages

@@ -13,8 +13,13 @@ O(NT * block_kv * Hkv * D) whatever the context length.
 Masked scores use a large finite negative so fully-masked blocks never produce NaN. Rows past a
 sequence's length are read (clamped page ids) and masked, and their V is zeroed: a reused page may hold
 anything, even NaN, and masking alone leaves 0 * NaN in p @ v.
+
+A quantized cache is the pair (codes [P, page_size, 2 * Hkv, D] int8 or float8_e4m3fn, scales [P, page_size,
+2 * Hkv] float32): each token's K and V of each head is stored as codes times one scale, its largest magnitude over
+the code range (`quantize_rows`).
 """
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import tiles as tiles_lib
@@ -24,8 +29,8 @@ MASK_VALUE = -1e30
 
 def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_tables, cu_q_lens, num_seqs, *,
                            sm_scale, sliding_window=None, soft_cap=None, block_kv=128, q_tile=None):
-    # q: [T, Hq, D]; k/v: [T, Hkv, D]; kv_pages: [P, page_size, 2 * Hkv, D] (K of head h at 2h, V at 2h + 1).
-    # Returns (out [T, Hq, D] in q's dtype, kv_pages with this step's K/V written).
+    # q: [T, Hq, D]; k/v: [T, Hkv, D]; kv_pages: [P, page_size, 2 * Hkv, D] (K of head h at 2h, V at 2h + 1), or
+    # (codes, scales) (see the module docstring). Returns (out [T, Hq, D] in q's dtype, kv_pages with this step's K/V written).
     kv_pages = write_kv(kv_pages, k, v, slot_mapping)
     return attend(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, sm_scale=sm_scale,
                   sliding_window=sliding_window, soft_cap=soft_cap, block_kv=block_kv, q_tile=q_tile), kv_pages
@@ -35,7 +40,8 @@ def attend(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *, sm_scale,
            soft_cap=None, block_kv=128, q_tile=None):
     """Attention over a cache that already holds this step's K/V. q: [T, Hq, D] -> [T, Hq, D]."""
     t, hq, d = q.shape
-    num_pages, page_size, two_hkv, _ = kv_pages.shape
+    codes, scales = kv_pages if isinstance(kv_pages, tuple) else (kv_pages, None)
+    num_pages, page_size, two_hkv, _ = codes.shape
     hkv = two_hkv // 2
     s, pages_per_seq = block_tables.shape
     g = hq // hkv
@@ -61,8 +67,11 @@ def attend(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, *, sm_scale,
         # One row per (token, kv head) holds its K then its V. Reshaped inside the loop: a reshape of the
         # just-written cache carried by the loop made XLA:CPU copy the whole cache on every call (65 ms per layer
         # at 68 MB).
-        kv = kv_pages.reshape(-1, 2 * d)[rows].astype(jnp.float32)                          # [Hkv, NT, bk, 2D]
+        kv = codes.reshape(-1, 2 * d)[rows].astype(jnp.float32)                             # [Hkv, NT, bk, 2D]
         k, v = kv[..., :d], kv[..., d:]
+        if scales is not None:
+            scale = scales.reshape(-1, 2)[rows]                                             # [Hkv, NT, bk, 2]
+            k, v = k * scale[..., :1], v * scale[..., 1:]
         kv_pos = blk[:, None] * bk + jnp.arange(bk)[None, :]       # [NT, bk]
         v = jnp.where((kv_pos < seq_lens[:, None])[None, :, :, None], v, 0.0)  # stale rows: see the docstring
         sc = jnp.einsum("hnmd,hnkd->hnmk", qt, k)                  # [Hkv, NT, M, bk]
@@ -92,11 +101,33 @@ def interleave(k, v, dtype):
     return jnp.stack([k, v], axis=2).reshape(t, 2 * hkv, d).astype(dtype)
 
 
+CODE_MAX = {np.dtype(jnp.int8): 127.0, np.dtype(jnp.float8_e4m3fn): 448.0}  # the quantized caches' codes
+
+
+def quantize_rows(x, dtype):
+    """x [..., D] -> (codes [..., D] of dtype, scales [...] float32): each row over its largest magnitude times the
+    code range, rounded to the nearest code (int8) or converted (fp8, round to nearest even)."""
+    x = x.astype(jnp.float32)
+    top = CODE_MAX[np.dtype(dtype)]
+    amax = jnp.max(jnp.abs(x), axis=-1)
+    scale = jnp.where(amax > 0, amax / top, 1.0)
+    scaled = x / scale[..., None]
+    if np.dtype(dtype) == np.int8:
+        scaled = jnp.clip(jnp.round(scaled), -top, top)
+    return scaled.astype(dtype), scale
+
+
 def write_kv(kv_pages, k, v, slot_mapping):
-    """kv_pages: [P, page_size, 2 * Hkv, D]; k/v: [T, Hkv, D] go to slot_mapping [T] (page * page_size + offset;
-    negative = padding, skipped). Returns the updated cache (XLA updates it in place when it is donated)."""
-    num_pages, page_size, _, _ = kv_pages.shape
+    """kv_pages: [P, page_size, 2 * Hkv, D], or a quantized cache (codes, scales); k/v: [T, Hkv, D] go to
+    slot_mapping [T] (page * page_size + offset; negative = padding, skipped). Returns the updated cache (XLA
+    updates it in place when it is donated)."""
+    codes, scales = kv_pages if isinstance(kv_pages, tuple) else (kv_pages, None)
+    num_pages, page_size, _, _ = codes.shape
     # Negative indices would wrap around in jnp; send padding to an out-of-range page and drop it. The [P, page_size]
     # dims are indexed directly: a scatter into a reshape of the cache is not done in place by XLA:CPU (see attend).
     page = jnp.where(slot_mapping < 0, num_pages, slot_mapping // page_size)
-    return kv_pages.at[page, slot_mapping % page_size].set(interleave(k, v, kv_pages.dtype), mode="drop")
+    offset = slot_mapping % page_size
+    if scales is None:
+        return codes.at[page, offset].set(interleave(k, v, codes.dtype), mode="drop")
+    rows, row_scales = quantize_rows(interleave(k, v, jnp.float32), codes.dtype)
+    return (codes.at[page, offset].set(rows, mode="drop"), scales.at[page, offset].set(row_scales, mode="drop"))

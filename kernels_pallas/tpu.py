@@ -192,6 +192,9 @@ def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_table
                            sm_scale, sliding_window=None, soft_cap=None, generation=None, block_kv=None,
                            q_tile=None, interpret=False):
     # q: [T, Hq, D]; k/v: [T, Hkv, D]; kv_pages: [P, page_size, 2 * Hkv, D]; returns (out [T, Hq, D], kv_pages).
+    if isinstance(kv_pages, tuple):
+        raise NotImplementedError("the Pallas TPU attention does not read a quantized KV cache (codes, scales) yet; "
+                                  "use the reference backend with --kv-cache-dtype int8/fp8")
     # generation: a BLOCKS key (the engine passes its chip's); block_kv / q_tile override its sizes.
     t, hq, d = q.shape
     num_pages, page_size, two_hkv, _ = kv_pages.shape

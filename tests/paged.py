@@ -11,7 +11,7 @@ from jaxserve.models.attention import resolve_backend
 
 
 def run_logits(loaded, prompts: list[list[int]], decode_steps: int, page_size: int = 4, backend: str = "reference",
-               feed: list[list[int]] | None = None, mesh=None):
+               feed: list[list[int]] | None = None, mesh=None, kv_cache_dtype: str = "auto"):
     """Prefill all prompts in one ragged batch, then `decode_steps` steps feeding greedy tokens (or `feed`).
 
     Returns (logits [steps + 1, S, vocab], tokens [S, steps + 1]) where tokens are argmaxes of each step.
@@ -23,7 +23,8 @@ def run_logits(loaded, prompts: list[list[int]], decode_steps: int, page_size: i
     num_pages = pages_per_seq * len(prompts) + 3
     order = np.random.default_rng(0).permutation(num_pages)
     tables = order[: pages_per_seq * len(prompts)].reshape(len(prompts), pages_per_seq).astype(np.int32)
-    cache = model_base.init_cache(cfg, num_pages, page_size, loaded.dtype)
+    cache = model_base.init_cache(cfg, num_pages, page_size, loaded.dtype,
+                                  code_dtype=model_base.kv_code_dtype(kv_cache_dtype))
     attn = resolve_backend(backend, mesh)
     step = jax.jit(lambda p, c, b: model_lib.forward(p, c, b, cfg, attn))
     seqs = [list(p) for p in prompts]

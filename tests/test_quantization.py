@@ -314,3 +314,40 @@ def test_naming_a_format_the_checkpoint_is_not_in_fails(tiny_folder):
         load_model(str(tiny_folder), quantization="awq", progress=False)
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         load_model(str(tiny_folder), quantization="int3", progress=False)
+
+
+# ---------------------------------------------------------------------------------- quantized KV cache
+
+# The model's logits with K/V stored as codes: each layer's attention output moves by ~0.8% (int8) / ~3.5% (fp8) of
+# its RMS (tests/kernels/test_kv_quantized.py) and the residual stream carries it on; bounds: int8 2%, fp8 8% of
+# the logits' RMS.
+KV_BOUNDS = {"int8": 0.02, "fp8": 0.08}
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8"])
+def test_quantized_kv_cache_logits_within_bound(tiny_folder, float_run, kv_dtype):
+    loaded = load_model(str(tiny_folder), dtype="float32", progress=False)
+    ref_logits, ref_tokens = float_run
+    logits, _ = run_logits(loaded, PROMPTS, decode_steps=8, feed=ref_tokens.tolist(), kv_cache_dtype=kv_dtype)
+    error = np.sqrt(np.mean((logits - ref_logits) ** 2)) / np.sqrt(np.mean(ref_logits ** 2))
+    assert 0 < error < KV_BOUNDS[kv_dtype]
+
+
+def test_engine_serves_with_an_int8_cache_of_half_the_bytes(tiny_folder):
+    from jaxserve import LLM, SamplingParams
+
+    budget = 2e-5  # GiB: fewer pages than the sequences could use, so the budget decides their number
+    opts = dict(max_model_len=64, max_num_seqs=2, max_num_batched_tokens=16, page_size=8, compile_cache_dir="",
+                progress=False, warm_up=False, dtype="bfloat16", kv_cache_memory_gb=budget)
+    plain, coded = LLM(str(tiny_folder), **opts), LLM(str(tiny_folder), kv_cache_dtype="int8", **opts)
+    layer = coded.engine.core.runner.cache.kv[0]
+    assert isinstance(layer, tuple) and layer[0].dtype == jnp.int8 and layer[1].dtype == jnp.float32
+    pages = lambda llm: llm.engine.core.runner.cache.num_pages  # noqa: E731
+    page_bytes = lambda llm: sum(x.nbytes for x in jax.tree.leaves(llm.engine.core.runner.cache)) / pages(llm)  # noqa: E731
+    head_dim = plain.engine.core.model.cfg.head_dim
+    assert page_bytes(coded) / page_bytes(plain) == (head_dim + 4) / (2 * head_dim)  # codes + a float32 scale
+    for llm in (plain, coded):
+        assert pages(llm) == int(budget * 2**30 // page_bytes(llm)) < 16
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    out = coded.generate(["Hello world", "Paris"], params, use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [8, 8]

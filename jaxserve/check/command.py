@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=["none", "int8", "int4", "fp8"], default="none",
                    help="quantize the decoder layers' weights as `jaxserve serve --quantization` does at load")
     p.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale of int4 weights")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8"], default="auto",
+                   help="KV cache codes with a scale per token and head (the GPU kernel and XLA read them)")
     return p
 
 
@@ -116,9 +118,12 @@ def run(args: argparse.Namespace) -> int:
                           max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.block_size,
                           tensor_parallel_size=args.tensor_parallel_size,
                           gpu_memory_utilization=args.gpu_memory_utilization,
-                          kv_cache_memory_gb=args.kv_cache_memory_gb)
+                          kv_cache_memory_gb=args.kv_cache_memory_gb, kv_cache_dtype=args.kv_cache_dtype)
     chip = target.chip
     try:
+        if args.kv_cache_dtype != "auto" and chip.platform == "tpu":
+            raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype}: the TPU attention kernel does not read a "
+                             "quantized cache yet")
         quantize = None
         if args.quantization != "none":
             quantize = WeightQuantization(args.quantization, args.quantization_group_size)

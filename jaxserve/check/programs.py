@@ -27,7 +27,7 @@ from jaxserve.core.input_batch import num_table_writes
 from jaxserve.core.model_runner import StepPrograms, abstract, compile_bucket, token_buckets
 from jaxserve.core.sampler import SamplerState
 from jaxserve.models import attention
-from jaxserve.models.base import KVCache, cache_shape
+from jaxserve.models.base import KVCache, kv_code_dtype, layer_cache
 from jaxserve.models.config import ModelConfig
 from jaxserve.parallel import sharding
 from jaxserve.quantization.schemes import WeightQuantization
@@ -178,8 +178,11 @@ class Serving:
         max_model_len = config.context_length(cfg)
         params, cfg = abstract_params(cfg, dtype, mesh, quantize)
         serving = cls(cfg, config, target, jnp.dtype(dtype), mesh, params, max_model_len)
+        code = kv_code_dtype(config.kv_cache_dtype)
         serving.page_bytes = kv_memory.page_bytes_per_device(cfg.num_layers, sharding.kv_heads_per_device(mesh, cfg),
-                                                             config.page_size, cfg.head_dim, serving.dtype.itemsize)
+                                                             config.page_size, cfg.head_dim,
+                                                             jnp.dtype(code or serving.dtype).itemsize,
+                                                             quantized=code is not None)
         return serving
 
     @property
@@ -193,8 +196,10 @@ class Serving:
     def state(self, num_pages: int):
         """Abstract (cache, tables, sampler state) with a cache of num_pages."""
         cfg, rep = self.cfg, sharding.replicated(self.mesh)
-        shape = cache_shape(cfg, num_pages, self.config.page_size)
-        layer = jax.ShapeDtypeStruct(shape, self.dtype, sharding=sharding.cache_sharding(self.mesh, cfg, shape))
+        code = kv_code_dtype(self.config.kv_cache_dtype)
+        layer = layer_cache(cfg, num_pages, self.config.page_size, self.dtype, code)
+        layer = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.cache_sharding(
+            self.mesh, cfg, s.shape)), layer)
         cache = KVCache(kv=(layer,) * cfg.num_layers)
         tables = jax.ShapeDtypeStruct((self.config.max_num_seqs, self.pages_per_seq), jnp.int32, sharding=rep)
         placement = SamplerState.placement(rep, sharding.by_vocab(self.mesh, cfg.vocab_size))

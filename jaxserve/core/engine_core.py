@@ -13,6 +13,7 @@ import random
 import time
 
 import jax
+import jax.numpy as jnp
 
 import kernels_cpu
 from jaxserve.models import attention
@@ -23,7 +24,7 @@ from jaxserve.core import kv_memory
 from jaxserve.core.block_manager import BlockManager
 from jaxserve.parallel.distributed import Cluster
 from jaxserve.weights.loader import LoadedModel, load_model
-from jaxserve.models.base import cache_shape, init_cache
+from jaxserve.models.base import init_cache, kv_code_dtype, layer_cache
 from jaxserve.core.model_runner import ModelRunner
 from jaxserve.core.sampler import NO_TOKEN
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -51,6 +52,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     quantization: str = "auto"  # weights: auto, none, gguf, int8, int4, fp8 (weights/loader.load_model)
     quantization_group_size: int = 128  # int4's group of inputs per scale
+    kv_cache_dtype: str = "auto"  # auto (the model's dtype), int8 or fp8 (codes with a scale per token and head)
     tensor_parallel_size: int = 1
     seed: int = 0
     enable_prefix_caching: bool = True
@@ -132,6 +134,9 @@ class EngineCore:
         self.max_model_len = config.context_length(cfg)
         pages_per_seq = -(-self.max_model_len // config.page_size)
         backend = attention.resolve_backend(config.attention_backend, self.mesh)
+        if kv_code_dtype(config.kv_cache_dtype) is not None and backend.kernel == "pallas_tpu":
+            raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype}: the TPU attention kernel does not read a "
+                             "quantized cache yet; add --attention-backend reference (XLA) to use one")
         page_bytes = self._page_bytes(config)
         num_pages, source = self._kv_pages(config, pages_per_seq, page_bytes, backend, cluster)
         kv_memory.check_fits(num_pages, config.page_size, self.max_model_len, page_bytes, source)
@@ -161,14 +166,18 @@ class EngineCore:
 
     def _page_bytes(self, config: EngineConfig) -> int:
         """Bytes of one KV page on one device (the cache is split over kv heads where the model axis allows)."""
-        cfg = self.model.cfg
+        cfg, code = self.model.cfg, kv_code_dtype(config.kv_cache_dtype)
         return kv_memory.page_bytes_per_device(cfg.num_layers, sharding.kv_heads_per_device(self.mesh, cfg),
-                                               config.page_size, cfg.head_dim, self.model.dtype.itemsize)
+                                               config.page_size, cfg.head_dim,
+                                               jnp.dtype(code or self.model.dtype).itemsize,
+                                               quantized=code is not None)
 
     def _runner(self, config: EngineConfig, num_pages: int, pages_per_seq: int, backend) -> ModelRunner:
         cfg = self.model.cfg
-        where = sharding.cache_sharding(self.mesh, cfg, cache_shape(cfg, num_pages, config.page_size))
-        cache = init_cache(cfg, num_pages, config.page_size, self.model.dtype, where)
+        code = kv_code_dtype(config.kv_cache_dtype)
+        layer = layer_cache(cfg, num_pages, config.page_size, self.model.dtype, code)
+        cache = init_cache(cfg, num_pages, config.page_size, self.model.dtype,
+                           sharding.layer_cache_sharding(self.mesh, cfg, layer), code)
         return ModelRunner(self.model.cfg, self.model.params, cache, backend=backend,
                            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=step_token_budget(config),
                            pages_per_seq=pages_per_seq, mesh=self.mesh, eos_token_ids=self.model.eos_token_ids)

@@ -40,9 +40,10 @@ def device_memory(devices) -> list[DeviceMemory] | None:
 
 
 def page_bytes_per_device(num_layers: int, kv_heads_per_device: int, page_size: int, head_dim: int,
-                          itemsize: int) -> int:
-    """Bytes of one page (K and V of every layer) on one device, for the kv heads that device holds."""
-    return 2 * num_layers * kv_heads_per_device * page_size * head_dim * itemsize
+                          itemsize: int, quantized: bool = False) -> int:
+    """Bytes of one page (K and V of every layer) on one device, for the kv heads that device holds; a quantized
+    cache (itemsize 1) adds a float32 scale per token, head and K or V."""
+    return 2 * num_layers * kv_heads_per_device * page_size * (head_dim * itemsize + (4 if quantized else 0))
 
 
 def pages_for_gb(gb: float, page_bytes: int) -> int:

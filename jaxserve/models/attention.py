@@ -50,8 +50,8 @@ def resolve_backend(name: str = "auto", mesh: Mesh | None = None, device_kind: s
 def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend):
     """Write this step's K/V into the pages and attend over them (one kernel call).
 
-    q: [T, q_heads, head_dim]; k, v: [T, kv_heads, head_dim]; kv_pages: [pages, page_size, 2 * kv_heads, head_dim].
-    Returns (out [T, q_heads, head_dim], kv_pages).
+    q: [T, q_heads, head_dim]; k, v: [T, kv_heads, head_dim]; kv_pages: [pages, page_size, 2 * kv_heads, head_dim],
+    or a quantized cache's (codes, scales). Returns (out [T, q_heads, head_dim], kv_pages).
     """
     tuning = {"interpret": True} if backend.interpret else {}
     if backend.generation:
@@ -69,5 +69,7 @@ def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend
     # Each device's slice of the combined heads axis holds whole (K, V) pairs of its own kv heads.
     heads = "model" if cfg.num_kv_heads % backend.mesh.shape["model"] == 0 else None
     tok, cache = P(None, heads, None), P(None, None, heads, None)
+    if isinstance(kv_pages, tuple):  # quantized: (codes, scales [pages, page_size, 2 * kv_heads])
+        cache = (cache, P(None, None, heads))
     return jax.shard_map(run, mesh=backend.mesh, in_specs=(tok, tok, tok, cache, P(), P(), P(), P(), P()),
                          out_specs=(tok, cache), check_vma=False)(*args)

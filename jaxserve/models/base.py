@@ -19,18 +19,30 @@ from jaxserve.quantization import qarray
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Paged K/V of every layer, one array per layer as the kernels want it: [pages, page_size, 2 * kv_heads,
-    head_dim], K of kv head h at 2h and V at 2h + 1 (kernels_pallas explains the layout)."""
+    """Paged K/V of every layer, one entry per layer as the kernels want it: [pages, page_size, 2 * kv_heads,
+    head_dim], K of kv head h at 2h and V at 2h + 1 (kernels_pallas explains the layout); with a quantized cache
+    (--kv-cache-dtype int8 / fp8) each entry is the pair (codes of that shape, scales [pages, page_size,
+    2 * kv_heads] float32)."""
 
-    kv: tuple[jax.Array, ...]
+    kv: tuple
 
     @property
     def num_pages(self) -> int:
-        return self.kv[0].shape[0]
+        return jax.tree.leaves(self.kv[0])[0].shape[0]
 
     @property
     def page_size(self) -> int:
-        return self.kv[0].shape[1]
+        return jax.tree.leaves(self.kv[0])[0].shape[1]
+
+
+KV_CACHE_DTYPES = {"auto": None, "int8": jnp.int8, "fp8": jnp.float8_e4m3fn, "fp8_e4m3": jnp.float8_e4m3fn}
+
+
+def kv_code_dtype(kv_cache_dtype: str):
+    """--kv-cache-dtype -> the quantized cache's code dtype, or None for a cache in the model's dtype."""
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise ValueError(f"unknown kv cache dtype {kv_cache_dtype!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+    return KV_CACHE_DTYPES[kv_cache_dtype]
 
 
 def cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, int, int, int]:
@@ -38,10 +50,22 @@ def cache_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, 
     return (num_pages, page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
 
 
-def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None) -> KVCache:
-    """sharding: where each layer's cache_shape array lives (None: default device)."""
+def layer_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, code_dtype=None):
+    """One layer's cache as ShapeDtypeStructs: an array, or (codes, scales) when code_dtype is set."""
     shape = cache_shape(cfg, num_pages, page_size)
-    return KVCache(kv=tuple(jnp.zeros(shape, dtype, device=sharding) for _ in range(cfg.num_layers)))
+    if code_dtype is None:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    return (jax.ShapeDtypeStruct(shape, code_dtype), jax.ShapeDtypeStruct(shape[:3], jnp.float32))
+
+
+def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None, code_dtype=None) -> KVCache:
+    """sharding: where each layer's entry lives, a tree like layer_cache's (None: default device)."""
+    layer = layer_cache(cfg, num_pages, page_size, dtype, code_dtype)
+    if sharding is None:
+        return KVCache(kv=tuple(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), layer)
+                                for _ in range(cfg.num_layers)))
+    zeros = lambda s, w: jnp.zeros(s.shape, s.dtype, device=w)  # noqa: E731
+    return KVCache(kv=tuple(jax.tree.map(zeros, layer, sharding) for _ in range(cfg.num_layers)))
 
 
 @jax.tree_util.register_dataclass

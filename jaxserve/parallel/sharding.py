@@ -170,7 +170,13 @@ def _host(array):
 
 
 def cache_sharding(mesh: Mesh, cfg: ModelConfig, shape: tuple) -> NamedSharding:
-    return sharding_for(mesh, CACHE_AXES, shape, cfg)
+    """A cache array's placement (a quantized cache's scales, [pages, page_size, kv_heads], by the first three)."""
+    return sharding_for(mesh, CACHE_AXES[:len(shape)], shape, cfg)
+
+
+def layer_cache_sharding(mesh: Mesh, cfg: ModelConfig, layer):
+    """cache_sharding for each array of one layer's cache entry (base.layer_cache)."""
+    return jax.tree.map(lambda s: cache_sharding(mesh, cfg, s.shape), layer)
 
 
 def kv_heads_per_device(mesh: Mesh, cfg: ModelConfig) -> int:
