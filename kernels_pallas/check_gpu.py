@@ -29,9 +29,13 @@ def _export(fn, *args, donate=()):
     exp.serialize()
 
 
-def attention_case(dtype, hq, hkv, d, page_size, t, s, **options):
-    _export(lambda *a: gpu.ragged_paged_attention(*a, sm_scale=d ** -0.5, **options),
-            *batch_args(dtype, hq, hkv, d, page_size, t, s), donate=(3,))
+def attention_case(dtype, hq, hkv, d, page_size, t, s, code=None, **options):
+    """code: a quantized cache's code dtype (the cache argument becomes (codes, scales))."""
+    args = list(batch_args(dtype, hq, hkv, d, page_size, t, s))
+    if code is not None:
+        pages = args[3].shape
+        args[3] = (jax.ShapeDtypeStruct(pages, code), jax.ShapeDtypeStruct(pages[:3], jnp.float32))
+    _export(lambda *a: gpu.ragged_paged_attention(*a, sm_scale=d ** -0.5, **options), *args, donate=(3,))
 
 
 def cases():
@@ -45,6 +49,11 @@ def cases():
             jnp.bfloat16, 32, 8, d, 16, 128, 64)
         yield f"attention decode D={d} splits=8", lambda: attention_case(
             jnp.bfloat16, 32, 8, d, 16, 8, 8, num_splits=8)
+    for code in (jnp.int8, jnp.float8_e4m3fn):  # quantized caches, prefill-shaped and split-KV decode
+        yield f"attention {jnp.dtype(code).name} cache T=128 S=64", lambda: attention_case(
+            jnp.bfloat16, 32, 8, 128, 16, 128, 64, code=code)
+        yield f"attention {jnp.dtype(code).name} cache decode splits=8", lambda: attention_case(
+            jnp.bfloat16, 32, 8, 128, 16, 8, 8, code=code, num_splits=8)
     for d, splits in ((64, 4), (128, 16), (256, 2)):  # split-KV decode, and each head dim's tile choice
         yield f"attention decode D={d} splits={splits}", lambda: attention_case(
             jnp.bfloat16, 32, 8, d, 16, 8, 8, num_splits=splits)

@@ -99,9 +99,11 @@ def test_linear_error_within_the_propagated_bound(scheme):
     np.testing.assert_allclose(got, x @ dequantize(q), rtol=1e-4, atol=1e-4)
 
 
-def test_int4_group_must_divide():
-    with pytest.raises(ValueError, match="int4 groups of 48 do not divide a dimension of 64"):
-        schemes.quantize(np.ones((64, 8), np.float32), "int4", 0, group=48)
+def test_int4_group_falls_back_to_a_power_of_two_that_divides():
+    assert schemes.quantize(np.ones((576, 8), np.float32), "int4", 0, group=128).group == 64  # SmolLM2's hidden
+    with pytest.raises(ValueError, match=r"int4 groups of 128 \(or a power of two down to 16\) do not divide a "
+                                         "dimension of 72"):
+        schemes.quantize(np.ones((72, 8), np.float32), "int4", 0, group=128)
 
 
 def test_fp8_refused_where_the_chip_has_none():
@@ -130,10 +132,10 @@ def float_run(tiny_folder):
 
 PROMPTS = [list(range(5, 29)), list(range(40, 51)), [7, 300, 12, 9]]
 # Bounds on the logits' error relative to their RMS: a scheme's relative weight error e (RMS of the rounding
-# error over the RMS of the weights, on these N(0, 0.2) matrices: int8 0.58%, int4 in groups of 32 9.6%, fp8 2.5%)
+# error over the RMS of the weights, on these N(0, 0.2) matrices: int8 0.58%, int4 in groups of 32 7.9%, fp8 2.5%)
 # enters once per quantized matrix (8 here), independent errors adding in quadrature, so ~3e reaches the logits;
-# the bounds allow twice that (6e). Measured: int8 2.2%, int4 28%, fp8 8.2%.
-LOGIT_BOUNDS = {"int8": 0.035, "int4": 0.58, "fp8": 0.15}
+# the bounds allow twice that (6e). Measured: int8 2.2%, int4 23%, fp8 8.2%.
+LOGIT_BOUNDS = {"int8": 0.035, "int4": 0.48, "fp8": 0.15}
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])

@@ -1,7 +1,9 @@
 """Quantizing a float checkpoint at load (`--quantization`), tensor by tensor on the host.
 
     int8  symmetric, one scale per output channel           values int8, scale float32
-    int4  symmetric, one scale per group of `group` inputs  values packed two per byte, zero point 8
+    int4  per group of `group` inputs, a scale and an offset   values 0..15 packed two per byte, w = scale * q + min
+          (the group's range in 16 levels, as AWQ, GPTQ and GGUF's Q4_1 do); a dimension that `group` does not
+          divide takes the largest power-of-two group (>= 16) that does: 64 for SmolLM2's 576
     fp8   float8_e4m3fn, one scale per output channel        (TPU v6e and later, CUDA compute capability 8.9+)
 
 Each quantizer takes a float array and the axis it is contracted over (0 for a [in, out] linear weight, 1 for the
@@ -40,14 +42,29 @@ def quantize_int8(a: np.ndarray, axis: int) -> QArray:
     return QArray(values=q, scale=scale, offset=None, bits=8, zero=0, axis=axis)
 
 
+def int4_group(n: int, group: int) -> int:
+    """The group int4 uses along a dimension of n: `group` where it divides n, else the largest power of two
+    below it (down to 16) that does."""
+    size = group
+    while n % size and size > 16:
+        size //= 2
+    if n % size or size % 2:
+        raise ValueError(f"int4 groups of {group} (or a power of two down to 16) do not divide a dimension of {n}")
+    return size
+
+
+def _range(a: np.ndarray, axis: int, group: int) -> tuple[np.ndarray, np.ndarray]:
+    """(min, max) per group of `group` along axis, float32: [.., n // group, ..] each."""
+    grouped = a.astype(np.float32).reshape(a.shape[:axis] + (a.shape[axis] // group, group) + a.shape[axis + 1:])
+    return grouped.min(axis=axis + 1), grouped.max(axis=axis + 1)
+
+
 def quantize_int4(a: np.ndarray, axis: int, group: int = DEFAULT_INT4_GROUP) -> QArray:
-    n = a.shape[axis]
-    if n % group or group % 2:
-        raise ValueError(f"int4 groups of {group} do not divide a dimension of {n}; pick a group size that does "
-                         f"(--quantization-group-size)")
-    scale = _absmax(a, axis, group) / np.float32(7)
-    q = np.clip(np.rint(a.astype(np.float32) / _repeat(scale, axis, group)), -8, 7) + 8
-    return QArray(values=pack_int4(q.astype(np.uint8), axis), scale=scale, offset=None, bits=4, zero=8, axis=axis)
+    group = int4_group(a.shape[axis], group)
+    low, high = _range(a, axis, group)
+    scale = np.where(high > low, (high - low) / np.float32(15), np.float32(1))
+    q = np.clip(np.rint((a.astype(np.float32) - _repeat(low, axis, group)) / _repeat(scale, axis, group)), 0, 15)
+    return QArray(values=pack_int4(q.astype(np.uint8), axis), scale=scale, offset=low, bits=4, zero=0, axis=axis)
 
 
 def quantize_fp8(a: np.ndarray, axis: int) -> QArray:
@@ -68,14 +85,16 @@ def quantize(a: np.ndarray, scheme: str, axis: int, group: int = DEFAULT_INT4_GR
 
 def error_bound(a: np.ndarray, scheme: str, axis: int, group: int = DEFAULT_INT4_GROUP) -> np.ndarray:
     """The largest |w - dequantize(quantize(w))| each element can have, [a's shape]: half a step for the integer
-    schemes (step = absmax / 127 or / 7 of its group), and for fp8 half a unit in the last place of e4m3's 3-bit
+    schemes (step: int8 absmax / 127 of its column, int4 (max - min) / 15 of its group), and for fp8 half a unit in the last place of e4m3's 3-bit
     mantissa at the element's magnitude (2^-4 relative), or half its smallest subnormal step below the normal range,
     times the scale."""
     a = np.asarray(a, np.float32)
     if scheme == "int8":
         return np.broadcast_to(_absmax(a, axis, a.shape[axis]) / 254, a.shape)
     if scheme == "int4":
-        return np.broadcast_to(_repeat(_absmax(a, axis, group) / 14, axis, group), a.shape)
+        group = int4_group(a.shape[axis], group)
+        low, high = _range(a, axis, group)
+        return np.broadcast_to(_repeat((high - low) / 30, axis, group), a.shape)
     scale = _absmax(a, axis, a.shape[axis]) / np.float32(FP8_MAX)
     scaled = np.abs(a) / scale
     return np.maximum(scaled * 2.0 ** -4, 2.0 ** -10) * scale
@@ -131,13 +150,12 @@ class WeightQuantization:
         if axis is None:
             return struct
         shape = list(struct.shape)
-        group = self.group if self.scheme == "int4" else shape[axis]
-        if shape[axis] % group:
-            raise ValueError(f"int4 groups of {group} do not divide a dimension of {shape[axis]}")
+        group = int4_group(shape[axis], self.group) if self.scheme == "int4" else shape[axis]
         scale = shape.copy()
         scale[axis] //= group
         if self.scheme == "int4":
             shape[axis] //= 2
         dtype = {"int8": np.int8, "int4": np.uint8, "fp8": ml_dtypes.float8_e4m3fn}[self.scheme]
-        return QArray(jax.ShapeDtypeStruct(tuple(shape), dtype), jax.ShapeDtypeStruct(tuple(scale), np.float32), None,
-                      bits=4 if self.scheme == "int4" else 8, zero=8 if self.scheme == "int4" else 0, axis=axis)
+        scale = jax.ShapeDtypeStruct(tuple(scale), np.float32)
+        return QArray(jax.ShapeDtypeStruct(tuple(shape), dtype), scale, scale if self.scheme == "int4" else None,
+                      bits=4 if self.scheme == "int4" else 8, zero=0, axis=axis)
