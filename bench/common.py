@@ -44,6 +44,8 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--quantization", default="auto", help="weights, as `jaxserve serve --quantization`")
+    p.add_argument("--kv-cache-dtype", default="auto", help="as `jaxserve serve --kv-cache-dtype`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--json", action="store_true", help="also print one JSON line with every number")
@@ -73,7 +75,8 @@ class EngineSender:
 
         start = time.perf_counter()
         cfg = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-                           max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
+                           max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
         self.llm_engine = LLMEngine(args.model, dtype=args.dtype, config=cfg, progress=args.verbose)
         self.engine = AsyncEngine(self.llm_engine, max_waiting_requests=100_000)
         self.start_s = time.perf_counter() - start

@@ -30,7 +30,8 @@ MASK_VALUE = -1e30
 def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_tables, cu_q_lens, num_seqs, *,
                            sm_scale, sliding_window=None, soft_cap=None, block_kv=128, q_tile=None):
     # q: [T, Hq, D]; k/v: [T, Hkv, D]; kv_pages: [P, page_size, 2 * Hkv, D] (K of head h at 2h, V at 2h + 1), or
-    # (codes, scales) (see the module docstring). Returns (out [T, Hq, D] in q's dtype, kv_pages with this step's K/V written).
+    # (codes, scales) (see the module docstring). Returns (out [T, Hq, D] in q's dtype, kv_pages with this step's
+    # K/V written).
     kv_pages = write_kv(kv_pages, k, v, slot_mapping)
     return attend(q, kv_pages, kv_lens, block_tables, cu_q_lens, num_seqs, sm_scale=sm_scale,
                   sliding_window=sliding_window, soft_cap=soft_cap, block_kv=block_kv, q_tile=q_tile), kv_pages

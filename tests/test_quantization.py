@@ -33,7 +33,8 @@ def _gguf_blocks(qtype, rows, cols, rng):
     size, scale_offsets = K_BLOCK[qtype]
     blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
     for offset in scale_offsets:
-        blocks[..., offset:offset + 2] = rng.uniform(1e-3, 1e-2, (rows, cols // 256, 1)).astype(np.float16).view(np.uint8)
+        scales = rng.uniform(1e-3, 1e-2, (rows, cols // 256, 1)).astype(np.float16)
+        blocks[..., offset:offset + 2] = scales.view(np.uint8)
     return blocks.reshape(rows, -1)
 
 
@@ -345,7 +346,8 @@ def test_engine_serves_with_an_int8_cache_of_half_the_bytes(tiny_folder):
     layer = coded.engine.core.runner.cache.kv[0]
     assert isinstance(layer, tuple) and layer[0].dtype == jnp.int8 and layer[1].dtype == jnp.float32
     pages = lambda llm: llm.engine.core.runner.cache.num_pages  # noqa: E731
-    page_bytes = lambda llm: sum(x.nbytes for x in jax.tree.leaves(llm.engine.core.runner.cache)) / pages(llm)  # noqa: E731
+    page_bytes = lambda llm: sum(  # noqa: E731
+        x.nbytes for x in jax.tree.leaves(llm.engine.core.runner.cache)) / pages(llm)
     head_dim = plain.engine.core.model.cfg.head_dim
     assert page_bytes(coded) / page_bytes(plain) == (head_dim + 4) / (2 * head_dim)  # codes + a float32 scale
     for llm in (plain, coded):

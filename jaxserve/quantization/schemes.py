@@ -85,9 +85,9 @@ def quantize(a: np.ndarray, scheme: str, axis: int, group: int = DEFAULT_INT4_GR
 
 def error_bound(a: np.ndarray, scheme: str, axis: int, group: int = DEFAULT_INT4_GROUP) -> np.ndarray:
     """The largest |w - dequantize(quantize(w))| each element can have, [a's shape]: half a step for the integer
-    schemes (step: int8 absmax / 127 of its column, int4 (max - min) / 15 of its group), and for fp8 half a unit in the last place of e4m3's 3-bit
-    mantissa at the element's magnitude (2^-4 relative), or half its smallest subnormal step below the normal range,
-    times the scale."""
+    schemes (step: int8 absmax / 127 of its column, int4 (max - min) / 15 of its group), and for fp8 half a unit in
+    the last place of e4m3's 3-bit mantissa at the element's magnitude (2^-4 relative), or half its smallest
+    subnormal step below the normal range, times the scale."""
     a = np.asarray(a, np.float32)
     if scheme == "int8":
         return np.broadcast_to(_absmax(a, axis, a.shape[axis]) / 254, a.shape)
