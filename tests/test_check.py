@@ -123,3 +123,31 @@ def test_a_cache_that_leaves_no_room_for_a_step_fails(tmp_path):
     forward = [line for line in lines if line.startswith("forward ")]
     assert len(forward) == 2 and all("RESOURCE_EXHAUSTED" in line or line.endswith("OVER HBM") for line in forward)
     assert [line.split()[0] for line in lines if line.endswith("OVER HBM")][-2:] == ["init_slot", "write_tables"]
+
+
+def test_quantized_weights_and_cache_lower_for_cuda(tmp_path):
+    """int4 weights and an int8 KV cache on one H100: the weights' bytes per chip and the cache's page size are those
+    of codes and scales, and every program lowers (the GPU kernel reading the quantized cache)."""
+    proc = check(SMALL, tmp_path, "--target", "cuda-h100-1", "--max-model-len", "2048", "--max-num-seqs", "16",
+                 "--max-num-batched-tokens", "64", "--quantization", "int4", "--quantization-group-size", "64",
+                 "--kv-cache-dtype", "int8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    header = proc.stdout.splitlines()[0]
+    # layers' matrices: 2 x (256 x 768 + 3 x 256 x 512) as 4-bit codes plus a float32 scale and offset per 64;
+    # embeddings and LM head 2 x 32000 x 256 in bfloat16; norms
+    matrices = 2 * (256 * 768 + 3 * 256 * 512)
+    expected = matrices / 2 + matrices / 64 * 8 + 2 * 32000 * 256 * 2 + (2 * 2 + 1) * 256 * 2 + 2 * 768 * 2
+    weights = float(re.search(r"([\d.]+) GiB of weights per chip", header).group(1)) * 2**30
+    assert "bfloat16 with int4 weights" in header and abs(weights - expected) < 0.001 * 2**30, (header, expected)
+    assert proc.stdout.strip().splitlines()[-1].startswith("check: OK: 10 programs lowered for cuda-h100-1")
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--target", "tpu-v5e-1", "--quantization", "fp8"), "check: fp8 weights need TPU v6e or later (TPU v5e has no "
+                                                         "fp8 matmul); use --quantization int8"),
+    (("--target", "tpu-v6e-1", "--kv-cache-dtype", "int8"), "check: --kv-cache-dtype int8: the TPU attention kernel "
+                                                            "does not read a quantized cache yet"),
+])
+def test_what_a_target_cannot_run_is_refused(tmp_path, args, message):
+    proc = check(SMALL, tmp_path, *args)
+    assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr[-2000:]

@@ -178,11 +178,9 @@ class Serving:
         max_model_len = config.context_length(cfg)
         params, cfg = abstract_params(cfg, dtype, mesh, quantize)
         serving = cls(cfg, config, target, jnp.dtype(dtype), mesh, params, max_model_len)
-        code = kv_code_dtype(config.kv_cache_dtype)
         serving.page_bytes = kv_memory.page_bytes_per_device(cfg.num_layers, sharding.kv_heads_per_device(mesh, cfg),
-                                                             config.page_size, cfg.head_dim,
-                                                             jnp.dtype(code or serving.dtype).itemsize,
-                                                             quantized=code is not None)
+                                                             config.page_size, cfg.head_dim, serving.dtype,
+                                                             kv_code_dtype(config.kv_cache_dtype))
         return serving
 
     @property
@@ -198,8 +196,8 @@ class Serving:
         cfg, rep = self.cfg, sharding.replicated(self.mesh)
         code = kv_code_dtype(self.config.kv_cache_dtype)
         layer = layer_cache(cfg, num_pages, self.config.page_size, self.dtype, code)
-        layer = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding.cache_sharding(
-            self.mesh, cfg, s.shape)), layer)
+        layer = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), layer,
+                             sharding.layer_cache_sharding(self.mesh, cfg, layer))
         cache = KVCache(kv=(layer,) * cfg.num_layers)
         tables = jax.ShapeDtypeStruct((self.config.max_num_seqs, self.pages_per_seq), jnp.int32, sharding=rep)
         placement = SamplerState.placement(rep, sharding.by_vocab(self.mesh, cfg.vocab_size))

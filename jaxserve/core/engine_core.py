@@ -13,7 +13,6 @@ import random
 import time
 
 import jax
-import jax.numpy as jnp
 
 import kernels_cpu
 from jaxserve.models import attention
@@ -166,11 +165,10 @@ class EngineCore:
 
     def _page_bytes(self, config: EngineConfig) -> int:
         """Bytes of one KV page on one device (the cache is split over kv heads where the model axis allows)."""
-        cfg, code = self.model.cfg, kv_code_dtype(config.kv_cache_dtype)
+        cfg = self.model.cfg
         return kv_memory.page_bytes_per_device(cfg.num_layers, sharding.kv_heads_per_device(self.mesh, cfg),
-                                               config.page_size, cfg.head_dim,
-                                               jnp.dtype(code or self.model.dtype).itemsize,
-                                               quantized=code is not None)
+                                               config.page_size, cfg.head_dim, self.model.dtype,
+                                               kv_code_dtype(config.kv_cache_dtype))
 
     def _runner(self, config: EngineConfig, num_pages: int, pages_per_seq: int, backend) -> ModelRunner:
         cfg = self.model.cfg

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 GIB = 2**30
 CPU_KV_CACHE_GB = 2.0
 
@@ -40,10 +42,11 @@ def device_memory(devices) -> list[DeviceMemory] | None:
 
 
 def page_bytes_per_device(num_layers: int, kv_heads_per_device: int, page_size: int, head_dim: int,
-                          itemsize: int, quantized: bool = False) -> int:
-    """Bytes of one page (K and V of every layer) on one device, for the kv heads that device holds; a quantized
-    cache (itemsize 1) adds a float32 scale per token, head and K or V."""
-    return 2 * num_layers * kv_heads_per_device * page_size * (head_dim * itemsize + (4 if quantized else 0))
+                          dtype, code_dtype=None) -> int:
+    """Bytes of one page (K and V of every layer) on one device, for the kv heads that device holds: values in the
+    model's dtype, or codes of code_dtype plus a float32 scale per token, head and K or V (models.base.layer_cache)."""
+    row = head_dim * np.dtype(dtype).itemsize if code_dtype is None else head_dim * np.dtype(code_dtype).itemsize + 4
+    return 2 * num_layers * kv_heads_per_device * page_size * row
 
 
 def pages_for_gb(gb: float, page_bytes: int) -> int:

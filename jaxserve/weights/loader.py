@@ -103,7 +103,7 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
 
     quantization, for a checkpoint stored quantized (GGUF, or transformers fp8 / AWQ / GPTQ): "auto" keeps its
     matrices as stored (QArrays) on TPU and GPU, and dequantizes them to `dtype` on CPU (XLA:CPU does not fuse the
-    dequantization into its dot: the default model's decode was ~9x slower); "none" dequantizes them; "gguf", "awq",
+    dequantization into its dot: the default model's decode was ~10x slower); "none" dequantizes them; "gguf", "awq",
     "gptq" keep them and fail for a checkpoint of another format. "int8", "int4" (groups of quantization_group_size)
     or "fp8" quantize the decoder layers' matrices tensor by tensor as they are placed (a quantized checkpoint's
     dequantized first, except an fp8 checkpoint under "fp8", kept as stored)."""
