@@ -17,7 +17,7 @@ class Checkpoint:
     """What every loader hands to the engine: HF config dict, HF-named tensors, tokenizer, EOS ids."""
 
     hf_config: dict
-    tensors: dict
+    tensors: Mapping  # name -> numpy array (or QArray: weights/prequantized.py, gguf_file.py)
     tokenizer: object  # transformers.PreTrainedTokenizerBase
     eos_token_ids: tuple[int, ...]
     # Sampling defaults from generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty),
