@@ -101,12 +101,26 @@ def dequantize(w: QArray, dtype=jnp.float32):
     return out.reshape(w.shape).astype(dtype)
 
 
+def _scaled(codes, w: QArray, dtype, rows_per_group: int):
+    """codes [R, N] (consecutive rows of w, `rows_per_group` to a scale) -> scale * (codes - zero) + offset in dtype."""
+    r, n = codes.shape
+    v = codes.astype(dtype).reshape(r // rows_per_group, rows_per_group, n)
+    if w.zero:
+        v = v - jnp.asarray(w.zero, dtype)
+    v = v * w.scale.astype(dtype)[:, None]
+    if w.offset is not None:
+        v = v + w.offset.astype(dtype)[:, None]
+    return v.reshape(r, n)
+
+
 def linear(x, w, out_dtype=None):
     """x [..., in] @ w [in, out] for a float or quantized w (the one matmul of every model family).
 
-    A quantized w is dequantized inside the program, where XLA fuses the conversion into the dot's operand on TPU
-    and GPU. With one scale per output column (int8, fp8 per channel) the scale is applied to the dot's output
-    instead: in * out multiplies fewer."""
+    A quantized w is dequantized inside the program in x's dtype, as the dot's operand, which XLA fuses into the
+    dot on TPU and GPU. With one scale per output column (int8, fp8 per channel) the scale is applied to the dot's
+    output instead. 4-bit codes are not interleaved back into rows: the even rows (low nibbles) and odd rows (high
+    nibbles) are two dots against x's even and odd columns, each operand an elementwise function of the packed
+    array, which XLA:TPU keeps in the dot's fusion (bench/tpu_quantized_linear.py)."""
     out_dtype = out_dtype or x.dtype
     if not isinstance(w, QArray):
         return jnp.dot(x, w, preferred_element_type=out_dtype).astype(out_dtype)
@@ -114,7 +128,13 @@ def linear(x, w, out_dtype=None):
     if w.group == w.shape[0] and w.offset is None and w.zero == 0 and w.bits == 8:
         y = jnp.dot(x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
         return (y * w.scale.astype(jnp.float32)).astype(out_dtype)
-    return jnp.dot(x, dequantize(w, x.dtype), preferred_element_type=out_dtype).astype(out_dtype)
+    if w.bits == 4:
+        y = (jnp.dot(x[..., 0::2], _scaled(w.values & 15, w, x.dtype, w.group // 2), preferred_element_type=jnp.float32)
+             + jnp.dot(x[..., 1::2], _scaled(w.values >> 4, w, x.dtype, w.group // 2),
+                       preferred_element_type=jnp.float32))
+    else:
+        y = jnp.dot(x, _scaled(w.values, w, x.dtype, w.group), preferred_element_type=jnp.float32)
+    return y.astype(out_dtype)
 
 
 def take_rows(w, ids, dtype):
