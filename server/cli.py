@@ -24,7 +24,8 @@ def _serve(args: argparse.Namespace) -> int:
     engine = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.block_size,
                           tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
-                          quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype,
+                          quantization_group_size=args.quantization_group_size,
+                          quantize_lm_head=args.quantize_lm_head, kv_cache_dtype=args.kv_cache_dtype,
                           attention_backend=args.attention_backend, seed=args.seed,
                           enable_prefix_caching=not args.no_enable_prefix_caching,
                           scheduling_policy=args.scheduling_policy,
@@ -199,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "int8 (per channel), int4 (per group) or fp8 (per channel; TPU v6e+, CUDA 8.9+) quantize "
                             "the decoder layers at load (an fp8 checkpoint under fp8 is kept as stored)")
     serve.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale of int4 weights")
+    serve.add_argument("--quantize-lm-head", action="store_true",
+                       help="with int8 / int4 / fp8: quantize the LM head and the embeddings too")
     serve.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8", "fp8_e4m3"], default="auto",
                        help="KV cache: auto (the model's dtype), or int8 / fp8 codes with a float32 scale per token "
                             "and head (about half a bfloat16 cache; reference and GPU attention)")

@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=["none", "int8", "int4", "fp8"], default="none",
                    help="quantize the decoder layers' weights as `jaxserve serve --quantization` does at load")
     p.add_argument("--quantization-group-size", type=int, default=128, help="inputs per scale of int4 weights")
+    p.add_argument("--quantize-lm-head", action="store_true", help="quantize the LM head and embeddings too")
     p.add_argument("--kv-cache-dtype", choices=["auto", "int8", "fp8"], default="auto",
                    help="KV cache codes with a scale per token and head (the GPU kernel and XLA read them)")
     return p
@@ -126,7 +127,8 @@ def run(args: argparse.Namespace) -> int:
                              "quantized cache yet")
         quantize = None
         if args.quantization != "none":
-            quantize = WeightQuantization(args.quantization, args.quantization_group_size)
+            quantize = WeightQuantization(args.quantization, args.quantization_group_size,
+                                          lm_head=args.quantize_lm_head)
             check_backend(args.quantization, chip.platform, chip.name)
         serving = Serving.build(cfg, config, target, args.dtype, quantize)
     except ValueError as e:  # more chips asked for than the target has, a scheme the chip cannot run

@@ -51,6 +51,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     quantization: str = "auto"  # weights: auto, none, gguf, int8, int4, fp8 (weights/loader.load_model)
     quantization_group_size: int = 128  # int4's group of inputs per scale
+    quantize_lm_head: bool = False  # int8 / int4 / fp8 also for the LM head and the embeddings
     kv_cache_dtype: str = "auto"  # auto (the model's dtype), int8 or fp8 (codes with a scale per token and head)
     tensor_parallel_size: int = 1
     seed: int = 0
@@ -126,7 +127,8 @@ class EngineCore:
             model = dataclasses.replace(model, params=params, cfg=cfg)
         else:
             model = load_model(model, dtype=dtype, mesh=self.mesh, quantization=config.quantization,
-                               quantization_group_size=config.quantization_group_size, progress=progress)
+                               quantization_group_size=config.quantization_group_size,
+                               quantize_lm_head=config.quantize_lm_head, progress=progress)
         self.model = model
         cfg = self.model.cfg
         self.tokenizer = self.model.tokenizer

@@ -98,7 +98,8 @@ STORED = ("gguf", "awq", "gptq")  # --quantization values that name a checkpoint
 
 
 def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=None, quantization: str | None = "auto",
-               quantization_group_size: int = DEFAULT_INT4_GROUP, progress: bool = True) -> LoadedModel:
+               quantization_group_size: int = DEFAULT_INT4_GROUP, quantize_lm_head: bool = False,
+               progress: bool = True) -> LoadedModel:
     """mesh: a jax.sharding.Mesh to shard the weights over (see sharding.py); None puts them on one device.
 
     quantization, for a checkpoint stored quantized (GGUF, or transformers fp8 / AWQ / GPTQ): "auto" keeps its
@@ -106,7 +107,8 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
     dequantization into its dot: the default model's decode was ~10x slower); "none" dequantizes them; "gguf", "awq",
     "gptq" keep them and fail for a checkpoint of another format. "int8", "int4" (groups of quantization_group_size)
     or "fp8" quantize the decoder layers' matrices tensor by tensor as they are placed (a quantized checkpoint's
-    dequantized first, except an fp8 checkpoint under "fp8", kept as stored)."""
+    dequantized first, except an fp8 checkpoint under "fp8", kept as stored), and with quantize_lm_head the LM head
+    and the embeddings too."""
     start = time.perf_counter()
     mesh = mesh or sharding.make_mesh(1)
     device = mesh.devices.flat[0]
@@ -114,7 +116,7 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
         raise ValueError(f"unknown quantization {quantization!r}; choose auto, none, {', '.join(STORED + SCHEMES)}")
     quantize = None
     if quantization in SCHEMES:
-        quantize = WeightQuantization(quantization, quantization_group_size)
+        quantize = WeightQuantization(quantization, quantization_group_size, lm_head=quantize_lm_head)
         check_backend(quantization, device.platform, device.device_kind, getattr(device, "compute_capability", None))
 
     def keep(stored: str | None) -> bool:
