@@ -20,7 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.base import cache_shape
-from jaxserve.quantization.qarray import QArray, common_form
+from jaxserve.quantization.qarray import QArray, common_form, is_quantized
 
 RULES = {
     "vocab": "model",
@@ -219,15 +219,12 @@ def shard_params(params, mesh: Mesh, cfg: ModelConfig):
     assert cfg.qkv_groups == cfg.mlp_groups == 1, "re-placing params that are already grouped for a mesh"
     put = param_put(mesh, cfg)
 
-    def split(x, name):
-        if not isinstance(x, QArray):
-            return split_fused(np.asarray(x), name, cfg)
-        pieces = jax.tree.map(lambda a: split_fused(np.asarray(a), name, cfg), x)  # a QArray of tuples
-        return tuple(jax.tree.map(lambda t, i=i: t[i], pieces, is_leaf=lambda t: isinstance(t, tuple))
-                     for i in range(len(pieces.values)))
+    def split(x, name):  # each leaf (a QArray's codes, scales, offsets alike) split into the same parts
+        count = 3 if name in QKV_FIELDS else 2
+        return tuple(jax.tree.map(lambda a, i=i: split_fused(np.asarray(a), name, cfg)[i], x) for i in range(count))
 
     def place(path, x):
         name = path[-1].name
         return put(split(x, name) if name in FUSED_FIELDS else x, name)
 
-    return jax.tree_util.tree_map_with_path(place, params, is_leaf=lambda x: isinstance(x, QArray)), placed(mesh, cfg)
+    return jax.tree_util.tree_map_with_path(place, params, is_leaf=is_quantized), placed(mesh, cfg)

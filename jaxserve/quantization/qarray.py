@@ -82,35 +82,29 @@ def pack_int4(values: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(packed, 0, axis)
 
 
-def _grouped(x, axis: int, group: int):
-    """[.., n, ..] -> [.., n // group, group, ..]."""
+def grouped(x, axis: int, group: int):
+    """[.., n, ..] -> [.., n // group, group, ..]: each group of `group` consecutive elements along axis."""
     return x.reshape(x.shape[:axis] + (x.shape[axis] // group, group) + x.shape[axis + 1:])
+
+
+def _scaled(codes, w: QArray, dtype, group: int):
+    """codes [.., n, ..] along w.axis (w's codes unpacked, or one nibble of each packed pair), `group` consecutive
+    ones to a scale -> scale * (codes - zero) + offset, computed in dtype."""
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    v = grouped(codes.astype(dtype), w.axis, group)
+    if w.zero:
+        v = v - np.asarray(w.zero, dtype)
+    v = v * xp.expand_dims(w.scale.astype(dtype), w.axis + 1)
+    if w.offset is not None:
+        v = v + xp.expand_dims(w.offset.astype(dtype), w.axis + 1)
+    return v.reshape(codes.shape)
 
 
 def dequantize(w: QArray, dtype=jnp.float32):
     """The float array w stands for, computed in float32 (so a GGUF block dequantizes exactly as the gguf package
     does) and cast to dtype."""
-    xp = np if isinstance(w.values, np.ndarray) else jnp
     q = unpack_int4(w.values, w.axis) if w.bits == 4 else w.values
-    q = _grouped(q.astype(np.float32), w.axis, w.group)
-    if w.zero:
-        q = q - np.float32(w.zero)
-    out = q * xp.expand_dims(w.scale.astype(np.float32), w.axis + 1)
-    if w.offset is not None:
-        out = out + xp.expand_dims(w.offset.astype(np.float32), w.axis + 1)
-    return out.reshape(w.shape).astype(dtype)
-
-
-def _scaled(codes, w: QArray, dtype, rows_per_group: int):
-    """codes [R, N] (consecutive rows of w, `rows_per_group` to a scale) -> scale * (codes - zero) + offset in dtype."""
-    r, n = codes.shape
-    v = codes.astype(dtype).reshape(r // rows_per_group, rows_per_group, n)
-    if w.zero:
-        v = v - jnp.asarray(w.zero, dtype)
-    v = v * w.scale.astype(dtype)[:, None]
-    if w.offset is not None:
-        v = v + w.offset.astype(dtype)[:, None]
-    return v.reshape(r, n)
+    return _scaled(q, w, np.float32, w.group).astype(dtype)
 
 
 def linear(x, w, out_dtype=None):
@@ -150,10 +144,6 @@ def take_rows(w, ids, dtype):
 def leaves(tree):
     """The arrays of a params tree with each QArray as one leaf."""
     return jax.tree.leaves(tree, is_leaf=is_quantized)
-
-
-def logical_size(x) -> int:
-    return int(np.prod(x.shape))
 
 
 def nbytes(tree) -> int:

@@ -18,7 +18,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxserve.quantization.qarray import QArray, pack_int4
+from jaxserve.quantization.qarray import QArray, grouped, pack_int4
 
 SCHEMES = ("int8", "int4", "fp8")
 DEFAULT_INT4_GROUP = 128  # AWQ's and GPTQ's usual group size
@@ -27,8 +27,7 @@ FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 
 def _absmax(a: np.ndarray, axis: int, group: int) -> np.ndarray:
     """max |a| per group of `group` along axis: [.., n, ..] -> [.., n // group, ..], float32, never 0."""
-    grouped = a.reshape(a.shape[:axis] + (a.shape[axis] // group, group) + a.shape[axis + 1:])
-    m = np.abs(grouped.astype(np.float32)).max(axis=axis + 1)
+    m = np.abs(grouped(a.astype(np.float32), axis, group)).max(axis=axis + 1)
     return np.where(m > 0, m, np.float32(1))
 
 
@@ -55,8 +54,8 @@ def int4_group(n: int, group: int) -> int:
 
 def _range(a: np.ndarray, axis: int, group: int) -> tuple[np.ndarray, np.ndarray]:
     """(min, max) per group of `group` along axis, float32: [.., n // group, ..] each."""
-    grouped = a.astype(np.float32).reshape(a.shape[:axis] + (a.shape[axis] // group, group) + a.shape[axis + 1:])
-    return grouped.min(axis=axis + 1), grouped.max(axis=axis + 1)
+    groups = grouped(a.astype(np.float32), axis, group)
+    return groups.min(axis=axis + 1), groups.max(axis=axis + 1)
 
 
 def quantize_int4(a: np.ndarray, axis: int, group: int = DEFAULT_INT4_GROUP) -> QArray:
