@@ -18,18 +18,25 @@ import jaxlib
 
 log = logging.getLogger("jaxserve")
 
-_SOURCES = ("top_candidates.cc",)
-# FFI target name -> the handler symbol its source exports.
-TARGETS = {"jaxserve_top_candidates": "TopCandidates"}
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+_SOURCES = ("top_candidates.cc", "quantized_linear.cc")
+_HEADERS = ("parallel.h",)
+# FFI target name -> the handler symbol its source exports (the quantized linears only where the host CPU has
+# AVX2, FMA and F16C).
+TARGETS = {"jaxserve_top_candidates": "TopCandidates",
+           "jaxserve_quantized_linear_packed4": "QuantizedLinearPacked4",
+           "jaxserve_quantized_linear_int8_rows": "QuantizedLinearInt8Rows"}
+# -march=native: the build is for this host (and keyed by its CPU's features).
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
+_registered: set[str] = set()
 
 
-def enabled() -> bool:
-    """Whether the kernels are registered in this process (callers pick kernel or reference at trace time)."""
-    return _library is not None
+def enabled(target: str = "jaxserve_top_candidates") -> bool:
+    """Whether the kernel behind an FFI target is registered in this process (callers pick kernel or reference at
+    trace time)."""
+    return target in _registered
 
 
 def enable(folder: str | os.PathLike) -> bool:
@@ -49,7 +56,9 @@ def enable(folder: str | os.PathLike) -> bool:
             log.warning("C++ kernels for XLA:CPU not built (%s); using the plain-XLA references", detail)
             return False
         for target, symbol in TARGETS.items():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+            if hasattr(library, symbol):
+                jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+                _registered.add(target)
         _library = library
         return True
 
@@ -60,9 +69,9 @@ def _build(folder: pathlib.Path) -> pathlib.Path:
     if compiler is None:
         raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
     key = hashlib.sha256()
-    for part in (jax.__version__, jaxlib.__version__, compiler, platform.machine(), *_FLAGS):
+    for part in (jax.__version__, jaxlib.__version__, compiler, platform.machine(), _cpu_features(), *_FLAGS):
         key.update(part.encode() + b"\0")
-    for name in _SOURCES:
+    for name in _SOURCES + _HEADERS:
         key.update((here / name).read_bytes())
     target = folder / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -79,3 +88,12 @@ def _build(folder: pathlib.Path) -> pathlib.Path:
         if os.path.exists(partial):
             os.unlink(partial)
     return target
+
+
+def _cpu_features() -> str:
+    """The host CPU's feature flags (Linux), which -march=native compiles for."""
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    return next((line for line in text.splitlines() if line.startswith(("flags", "Features"))), "")

@@ -3,16 +3,17 @@
 //
 // Per row: a lower bound on the width-th largest group maximum (from a histogram of the maxima), the values at or
 // above it in the groups whose maximum reaches it (about width groups, prefetched one row ahead), then a
-// selection and a sort of those few as (value, index) integer keys. Rows are split over XLA's CPU thread pool.
+// selection and a sort of those few as (value, index) integer keys. Rows are split over the host's cores
+// (parallel.h).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -115,7 +116,7 @@ void Rows(const float* x, const float* maxima, float* values, int32_t* ids, int6
   }
 }
 
-ffi::Error TopCandidatesImpl(ffi::ThreadPool pool, Floats x, Floats maxima, ffi::Result<Floats> values,
+ffi::Error TopCandidatesImpl(Floats x, Floats maxima, ffi::Result<Floats> values,
                              ffi::Result<Ints> ids, int64_t group) {
   const int64_t rows = x.dimensions()[0], vocab = x.dimensions()[1], groups = maxima.dimensions()[1];
   const int64_t width = values->dimensions()[1];
@@ -127,18 +128,10 @@ ffi::Error TopCandidatesImpl(ffi::ThreadPool pool, Floats x, Floats maxima, ffi:
   const float* mp = maxima.typed_data();
   float* vp = values->typed_data();
   int32_t* ip = ids->typed_data();
-  // Rows split evenly over the pool's threads and this one (at least 16 rows each: a task costs microseconds).
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), rows / 16));
-  const int64_t per = (rows + parts - 1) / parts;
-  std::atomic<int64_t> pending(parts - 1);
-  for (int64_t p = 1; p < parts; ++p) {
-    pool.Schedule([=, &pending] {
-      Rows(xp, mp, vp, ip, p * per, std::min(rows, (p + 1) * per), vocab, groups, group, width);
-      pending.fetch_sub(1, std::memory_order_release);
-    });
-  }
-  Rows(xp, mp, vp, ip, 0, std::min(rows, per), vocab, groups, group, width);
-  while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  // Rows split over the cores (at least 16 rows a part: handing one over costs microseconds).
+  jaxserve::Workers::Get().Split(rows, rows / 16, [&](int64_t begin, int64_t end) {
+    Rows(xp, mp, vp, ip, begin, end, vocab, groups, group, width);
+  });
   return ffi::Error::Success();
 }
 
@@ -146,7 +139,6 @@ ffi::Error TopCandidatesImpl(ffi::ThreadPool pool, Floats x, Floats maxima, ffi:
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TopCandidates, TopCandidatesImpl,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
                                   .Ret<Floats>()

@@ -23,7 +23,7 @@ import numpy as np
 from jaxserve.models import attention
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.base import Batch, KVCache, apply_rope, rms_norm
-from jaxserve.quantization.qarray import QArray, linear, take_rows
+from jaxserve.quantization.qarray import QArray, linear, linear_rows, take_rows
 
 
 @jax.tree_util.register_dataclass
@@ -107,8 +107,9 @@ def _decoder_layer(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: Model
 def final_logits(params: Params, x, cfg: ModelConfig):
     """x: [N, hidden] last-layer outputs -> logits [N, vocab] float32."""
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    head = params.embed.T if params.lm_head is None else params.lm_head
-    return linear(x, head, out_dtype=jnp.float32)
+    if params.lm_head is None:
+        return linear_rows(x, params.embed, out_dtype=jnp.float32)
+    return linear(x, params.lm_head, out_dtype=jnp.float32)
 
 
 # transformers' tensor names: linear weights are transposed from HF's [out, in] to [in, out] (the model

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernels_cpu
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
@@ -114,11 +116,34 @@ def linear(x, w, out_dtype=None):
     dot on TPU and GPU. With one scale per output column (int8, fp8 per channel) the scale is applied to the dot's
     output instead. 4-bit codes are not interleaved back into rows: the even rows (low nibbles) and odd rows (high
     nibbles) are two dots against x's even and odd columns, each operand an elementwise function of the packed
-    array, which XLA:TPU keeps in the dot's fusion (bench/tpu_quantized_linear.py)."""
+    array, which XLA:TPU keeps in the dot's fusion (bench/tpu_quantized_linear.py). XLA:CPU does not fuse that
+    conversion (it writes the float weights out every step), so there 4-bit codes grouped by multiples of 32 go to
+    the C++ kernel (kernels_cpu/quantized_linear.cc) where it is built."""
     out_dtype = out_dtype or x.dtype
     if not isinstance(w, QArray):
         return jnp.dot(x, w, preferred_element_type=out_dtype).astype(out_dtype)
     assert w.axis == 0, "a linear weight is grouped along its input axis"
+    if _kernel_form(w, "jaxserve_quantized_linear_packed4", in_axis=0):
+        def kernel(x):
+            y = kernels_cpu.packed4_columns(x.reshape(-1, x.shape[-1]), w.values, w.scale, w.offset, w.zero)
+            return y.reshape(*x.shape[:-1], -1).astype(out_dtype)
+        return jax.lax.platform_dependent(x, cpu=kernel, default=lambda x: _linear_xla(x, w, out_dtype))
+    return _linear_xla(x, w, out_dtype)
+
+
+def _kernel_form(w: QArray, target: str, in_axis: int) -> bool:
+    """Whether the 2-D w, grouped along in_axis, is in the form the XLA:CPU kernel `target` takes and that kernel
+    is registered: 4-bit codes for whole tiles of 32 outputs (packed4), or int8 codes without offset or zero point
+    (int8 rows); groups of a multiple of 32; float16/32 scales."""
+    packed = target == "jaxserve_quantized_linear_packed4"
+    return (kernels_cpu.enabled(target) and w.ndim == 2 and w.axis == in_axis
+            and w.group % kernels_cpu.quantized_linear.BLOCK == 0 and w.scale.dtype in (jnp.float16, jnp.float32)
+            and (w.offset is None or w.offset.dtype == w.scale.dtype)
+            and ((w.bits == 4 and w.shape[1 - in_axis] % 32 == 0) if packed
+                 else (w.values.dtype == jnp.int8 and w.offset is None and w.zero == 0)))
+
+
+def _linear_xla(x, w: QArray, out_dtype):
     if w.group == w.shape[0] and w.offset is None and w.zero == 0 and w.bits == 8:
         y = jnp.dot(x, w.values.astype(x.dtype), preferred_element_type=jnp.float32)
         return (y * w.scale.astype(jnp.float32)).astype(out_dtype)
@@ -129,6 +154,18 @@ def linear(x, w, out_dtype=None):
     else:
         y = jnp.dot(x, _scaled(w.values, w, x.dtype, w.group), preferred_element_type=jnp.float32)
     return y.astype(out_dtype)
+
+
+def linear_rows(x, rows, out_dtype=None):
+    """x [..., in] @ rows [out, in].T: x against each row of a table, as a tied LM head against the embeddings
+    (a QArray table grouped along its second axis). int8 codes go to the XLA:CPU kernel where it is built; the
+    rest is linear() on the transposed table."""
+    if isinstance(rows, QArray) and _kernel_form(rows, "jaxserve_quantized_linear_int8_rows", in_axis=1):
+        def kernel(x):
+            y = kernels_cpu.int8_rows(x.reshape(-1, x.shape[-1]), rows.values, rows.scale)
+            return y.reshape(*x.shape[:-1], -1).astype(out_dtype or x.dtype)
+        return jax.lax.platform_dependent(x, cpu=kernel, default=lambda x: linear(x, rows.T, out_dtype))
+    return linear(x, rows.T, out_dtype)
 
 
 def take_rows(w, ids, dtype):

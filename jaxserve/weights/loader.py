@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+import kernels_cpu
 from jaxserve import models
 from jaxserve.models.base import count_params
 from jaxserve.models.config import ModelConfig
@@ -103,8 +104,10 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
     """mesh: a jax.sharding.Mesh to shard the weights over (see sharding.py); None puts them on one device.
 
     quantization, for a checkpoint stored quantized (GGUF, or transformers fp8 / AWQ / GPTQ): "auto" keeps its
-    matrices as stored (QArrays) on TPU and GPU, and dequantizes them to `dtype` on CPU (XLA:CPU does not fuse the
-    dequantization into its dot: the default model's decode was ~10x slower); "none" dequantizes them; "gguf", "awq",
+    matrices as stored (QArrays) on TPU and GPU; on CPU it keeps a GGUF's matrices that the C++ kernels multiply
+    (gguf_blocks.kept_on_cpu) where they are built (kernels_cpu.enable), and dequantizes the rest to `dtype`
+    (XLA:CPU does not fuse a dequantization into its dot: decoding the default model from its codes through XLA was
+    ~10x slower than from float32); "none" dequantizes them; "gguf", "awq",
     "gptq" keep them and fail for a checkpoint of another format. "int8", "int4" (groups of quantization_group_size)
     or "fp8" quantize the decoder layers' matrices tensor by tensor as they are placed (a quantized checkpoint's
     dequantized first, except an fp8 checkpoint under "fp8", kept as stored), and with quantize_lm_head the LM head
@@ -119,11 +122,16 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
         quantize = WeightQuantization(quantization, quantization_group_size, lm_head=quantize_lm_head)
         check_backend(quantization, device.platform, device.device_kind, getattr(device, "compute_capability", None))
 
-    def keep(stored: str | None) -> bool:
+    def keep(stored: str | None):
         if quantization in STORED and stored != quantization:
             raise ValueError(f"--quantization {quantization}: the checkpoint is {stored or 'not quantized'}")
         if quantization in (None, "auto"):
-            return device.platform != "cpu"
+            if device.platform != "cpu":
+                return True
+            if stored != "gguf" or not kernels_cpu.enabled("jaxserve_quantized_linear_packed4"):
+                return False
+            from jaxserve.quantization import gguf_blocks  # (imports the gguf package)
+            return gguf_blocks.kept_on_cpu
         return stored == quantization
 
     name, ckpt = read_checkpoint(model, keep=keep, progress=progress)

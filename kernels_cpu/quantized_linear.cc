@@ -1,0 +1,292 @@
+// Matmuls of float32 activations with integer weight codes, for XLA:CPU (which converts codes to floats in memory
+// before its dot instead of fusing the conversion): y [T, out] = x [T, in] times w, where each group of `group`
+// consecutive inputs has a scale (and an offset) per output:  w = scale * (code - zero) + offset.
+//
+// Activations are quantized per 32 inputs to int8 (scale amax / 127) and their exact sums kept per group, so a
+// block of 32 contributes  scale * dx * sum(code * qx) + (offset - scale * zero) * sum(x).  The integer products
+// are AVX2 maddubs (unsigned 8-bit times signed 8-bit, pairs summed to 16 bits).
+//
+// Two layouts, the two the models hold:
+//   Packed4Columns: 4-bit codes [in / 2, out], two inputs (2i low nibble, 2i + 1 high) per byte, scales [in / group,
+//     out]: a linear weight [in, out]. Per tile of 32 outputs and block of 32 inputs the 16 packed rows are
+//     unpacked once into byte pairs (code 2i, code 2i + 1) per output, then each activation row multiplies them by
+//     its broadcast pair (qx 2i, qx 2i + 1).
+//   Int8Rows: int8 codes [out, in], scales [out, in / group], no offset: an embedding table used as the LM head
+//     (x times its transpose). Per output row and block the codes are loaded once for every activation row.
+// Work is split over outputs on the host's cores (parallel.h). Built only where the compiler targets AVX2, FMA and
+// F16C (kernels_cpu/build.py compiles for the host's CPU); elsewhere the handlers are absent and callers use XLA.
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+// Any rank: x and y [..., T, features] are taken as [rows, features]; the weights as their last two dimensions
+// (under vmap XLA may add leading dimensions of 1 to them).
+using Floats = ffi::Buffer<ffi::F32>;
+using Codes4 = ffi::Buffer<ffi::U8>;
+using Codes8 = ffi::Buffer<ffi::S8>;
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+// Multiply-accumulates per part below which splitting over the cores costs more than it saves.
+// Blocks of 32 inputs ahead that the 4-bit kernel prefetches.
+constexpr int64_t kAhead = 2;
+constexpr int64_t kMinTaskWork = int64_t{1} << 16;
+
+// x [T, in] quantized per block of 32: codes [T, in], scales [T, in / 32], sums of x per weight group
+// [T, in / group].
+struct Activations {
+  int64_t rows, in, group;
+  std::vector<int8_t> codes;
+  std::vector<float> scales, sums;
+};
+
+inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float HorizontalMax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+
+Activations Quantize(const float* x, int64_t rows, int64_t in, int64_t group) {
+  Activations a{rows, in, group, std::vector<int8_t>(rows * in), std::vector<float>(rows * in / kBlock),
+                std::vector<float>(rows * in / group, 0.0f)};
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  // packs_epi32 / packs_epi16 interleave the 128-bit lanes; this puts the 32 codes back in order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t t = 0; t < rows; ++t) {
+    for (int64_t b = 0; b < in / kBlock; ++b) {
+      const float* v = x + t * in + b * kBlock;
+      __m256 part[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int j = 0; j < 4; ++j) {
+        part[j] = _mm256_loadu_ps(v + 8 * j);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, part[j]));
+        sum = _mm256_add_ps(sum, part[j]);
+      }
+      const float m = HorizontalMax(amax);
+      const __m256 inverse = _mm256_set1_ps(m > 0 ? 127.0f / m : 0.0f);
+      __m256i q[4];
+      for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(part[j], inverse));  // nearest, even ties
+      const __m256i packed = _mm256_permutevar8x32_epi32(
+          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&a.codes[t * in + b * kBlock]), packed);
+      a.scales[t * (in / kBlock) + b] = m / 127.0f;
+      a.sums[t * (in / group) + b * kBlock / group] += HorizontalSum(sum);
+    }
+  }
+  return a;
+}
+
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(uint16_t h) { return _cvtsh_ss(h); }
+inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 Load8(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// 16 int16 -> two int32 vectors (low and high 128-bit lane), added to lo and hi.
+inline void Widen(__m256i v, __m256i& lo, __m256i& hi) {
+  lo = _mm256_add_epi32(lo, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
+  hi = _mm256_add_epi32(hi, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
+}
+
+// Outputs [o_begin, o_end) (multiples of 32) of y [T, out] for 4-bit codes [in / 2, out] with Scale scales and
+// offsets [in / group, out] (offset null: none), a tile of 32 outputs at a time.
+template <typename Scale>
+void Packed4Tiles(const Activations& a, const uint8_t* codes, const Scale* scale, const Scale* offset, float zero,
+                  int64_t out, int64_t o_begin, int64_t o_end, float* y) {
+  const int64_t rows = a.rows, in = a.in, blocks = in / kBlock, per_group = a.group / kBlock;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  std::vector<float> acc(rows * 32);  // [T, 32] for the current tile
+  __m256i pairs[32];  // one block's codes for 32 outputs: [packed row r][outputs 0-7|16-23, 8-15|24-31]
+  for (int64_t o = o_begin; o < o_end; o += 32) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t g = b / per_group;
+      for (int r = 0; r < 16; ++r) {
+        const uint8_t* row = codes + (b * 16 + r) * out + o;
+        // The tile's rows are `out` bytes apart, a pattern the hardware prefetcher does not follow far enough.
+        _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * 16 * out), _MM_HINT_T0);
+        const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
+        const __m256i lo = _mm256_and_si256(p, low), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
+        pairs[2 * r] = _mm256_unpacklo_epi8(lo, hi);
+        pairs[2 * r + 1] = _mm256_unpackhi_epi8(lo, hi);
+      }
+      __m256 s[4], c[4];
+      for (int k = 0; k < 4; ++k) {
+        s[k] = Load8(scale + g * out + o + 8 * k);
+        c[k] = _mm256_mul_ps(s[k], _mm256_set1_ps(-zero));
+        if (offset != nullptr) c[k] = _mm256_add_ps(c[k], Load8(offset + g * out + o + 8 * k));
+      }
+      const bool group_start = b % per_group == 0;
+      for (int64_t t = 0; t < rows; ++t) {
+        const int8_t* qx = &a.codes[t * in + b * kBlock];
+        __m256i i32[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
+                          _mm256_setzero_si256()};
+        // Two halves of 8 packed rows: 8 * 2 * 15 * 127 fits int16, 16 rows would not.
+        for (int half = 0; half < 2; ++half) {
+          __m256i sa = _mm256_setzero_si256(), sb = _mm256_setzero_si256();
+          for (int r = 8 * half; r < 8 * half + 8; ++r) {
+            int16_t pair;
+            std::memcpy(&pair, qx + 2 * r, 2);
+            const __m256i xr = _mm256_set1_epi16(pair);
+            sa = _mm256_add_epi16(sa, _mm256_maddubs_epi16(pairs[2 * r], xr));
+            sb = _mm256_add_epi16(sb, _mm256_maddubs_epi16(pairs[2 * r + 1], xr));
+          }
+          Widen(sa, i32[0], i32[2]);  // outputs 0-7, 16-23
+          Widen(sb, i32[1], i32[3]);  // outputs 8-15, 24-31
+        }
+        const __m256 dx = _mm256_set1_ps(a.scales[t * blocks + b]);
+        float* at = &acc[t * 32];
+        for (int k = 0; k < 4; ++k) {
+          __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32[k]), _mm256_mul_ps(s[k], dx), _mm256_loadu_ps(at + 8 * k));
+          if (group_start) v = _mm256_fmadd_ps(c[k], _mm256_set1_ps(a.sums[t * (in / a.group) + g]), v);
+          _mm256_storeu_ps(at + 8 * k, v);
+        }
+      }
+    }
+    for (int64_t t = 0; t < rows; ++t) std::memcpy(y + t * out + o, &acc[t * 32], 32 * sizeof(float));
+  }
+}
+
+// Outputs [o_begin, o_end) of y [T, out] for int8 codes [out, in] with scales [out, in / group]: per code row and
+// block, the codes are loaded once for up to kRows activation rows (their accumulators stay in registers).
+template <typename Scale>
+void Int8Rows(const Activations& a, const int8_t* codes, const Scale* scale, int64_t out, int64_t o_begin,
+              int64_t o_end, float* y) {
+  constexpr int kRows = 4;
+  const int64_t rows = a.rows, in = a.in, blocks = in / kBlock, groups = in / a.group, per_group = a.group / kBlock;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const int8_t* w = codes + o * in;
+    for (int64_t t0 = 0; t0 < rows; t0 += kRows) {
+      const int n = static_cast<int>(std::min<int64_t>(kRows, rows - t0));
+      __m256 acc[kRows];
+      for (int j = 0; j < kRows; ++j) acc[j] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        const float sw = ToFloat(scale[o * groups + g]);
+        for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
+          const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlock));
+          const __m256i magnitude = _mm256_sign_epi8(wb, wb);
+          for (int j = 0; j < n; ++j) {
+            const int64_t t = t0 + j;
+            const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&a.codes[t * in + b * kBlock]));
+            // |w| (unsigned) times x with w's sign: w * x through maddubs' unsigned-by-signed products.
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xb, wb)), ones);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sw * a.scales[t * blocks + b]), acc[j]);
+          }
+        }
+      }
+      for (int j = 0; j < n; ++j) y[(t0 + j) * out + o] = HorizontalSum(acc[j]);
+    }
+  }
+}
+
+}  // namespace
+
+namespace {
+
+bool IsF16(const ffi::AnyBuffer& b) { return b.element_type() == ffi::DataType::F16; }
+
+// A buffer's shape as a matrix: [product of the leading dimensions, last]; for weights (matrix false) the last two,
+// with any leading dimensions required to be 1 (else rows is -1).
+template <typename Dims>
+std::pair<int64_t, int64_t> Matrix(const Dims& dims, bool weights) {
+  const int64_t n = static_cast<int64_t>(dims.size());
+  if (n < 2) return {-1, -1};
+  int64_t lead = 1;
+  for (int64_t i = 0; i < n - 2; ++i) lead *= dims[i];
+  if (weights) return {lead == 1 ? dims[n - 2] : -1, dims[n - 1]};
+  return {lead * dims[n - 2], dims[n - 1]};
+}
+
+ffi::Error Packed4ColumnsImpl(Floats x, Codes4 codes, ffi::AnyBuffer scale,
+                              ffi::AnyBuffer offset, ffi::Result<Floats> y, int64_t group, int64_t zero,
+                              bool has_offset) {
+  const auto [rows, in] = Matrix(x.dimensions(), false);
+  const auto [half_in, out] = Matrix(codes.dimensions(), true);
+  const auto [groups, scale_out] = Matrix(scale.dimensions(), true);
+  const bool f16 = IsF16(scale);
+  const bool offset_matches =
+      !has_offset || (offset.element_type() == scale.element_type() && offset.element_count() == scale.element_count());
+  if (group <= 0 || half_in * 2 != in || in % group || group % kBlock || out % 32 || groups != in / group ||
+      scale_out != out || !offset_matches || (!f16 && scale.element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("quantized_linear: packed 4-bit shapes or dtypes do not match");
+  }
+  const Activations a = Quantize(x.typed_data(), rows, in, group);
+  const uint8_t* w = codes.typed_data();
+  float* yp = y->typed_data();
+  jaxserve::Workers::Get().Split(out / 32, rows * in * out / kMinTaskWork, [&](int64_t begin, int64_t end) {
+    if (f16) {
+      const auto* s = static_cast<const uint16_t*>(scale.untyped_data());
+      Packed4Tiles(a, w, s, has_offset ? static_cast<const uint16_t*>(offset.untyped_data()) : nullptr,
+                   static_cast<float>(zero), out, begin * 32, end * 32, yp);
+    } else {
+      const auto* s = static_cast<const float*>(scale.untyped_data());
+      Packed4Tiles(a, w, s, has_offset ? static_cast<const float*>(offset.untyped_data()) : nullptr,
+                   static_cast<float>(zero), out, begin * 32, end * 32, yp);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Int8RowsImpl(Floats x, Codes8 codes, ffi::AnyBuffer scale,
+                        ffi::Result<Floats> y) {
+  const auto [rows, in] = Matrix(x.dimensions(), false);
+  const auto [out, codes_in] = Matrix(codes.dimensions(), true);
+  const auto [scale_out, groups] = Matrix(scale.dimensions(), true);
+  const bool f16 = IsF16(scale);
+  if (codes_in != in || groups <= 0 || in % groups || (in / groups) % kBlock || scale_out != out ||
+      (!f16 && scale.element_type() != ffi::DataType::F32)) {
+    return ffi::Error::InvalidArgument("quantized_linear: int8 row shapes or dtypes do not match");
+  }
+  const Activations a = Quantize(x.typed_data(), rows, in, in / groups);
+  const int8_t* w = codes.typed_data();
+  float* yp = y->typed_data();
+  jaxserve::Workers::Get().Split(out, rows * in * out / kMinTaskWork, [&](int64_t begin, int64_t end) {
+    if (f16) {
+      Int8Rows(a, w, static_cast<const uint16_t*>(scale.untyped_data()), out, begin, end, yp);
+    } else {
+      Int8Rows(a, w, static_cast<const float*>(scale.untyped_data()), out, begin, end, yp);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantizedLinearPacked4, Packed4ColumnsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<Floats>()
+                                  .Arg<Codes4>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<Floats>()
+                                  .Attr<int64_t>("group")
+                                  .Attr<int64_t>("zero")
+                                  .Attr<bool>("has_offset"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantizedLinearInt8Rows, Int8RowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<Floats>()
+                                  .Arg<Codes8>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<Floats>());
+
+#endif  // AVX2, FMA, F16C
