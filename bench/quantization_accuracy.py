@@ -7,7 +7,8 @@ The reference is the checkpoint loaded in float32 (a GGUF dequantized by the ggu
 Each scheme loads the same checkpoint with `--quantization <scheme>` (gguf: the file's own codes kept). For a fixed
 set of chat prompts it prints: how many of the greedy tokens equal the reference's (position by position, until
 and after the first difference), the mean length of the common prefix, and the logits' error relative to their
-RMS along the reference's own tokens (teacher-forced: both models see the same context).
+RMS along the reference's own tokens (teacher-forced: both models see the same context). On CPU the C++ kernels
+run where they build, as when serving (matmuls over 4-bit and int8 codes, with int8 activations).
 """
 
 from __future__ import annotations
@@ -47,9 +48,15 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
 
+    import jax
+
+    import kernels_cpu
     from jaxserve.quantization import qarray
+    from jaxserve.weights.default_model import cache_dir
     from jaxserve.weights.loader import load_model
 
+    # As the engine does on CPU: the C++ kernels multiply 4-bit and int8 codes (int8 activations), where they build.
+    kernels = jax.default_backend() == "cpu" and kernels_cpu.enable(cache_dir() / "kernels-cpu")
     reference = load_model(args.model, dtype="float32", quantization="none", progress=False)
     tok = reference.tokenizer
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
@@ -57,7 +64,7 @@ def main() -> None:
     ref_ids, ref_logits = _greedy(reference, prompts, args.tokens)
     rms = np.sqrt(np.mean(ref_logits ** 2))
     print(f"model {reference.name}: {len(prompts)} prompts x {args.tokens} greedy tokens; reference float32, "
-          f"{qarray.nbytes(reference.params) / 1e6:.0f} MB of weights")
+          f"{qarray.nbytes(reference.params) / 1e6:.0f} MB of weights; XLA:CPU kernels {'on' if kernels else 'off'}")
     print(f"{'scheme':8} {'weights MB':>10} {'tokens equal':>13} {'common prefix':>14} {'all equal':>10} "
           f"{'logit err / rms':>16}")
     for scheme in args.schemes:

@@ -2,9 +2,11 @@
 // before its dot instead of fusing the conversion): y [T, out] = x [T, in] times w, where each group of `group`
 // consecutive inputs has a scale (and an offset) per output:  w = scale * (code - zero) + offset.
 //
-// Activations are quantized per 32 inputs to int8 (scale amax / 127) and their exact sums kept per group, so a
-// block of 32 contributes  scale * dx * sum(code * qx) + (offset - scale * zero) * sum(x).  The integer products
-// are AVX2 maddubs (unsigned 8-bit times signed 8-bit, pairs summed to 16 bits).
+// Activations are quantized per 32 inputs to int8 (x ~ dx * qx, dx = amax / 127), so a block of 32 contributes
+// scale * dx * sum(code * qx) + (offset - scale * zero) * dx * sum(qx): exactly w times the quantized x, whose error
+// is at most sum(|w| * dx / 2). (Taking the offset term from the exact sum(x) instead would leave the error of
+// sum(code * qx), which grows with the codes' magnitude, not the weights': 3x the RMS error on SmolLM2's Q4_1.)
+// The integer products are AVX2 maddubs (unsigned 8-bit times signed 8-bit, pairs summed to 16 bits).
 //
 // Two layouts, the two the models hold:
 //   Packed4Columns: 4-bit codes [in / 2, out], two inputs (2i low nibble, 2i + 1 high) per byte, scales [in / group,
@@ -42,8 +44,8 @@ constexpr int64_t kBlock = 32;
 constexpr int64_t kAhead = 2;
 constexpr int64_t kMinTaskWork = int64_t{1} << 16;
 
-// x [T, in] quantized per block of 32: codes [T, in], scales [T, in / 32], sums of x per weight group
-// [T, in / group].
+// x [T, in] quantized per block of 32: codes [T, in], scales [T, in / 32], and per weight group the sum of the
+// quantized values (dx * qx) [T, in / group].
 struct Activations {
   int64_t rows, in, group;
   std::vector<int8_t> codes;
@@ -73,11 +75,10 @@ Activations Quantize(const float* x, int64_t rows, int64_t in, int64_t group) {
   for (int64_t t = 0; t < rows; ++t) {
     for (int64_t b = 0; b < in / kBlock; ++b) {
       const float* v = x + t * in + b * kBlock;
-      __m256 part[4], amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      __m256 part[4], amax = _mm256_setzero_ps();
       for (int j = 0; j < 4; ++j) {
         part[j] = _mm256_loadu_ps(v + 8 * j);
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, part[j]));
-        sum = _mm256_add_ps(sum, part[j]);
       }
       const float m = HorizontalMax(amax);
       const __m256 inverse = _mm256_set1_ps(m > 0 ? 127.0f / m : 0.0f);
@@ -86,8 +87,9 @@ Activations Quantize(const float* x, int64_t rows, int64_t in, int64_t group) {
       const __m256i packed = _mm256_permutevar8x32_epi32(
           _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(&a.codes[t * in + b * kBlock]), packed);
+      const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
       a.scales[t * (in / kBlock) + b] = m / 127.0f;
-      a.sums[t * (in / group) + b * kBlock / group] += HorizontalSum(sum);
+      a.sums[t * (in / group) + b * kBlock / group] += m / 127.0f * HorizontalSum(_mm256_cvtepi32_ps(sum));
     }
   }
   return a;

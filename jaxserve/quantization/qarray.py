@@ -123,7 +123,7 @@ def linear(x, w, out_dtype=None):
     if not isinstance(w, QArray):
         return jnp.dot(x, w, preferred_element_type=out_dtype).astype(out_dtype)
     assert w.axis == 0, "a linear weight is grouped along its input axis"
-    if _kernel_form(w, "jaxserve_quantized_linear_packed4", in_axis=0):
+    if _packed4_kernel_takes(w):
         def kernel(x):
             y = kernels_cpu.packed4_columns(x.reshape(-1, x.shape[-1]), w.values, w.scale, w.offset, w.zero)
             return y.reshape(*x.shape[:-1], -1).astype(out_dtype)
@@ -131,16 +131,23 @@ def linear(x, w, out_dtype=None):
     return _linear_xla(x, w, out_dtype)
 
 
-def _kernel_form(w: QArray, target: str, in_axis: int) -> bool:
-    """Whether the 2-D w, grouped along in_axis, is in the form the XLA:CPU kernel `target` takes and that kernel
-    is registered: 4-bit codes for whole tiles of 32 outputs (packed4), or int8 codes without offset or zero point
-    (int8 rows); groups of a multiple of 32; float16/32 scales."""
-    packed = target == "jaxserve_quantized_linear_packed4"
+def _cpu_kernel_takes(w: QArray, target: str, in_axis: int) -> bool:
+    """Whether the XLA:CPU kernel `target` is registered and takes the 2-D w grouped along in_axis: groups of a
+    multiple of 32, float16/32 scales (and offsets like them)."""
     return (kernels_cpu.enabled(target) and w.ndim == 2 and w.axis == in_axis
             and w.group % kernels_cpu.quantized_linear.BLOCK == 0 and w.scale.dtype in (jnp.float16, jnp.float32)
-            and (w.offset is None or w.offset.dtype == w.scale.dtype)
-            and ((w.bits == 4 and w.shape[1 - in_axis] % 32 == 0) if packed
-                 else (w.values.dtype == jnp.int8 and w.offset is None and w.zero == 0)))
+            and (w.offset is None or w.offset.dtype == w.scale.dtype))
+
+
+def _packed4_kernel_takes(w: QArray) -> bool:
+    """4-bit codes [in / 2, out], outputs in whole tiles of 32."""
+    return w.bits == 4 and w.shape[1] % 32 == 0 and _cpu_kernel_takes(w, "jaxserve_quantized_linear_packed4", 0)
+
+
+def _int8_rows_kernel_takes(rows: QArray) -> bool:
+    """int8 codes [out, in] without offset or zero point."""
+    return (rows.values.dtype == jnp.int8 and rows.offset is None and rows.zero == 0
+            and _cpu_kernel_takes(rows, "jaxserve_quantized_linear_int8_rows", 1))
 
 
 def _linear_xla(x, w: QArray, out_dtype):
@@ -160,7 +167,7 @@ def linear_rows(x, rows, out_dtype=None):
     """x [..., in] @ rows [out, in].T: x against each row of a table, as a tied LM head against the embeddings
     (a QArray table grouped along its second axis). int8 codes go to the XLA:CPU kernel where it is built; the
     rest is linear() on the transposed table."""
-    if isinstance(rows, QArray) and _kernel_form(rows, "jaxserve_quantized_linear_int8_rows", in_axis=1):
+    if isinstance(rows, QArray) and _int8_rows_kernel_takes(rows):
         def kernel(x):
             y = kernels_cpu.int8_rows(x.reshape(-1, x.shape[-1]), rows.values, rows.scale)
             return y.reshape(*x.shape[:-1], -1).astype(out_dtype or x.dtype)

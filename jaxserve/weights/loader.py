@@ -107,11 +107,10 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
     matrices as stored (QArrays) on TPU and GPU; on CPU it keeps a GGUF's matrices that the C++ kernels multiply
     (gguf_blocks.kept_on_cpu) where they are built (kernels_cpu.enable), and dequantizes the rest to `dtype`
     (XLA:CPU does not fuse a dequantization into its dot: decoding the default model from its codes through XLA was
-    ~10x slower than from float32); "none" dequantizes them; "gguf", "awq",
-    "gptq" keep them and fail for a checkpoint of another format. "int8", "int4" (groups of quantization_group_size)
-    or "fp8" quantize the decoder layers' matrices tensor by tensor as they are placed (a quantized checkpoint's
-    dequantized first, except an fp8 checkpoint under "fp8", kept as stored), and with quantize_lm_head the LM head
-    and the embeddings too."""
+    ~10x slower than from float32); "none" dequantizes them; "gguf", "awq", "gptq" keep them and fail for a
+    checkpoint of another format. "int8", "int4" (groups of quantization_group_size) or "fp8" quantize the decoder
+    layers' matrices tensor by tensor as they are placed (a quantized checkpoint's dequantized first, except an fp8
+    checkpoint under "fp8", kept as stored), and with quantize_lm_head the LM head and the embeddings too."""
     start = time.perf_counter()
     mesh = mesh or sharding.make_mesh(1)
     device = mesh.devices.flat[0]
