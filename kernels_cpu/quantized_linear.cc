@@ -20,7 +20,7 @@
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 
-#include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -40,9 +40,9 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 // Multiply-accumulates per part below which splitting over the pool costs more than it saves.
+constexpr int64_t kMinTaskWork = int64_t{1} << 16;
 // Blocks of 32 inputs ahead that the 4-bit kernel prefetches.
 constexpr int64_t kAhead = 2;
-constexpr int64_t kMinTaskWork = int64_t{1} << 16;
 
 // x [T, in] quantized per block of 32: codes [T, in], scales [T, in / 32], and per weight group the sum of the
 // quantized values (dx * qx) [T, in / group].
@@ -199,10 +199,6 @@ void Int8Rows(const Activations& a, const int8_t* codes, const Scale* scale, int
     }
   }
 }
-
-}  // namespace
-
-namespace {
 
 bool IsF16(const ffi::AnyBuffer& b) { return b.element_type() == ffi::DataType::F16; }
 
