@@ -10,7 +10,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-import kernels_cpu
 from jaxserve import models
 from jaxserve.models.base import count_params
 from jaxserve.models.config import ModelConfig
@@ -104,13 +103,13 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
     """mesh: a jax.sharding.Mesh to shard the weights over (see sharding.py); None puts them on one device.
 
     quantization, for a checkpoint stored quantized (GGUF, or transformers fp8 / AWQ / GPTQ): "auto" keeps its
-    matrices as stored (QArrays) on TPU and GPU; on CPU it keeps a GGUF's matrices that the C++ kernels multiply
-    (gguf_blocks.kept_on_cpu) where they are built (kernels_cpu.enable), and dequantizes the rest to `dtype`
-    (XLA:CPU does not fuse a dequantization into its dot: decoding the default model from its codes through XLA was
-    ~10x slower than from float32); "none" dequantizes them; "gguf", "awq", "gptq" keep them and fail for a
-    checkpoint of another format. "int8", "int4" (groups of quantization_group_size) or "fp8" quantize the decoder
-    layers' matrices tensor by tensor as they are placed (a quantized checkpoint's dequantized first, except an fp8
-    checkpoint under "fp8", kept as stored), and with quantize_lm_head the LM head and the embeddings too."""
+    matrices as stored (QArrays) on TPU and GPU, and dequantizes them to `dtype` on CPU, where XLA does not fuse a
+    dequantization into its dot and the C++ kernels that multiply 4-bit codes instead quantize the activations to
+    int8 (llama.cpp's arithmetic, not float32's: SmolLM2's greedy answers change); "none" dequantizes them; "gguf",
+    "awq", "gptq" keep them (on CPU, the kernels' forms run through them) and fail for a checkpoint of another
+    format. "int8", "int4" (groups of quantization_group_size) or "fp8" quantize the decoder layers' matrices tensor
+    by tensor as they are placed (a quantized checkpoint's dequantized first, except an fp8 checkpoint under "fp8",
+    kept as stored), and with quantize_lm_head the LM head and the embeddings too."""
     start = time.perf_counter()
     mesh = mesh or sharding.make_mesh(1)
     device = mesh.devices.flat[0]
@@ -121,16 +120,11 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
         quantize = WeightQuantization(quantization, quantization_group_size, lm_head=quantize_lm_head)
         check_backend(quantization, device.platform, device.device_kind, getattr(device, "compute_capability", None))
 
-    def keep(stored: str | None):
+    def keep(stored: str | None) -> bool:
         if quantization in STORED and stored != quantization:
             raise ValueError(f"--quantization {quantization}: the checkpoint is {stored or 'not quantized'}")
         if quantization in (None, "auto"):
-            if device.platform != "cpu":
-                return True
-            if stored != "gguf" or not kernels_cpu.enabled("jaxserve_quantized_linear_packed4"):
-                return False
-            from jaxserve.quantization import gguf_blocks  # (imports the gguf package)
-            return gguf_blocks.kept_on_cpu
+            return device.platform != "cpu"
         return stored == quantization
 
     name, ckpt = read_checkpoint(model, keep=keep, progress=progress)
