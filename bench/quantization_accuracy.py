@@ -8,7 +8,7 @@ Each scheme loads the same checkpoint with `--quantization <scheme>` (gguf: the 
 set of chat prompts it prints: how many of the greedy tokens equal the reference's (position by position, until
 and after the first difference), the mean length of the common prefix, and the logits' error relative to their
 RMS along the reference's own tokens (teacher-forced: both models see the same context). On CPU the C++ kernels
-run where they build, as when serving (matmuls over 4-bit and int8 codes, with int8 activations).
+run where they build, as when serving (matmuls over 4-bit and int8 codes, with int16 activations).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def main() -> None:
     from jaxserve.weights.default_model import cache_dir
     from jaxserve.weights.loader import load_model
 
-    # As the engine does on CPU: the C++ kernels multiply 4-bit and int8 codes (int8 activations), where they build.
+    # As the engine does on CPU: the C++ kernels multiply 4-bit and int8 codes (int16 activations), where they build.
     kernels = jax.default_backend() == "cpu" and kernels_cpu.enable(cache_dir() / "kernels-cpu")
     reference = load_model(args.model, dtype="float32", quantization="none", progress=False)
     tok = reference.tokenizer

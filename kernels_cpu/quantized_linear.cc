@@ -2,17 +2,20 @@
 // before its dot instead of fusing the conversion): y [T, out] = x [T, in] times w, where each group of `group`
 // consecutive inputs has a scale (and an offset) per output:  w = scale * (code - zero) + offset.
 //
-// Activations are quantized per 32 inputs to int8 (x ~ dx * qx, dx = amax / 127), so a block of 32 contributes
+// Activations are quantized per 32 inputs to int16 (x ~ dx * qx, dx = amax / 32767), so a block of 32 contributes
 // scale * dx * sum(code * qx) + (offset - scale * zero) * dx * sum(qx): exactly w times the quantized x, whose error
 // is at most sum(|w| * dx / 2). (Taking the offset term from the exact sum(x) instead would leave the error of
-// sum(code * qx), which grows with the codes' magnitude, not the weights': 3x the RMS error on SmolLM2's Q4_1.)
-// The integer products are AVX2 maddubs (unsigned 8-bit times signed 8-bit, pairs summed to 16 bits).
+// sum(code * qx), which grows with the codes' magnitude, not the weights': 3x the RMS error on SmolLM2's Q4_1
+// layers with int8 activations.)
+// The integer products are AVX2 madd_epi16 (16-bit times 16-bit, pairs summed to 32 bits): the codes are widened
+// to 16 bits once per block (and tile of outputs) for all activation rows. (int8 activations, as llama.cpp's
+// maddubs matmuls use, change SmolLM2's greedy answers; 16 bits leave 1/256 of that error.)
 //
 // Two layouts, the two the models hold:
 //   Packed4Columns: 4-bit codes [in / 2, out], two inputs (2i low nibble, 2i + 1 high) per byte, scales [in / group,
 //     out]: a linear weight [in, out]. Per tile of 32 outputs and block of 32 inputs the 16 packed rows are
-//     unpacked once into byte pairs (code 2i, code 2i + 1) per output, then each activation row multiplies them by
-//     its broadcast pair (qx 2i, qx 2i + 1).
+//     unpacked once into 16-bit pairs (code 2i, code 2i + 1) per output, then each activation row multiplies them
+//     by its broadcast pair (qx 2i, qx 2i + 1).
 //   Int8Rows: int8 codes [out, in], scales [out, in / group], no offset: an embedding table used as the LM head
 //     (x times its transpose). Per output row and block the codes are loaded once for up to 4 activation rows.
 // Work is split over outputs on XLA's CPU thread pool. Built only where the compiler targets AVX2, FMA and
@@ -48,7 +51,7 @@ constexpr int64_t kAhead = 2;
 // quantized values (dx * qx) [T, in / group].
 struct Activations {
   int64_t rows, in, group;
-  std::vector<int8_t> codes;
+  std::vector<int16_t> codes;
   std::vector<float> scales, sums;
 };
 
@@ -67,11 +70,10 @@ inline float HorizontalMax(__m256 v) {
 }
 
 Activations Quantize(const float* x, int64_t rows, int64_t in, int64_t group) {
-  Activations a{rows, in, group, std::vector<int8_t>(rows * in), std::vector<float>(rows * in / kBlock),
+  Activations a{rows, in, group, std::vector<int16_t>(rows * in), std::vector<float>(rows * in / kBlock),
                 std::vector<float>(rows * in / group, 0.0f)};
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  // packs_epi32 / packs_epi16 interleave the 128-bit lanes; this puts the 32 codes back in order.
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+
   for (int64_t t = 0; t < rows; ++t) {
     for (int64_t b = 0; b < in / kBlock; ++b) {
       const float* v = x + t * in + b * kBlock;
@@ -81,15 +83,17 @@ Activations Quantize(const float* x, int64_t rows, int64_t in, int64_t group) {
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, part[j]));
       }
       const float m = HorizontalMax(amax);
-      const __m256 inverse = _mm256_set1_ps(m > 0 ? 127.0f / m : 0.0f);
+      const __m256 inverse = _mm256_set1_ps(m > 0 ? 32767.0f / m : 0.0f);
       __m256i q[4];
       for (int j = 0; j < 4; ++j) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(part[j], inverse));  // nearest, even ties
-      const __m256i packed = _mm256_permutevar8x32_epi32(
-          _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])), order);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&a.codes[t * in + b * kBlock]), packed);
+      for (int j = 0; j < 2; ++j) {
+        // packs_epi32 interleaves the 128-bit lanes; the permute puts the 16 codes back in order.
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2 * j], q[2 * j + 1]), 0xD8);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(&a.codes[t * in + b * kBlock + 16 * j]), packed);
+      }
       const __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-      a.scales[t * (in / kBlock) + b] = m / 127.0f;
-      a.sums[t * (in / group) + b * kBlock / group] += m / 127.0f * HorizontalSum(_mm256_cvtepi32_ps(sum));
+      a.scales[t * (in / kBlock) + b] = m / 32767.0f;
+      a.sums[t * (in / group) + b * kBlock / group] += m / 32767.0f * HorizontalSum(_mm256_cvtepi32_ps(sum));
     }
   }
   return a;
@@ -102,12 +106,6 @@ inline __m256 Load8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// 16 int16 -> two int32 vectors (low and high 128-bit lane), added to lo and hi.
-inline void Widen(__m256i v, __m256i& lo, __m256i& hi) {
-  lo = _mm256_add_epi32(lo, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v)));
-  hi = _mm256_add_epi32(hi, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1)));
-}
-
 // Outputs [o_begin, o_end) (multiples of 32) of y [T, out] for 4-bit codes [in / 2, out] with Scale scales and
 // offsets [in / group, out] (offset null: none), a tile of 32 outputs at a time.
 template <typename Scale>
@@ -116,7 +114,9 @@ void Packed4Tiles(const Activations& a, const uint8_t* codes, const Scale* scale
   const int64_t rows = a.rows, in = a.in, blocks = in / kBlock, per_group = a.group / kBlock;
   const __m256i low = _mm256_set1_epi8(0x0F);
   std::vector<float> acc(rows * 32);  // [T, 32] for the current tile
-  __m256i pairs[32];  // one block's codes for 32 outputs: [packed row r][outputs 0-7|16-23, 8-15|24-31]
+  // one block's codes for 32 outputs as 16-bit pairs (code 2r, code 2r + 1): [packed row r][outputs 0-7, 8-15,
+  // 16-23, 24-31]
+  __m256i pairs[16][4];
   for (int64_t o = o_begin; o < o_end; o += 32) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     for (int64_t b = 0; b < blocks; ++b) {
@@ -127,8 +127,11 @@ void Packed4Tiles(const Activations& a, const uint8_t* codes, const Scale* scale
         _mm_prefetch(reinterpret_cast<const char*>(row + kAhead * 16 * out), _MM_HINT_T0);
         const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
         const __m256i lo = _mm256_and_si256(p, low), hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), low);
-        pairs[2 * r] = _mm256_unpacklo_epi8(lo, hi);
-        pairs[2 * r + 1] = _mm256_unpackhi_epi8(lo, hi);
+        const __m256i first = _mm256_unpacklo_epi8(lo, hi), second = _mm256_unpackhi_epi8(lo, hi);
+        pairs[r][0] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(first));
+        pairs[r][1] = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(second));
+        pairs[r][2] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(first, 1));
+        pairs[r][3] = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(second, 1));
       }
       __m256 s[4], c[4];
       for (int k = 0; k < 4; ++k) {
@@ -138,21 +141,14 @@ void Packed4Tiles(const Activations& a, const uint8_t* codes, const Scale* scale
       }
       const bool group_start = b % per_group == 0;
       for (int64_t t = 0; t < rows; ++t) {
-        const int8_t* qx = &a.codes[t * in + b * kBlock];
+        const int16_t* qx = &a.codes[t * in + b * kBlock];
         __m256i i32[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(),
                           _mm256_setzero_si256()};
-        // Two halves of 8 packed rows: 8 * 2 * 15 * 127 fits int16, 16 rows would not.
-        for (int half = 0; half < 2; ++half) {
-          __m256i sa = _mm256_setzero_si256(), sb = _mm256_setzero_si256();
-          for (int r = 8 * half; r < 8 * half + 8; ++r) {
-            int16_t pair;
-            std::memcpy(&pair, qx + 2 * r, 2);
-            const __m256i xr = _mm256_set1_epi16(pair);
-            sa = _mm256_add_epi16(sa, _mm256_maddubs_epi16(pairs[2 * r], xr));
-            sb = _mm256_add_epi16(sb, _mm256_maddubs_epi16(pairs[2 * r + 1], xr));
-          }
-          Widen(sa, i32[0], i32[2]);  // outputs 0-7, 16-23
-          Widen(sb, i32[1], i32[3]);  // outputs 8-15, 24-31
+        for (int r = 0; r < 16; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, qx + 2 * r, 4);
+          const __m256i xr = _mm256_set1_epi32(pair);
+          for (int k = 0; k < 4; ++k) i32[k] = _mm256_add_epi32(i32[k], _mm256_madd_epi16(pairs[r][k], xr));
         }
         const __m256 dx = _mm256_set1_ps(a.scales[t * blocks + b]);
         float* at = &acc[t * 32];
@@ -174,7 +170,6 @@ void Int8Rows(const Activations& a, const int8_t* codes, const Scale* scale, int
               int64_t o_end, float* y) {
   constexpr int kRows = 4;
   const int64_t rows = a.rows, in = a.in, blocks = in / kBlock, groups = in / a.group, per_group = a.group / kBlock;
-  const __m256i ones = _mm256_set1_epi16(1);
   for (int64_t o = o_begin; o < o_end; ++o) {
     const int8_t* w = codes + o * in;
     for (int64_t t0 = 0; t0 < rows; t0 += kRows) {
@@ -184,13 +179,14 @@ void Int8Rows(const Activations& a, const int8_t* codes, const Scale* scale, int
       for (int64_t g = 0; g < groups; ++g) {
         const float sw = ToFloat(scale[o * groups + g]);
         for (int64_t b = g * per_group; b < (g + 1) * per_group; ++b) {
-          const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + b * kBlock));
-          const __m256i magnitude = _mm256_sign_epi8(wb, wb);
+          const __m128i* wp = reinterpret_cast<const __m128i*>(w + b * kBlock);
+          const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp));
+          const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(wp + 1));
           for (int j = 0; j < n; ++j) {
             const int64_t t = t0 + j;
-            const __m256i xb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&a.codes[t * in + b * kBlock]));
-            // |w| (unsigned) times x with w's sign: w * x through maddubs' unsigned-by-signed products.
-            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xb, wb)), ones);
+            const __m256i* xp = reinterpret_cast<const __m256i*>(&a.codes[t * in + b * kBlock]);
+            const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xp)),
+                                               _mm256_madd_epi16(w1, _mm256_loadu_si256(xp + 1)));
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sw * a.scales[t * blocks + b]), acc[j]);
           }
         }

@@ -2,8 +2,8 @@
 scale * (code - zero) + offset  per group of `group` inputs. Their reference is the XLA path of
 jaxserve.quantization.qarray.linear, which TPU and GPU run and which takes the same QArray fields.
 
-The kernels quantize the activations to int8 per 32 inputs (as llama.cpp does for its 4- and 8-bit matmuls),
-which adds at most  sum_i |w_i| * amax(x's block of i) / 254  to each output (`activation_error`)."""
+The kernels quantize the activations to int16 per 32 inputs, which adds at most
+sum_i |w_i| * amax(x's block of i) / 65534  to each output (`activation_error`)."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def int8_rows(x, codes, scale):
 
 
 def activation_error(x, w_abs):
-    """The most the kernels' int8 activations add to each output: x [T, in], w_abs [in, out] the weights' absolute
-    float values -> [T, out] (half a step of x's block scale amax / 127, times |w|, summed)."""
+    """The most the kernels' int16 activations add to each output: x [T, in], w_abs [in, out] the weights' absolute
+    float values -> [T, out] (half a step of x's block scale amax / 32767, times |w|, summed)."""
     x = np.asarray(x, np.float32)
     amax = np.abs(x.reshape(x.shape[0], -1, BLOCK)).max(-1)
-    return np.repeat(amax / 254, BLOCK, axis=1) @ np.asarray(w_abs, np.float32)
+    return np.repeat(amax / 65534, BLOCK, axis=1) @ np.asarray(w_abs, np.float32)

@@ -118,7 +118,7 @@ def linear(x, w, out_dtype=None):
     nibbles) are two dots against x's even and odd columns, each operand an elementwise function of the packed
     array, which XLA:TPU keeps in the dot's fusion (bench/tpu_quantized_linear.py). XLA:CPU does not fuse that
     conversion (it writes the float weights out every step), so there 4-bit codes grouped by multiples of 32 go to
-    the C++ kernel (kernels_cpu/quantized_linear.cc, int8 activations as llama.cpp's) where it is built."""
+    the C++ kernel (kernels_cpu/quantized_linear.cc, int16 activations) where it is built."""
     out_dtype = out_dtype or x.dtype
     if not isinstance(w, QArray):
         return jnp.dot(x, w, preferred_element_type=out_dtype).astype(out_dtype)

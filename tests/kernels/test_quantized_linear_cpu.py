@@ -1,5 +1,5 @@
 """The XLA:CPU quantized matmuls (kernels_cpu/quantized_linear.cc) against the XLA path of qarray.linear, within
-the error their int8 activations add (kernels_cpu.activation_error), and how the models reach them."""
+the error their int16 activations add (kernels_cpu.activation_error), and how the models reach them."""
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,7 @@ def _int8_rows(rng, n_out: int, n_in: int, group: int, dtype) -> QArray:
 
 
 def _assert_within_activation_error(got, x, w_float, reference):
-    """|kernel - reference| <= the int8 activations' bound, plus float32 rounding of a dot of this length."""
+    """|kernel - reference| <= the int16 activations' bound, plus float32 rounding of a dot of this length."""
     bound = kernels_cpu.activation_error(x, np.abs(w_float)) + 1e-5 * (np.abs(x) @ np.abs(w_float)) + 1e-6
     np.testing.assert_array_less(np.abs(np.asarray(got) - np.asarray(reference)), bound)
 
