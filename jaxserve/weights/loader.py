@@ -103,11 +103,10 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
     """mesh: a jax.sharding.Mesh to shard the weights over (see sharding.py); None puts them on one device.
 
     quantization, for a checkpoint stored quantized (GGUF, or transformers fp8 / AWQ / GPTQ): "auto" keeps its
-    matrices as stored (QArrays) on TPU and GPU, and dequantizes them to `dtype` on CPU, where XLA does not fuse a
-    dequantization into its dot and the C++ kernels that multiply 4-bit codes instead quantize the activations to
-    int8 (llama.cpp's arithmetic, not float32's: SmolLM2's greedy answers change); "none" dequantizes them; "gguf",
-    "awq", "gptq" keep them (on CPU, the kernels' forms run through them) and fail for a checkpoint of another
-    format. "int8", "int4" (groups of quantization_group_size) or "fp8" quantize the decoder layers' matrices tensor
+    matrices as stored (QArrays) on TPU and GPU, and dequantizes them to `dtype` on CPU (where XLA does not fuse a
+    dequantization into its dot; the C++ kernels that multiply 4-bit codes there run under "gguf", and serving the
+    default model from them has not been validated end to end); "none" dequantizes them; "gguf", "awq", "gptq" keep
+    them and fail for a checkpoint of another format. "int8", "int4" (groups of quantization_group_size) or "fp8" quantize the decoder layers' matrices tensor
     by tensor as they are placed (a quantized checkpoint's dequantized first, except an fp8 checkpoint under "fp8",
     kept as stored), and with quantize_lm_head the LM head and the embeddings too."""
     start = time.perf_counter()
