@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 BLOCK = 32  # inputs per activation scale in the kernels
+PACKED4 = "jaxserve_quantized_linear_packed4"  # the FFI targets (kernels_cpu.enabled(target): registered)
+INT8_ROWS = "jaxserve_quantized_linear_int8_rows"
 # Under vmap the kernels get x [batch, T, in] and the weights with leading dimensions of 1, which they take as one
 # matmul of batch * T rows.
 _VMAP = "expand_dims"
@@ -22,7 +24,7 @@ def packed4_columns(x, codes, scale, offset, zero: int):
     high nibble), scale and offset (or None) [in // group, out] float16/32 -> [T, out] float32. XLA:CPU only;
     in, group multiples of 32, out of 32."""
     out = jax.ShapeDtypeStruct((x.shape[0], codes.shape[1]), jnp.float32)
-    return jax.ffi.ffi_call("jaxserve_quantized_linear_packed4", out, vmap_method=_VMAP)(
+    return jax.ffi.ffi_call(PACKED4, out, vmap_method=_VMAP)(
         x.astype(jnp.float32), codes, scale, scale if offset is None else offset,
         group=np.int64(x.shape[1] // scale.shape[0]), zero=np.int64(zero), has_offset=offset is not None)
 
@@ -31,7 +33,7 @@ def int8_rows(x, codes, scale):
     """x [T, in] float32 @ w.T, w's int8 codes [out, in] with scale [out, in // group] float16/32 (an embedding
     table as the LM head) -> [T, out] float32. XLA:CPU only; in, group multiples of 32."""
     out = jax.ShapeDtypeStruct((x.shape[0], codes.shape[0]), jnp.float32)
-    call = jax.ffi.ffi_call("jaxserve_quantized_linear_int8_rows", out, vmap_method=_VMAP)
+    call = jax.ffi.ffi_call(INT8_ROWS, out, vmap_method=_VMAP)
     return call(x.astype(jnp.float32), codes, scale)
 
 

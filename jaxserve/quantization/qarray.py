@@ -124,11 +124,16 @@ def linear(x, w, out_dtype=None):
         return jnp.dot(x, w, preferred_element_type=out_dtype).astype(out_dtype)
     assert w.axis == 0, "a linear weight is grouped along its input axis"
     if _packed4_kernel_takes(w):
-        def kernel(x):
-            y = kernels_cpu.packed4_columns(x.reshape(-1, x.shape[-1]), w.values, w.scale, w.offset, w.zero)
-            return y.reshape(*x.shape[:-1], -1).astype(out_dtype)
-        return jax.lax.platform_dependent(x, cpu=kernel, default=lambda x: _linear_xla(x, w, out_dtype))
+        return _cpu_kernel_or(lambda x: kernels_cpu.packed4_columns(x, w.values, w.scale, w.offset, w.zero), x,
+                              out_dtype, lambda x: _linear_xla(x, w, out_dtype))
     return _linear_xla(x, w, out_dtype)
+
+
+def _cpu_kernel_or(kernel, x, out_dtype, default):
+    """kernel(x as [T, in]) -> [T, out] float32 on XLA:CPU, default(x) on other platforms (chosen when lowered)."""
+    def on_cpu(x):
+        return kernel(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1).astype(out_dtype)
+    return jax.lax.platform_dependent(x, cpu=on_cpu, default=default)
 
 
 def _cpu_kernel_takes(w: QArray, target: str, in_axis: int) -> bool:
@@ -141,13 +146,13 @@ def _cpu_kernel_takes(w: QArray, target: str, in_axis: int) -> bool:
 
 def _packed4_kernel_takes(w: QArray) -> bool:
     """4-bit codes [in / 2, out], outputs in whole tiles of 32."""
-    return w.bits == 4 and w.shape[1] % 32 == 0 and _cpu_kernel_takes(w, "jaxserve_quantized_linear_packed4", 0)
+    return w.bits == 4 and w.shape[1] % 32 == 0 and _cpu_kernel_takes(w, kernels_cpu.quantized_linear.PACKED4, 0)
 
 
 def _int8_rows_kernel_takes(rows: QArray) -> bool:
     """int8 codes [out, in] without offset or zero point."""
     return (rows.values.dtype == jnp.int8 and rows.offset is None and rows.zero == 0
-            and _cpu_kernel_takes(rows, "jaxserve_quantized_linear_int8_rows", 1))
+            and _cpu_kernel_takes(rows, kernels_cpu.quantized_linear.INT8_ROWS, 1))
 
 
 def _linear_xla(x, w: QArray, out_dtype):
@@ -168,10 +173,8 @@ def linear_rows(x, rows, out_dtype=None):
     (a QArray table grouped along its second axis). int8 codes go to the XLA:CPU kernel where it is built; the
     rest is linear() on the transposed table."""
     if isinstance(rows, QArray) and _int8_rows_kernel_takes(rows):
-        def kernel(x):
-            y = kernels_cpu.int8_rows(x.reshape(-1, x.shape[-1]), rows.values, rows.scale)
-            return y.reshape(*x.shape[:-1], -1).astype(out_dtype or x.dtype)
-        return jax.lax.platform_dependent(x, cpu=kernel, default=lambda x: linear(x, rows.T, out_dtype))
+        return _cpu_kernel_or(lambda x: kernels_cpu.int8_rows(x, rows.values, rows.scale), x, out_dtype or x.dtype,
+                              lambda x: linear(x, rows.T, out_dtype))
     return linear(x, rows.T, out_dtype)
 
 

@@ -9,9 +9,7 @@ import pytest
 import kernels_cpu
 from jaxserve.quantization import qarray, schemes
 from jaxserve.quantization.qarray import QArray, dequantize, linear, linear_rows
-
-PACKED4 = "jaxserve_quantized_linear_packed4"
-ROWS = "jaxserve_quantized_linear_int8_rows"
+from kernels_cpu.quantized_linear import INT8_ROWS, PACKED4
 
 
 def _packed4(rng, n_in: int, n_out: int, group: int, form: str) -> QArray:
@@ -48,7 +46,7 @@ def test_packed4_kernel_within_the_activation_bound(form, group, rows):
     x = rng.normal(0, 1, (rows, 256)).astype(np.float32)
     x[0, :32] *= 30  # one block with a large scale: its error bound is its own
     w = jax.tree.map(jnp.asarray, w)
-    assert "jaxserve_quantized_linear_packed4" in _lowered(linear, x, w)
+    assert PACKED4 in _lowered(linear, x, w)
     got = jax.jit(linear)(x, w)
     _assert_within_activation_error(got, x, np.asarray(dequantize(w)), x @ np.asarray(dequantize(w)))
     reference = jax.jit(lambda x, w: qarray._linear_xla(x, w, jnp.float32))(x, w)
@@ -62,7 +60,7 @@ def test_int8_rows_kernel_within_the_activation_bound(group, dtype):
     rng = np.random.default_rng(group)
     table = jax.tree.map(jnp.asarray, _int8_rows(rng, 203, 256, group, dtype))
     x = rng.normal(0, 1, (6, 256)).astype(np.float32)
-    assert "jaxserve_quantized_linear_int8_rows" in _lowered(linear_rows, x, table)
+    assert INT8_ROWS in _lowered(linear_rows, x, table)
     got = jax.jit(linear_rows)(x, table)
     w = np.asarray(dequantize(table)).T
     assert got.shape == (6, 203)
