@@ -194,13 +194,15 @@ def test_gguf_kept_quantized_gives_the_dequantized_models_logits(tiny_folder, tm
 
 
 def test_default_model_served_from_its_gguf_codes(monkeypatch):
-    """SmolLM2's Q4_1/Q8_0 GGUF kept in integer form: resident weight bytes within 15% of the file's size, and its
-    first 20 greedy tokens those of the float32 model the gguf package (llama.cpp's dequantization) gives, both
-    through XLA (what TPU and GPU run) and through XLA:CPU's kernels (int16 activations), whose logits stay within
-    0.1% of their RMS (measured 0.013%)."""
+    """SmolLM2's Q4_1/Q8_0 GGUF kept in integer form by default ("auto", on CPU where the kernels are built):
+    resident weight bytes within 15% of the file's size, and its first 20 greedy tokens those of the float32 model
+    the gguf package (llama.cpp's dequantization) gives, both through XLA (what TPU and GPU run) and through
+    XLA:CPU's kernels (int16 activations), whose logits stay within 0.1% of their RMS (measured 0.013%). Without
+    the kernels, "auto" dequantizes on CPU."""
     from jaxserve.weights.default_model import default_model_path
 
-    kept = load_model(None, dtype="float32", quantization="gguf", progress=False)
+    kept = load_model(None, dtype="float32", progress=False)
+    assert isinstance(kept.params.layers[0].w_gate_up, QArray) and isinstance(kept.params.embed, QArray)
     size = default_model_path(progress=False).stat().st_size
     assert abs(qarray.nbytes(kept.params) / size - 1) < 0.15
     dense = load_model(None, dtype="float32", quantization="none", progress=False)
@@ -217,6 +219,7 @@ def test_default_model_served_from_its_gguf_codes(monkeypatch):
         patch.setattr(kernels_cpu.build, "_registered", {"jaxserve_top_candidates"})
         jax.clear_caches()
         _, xla_tokens = run_logits(kept, prompt, decode_steps=19, page_size=16)
+        assert not isinstance(load_model(None, dtype="float32", progress=False).params.layers[0].w_gate_up, QArray)
     jax.clear_caches()
     assert xla_tokens.tolist() == dense_tokens.tolist()
 

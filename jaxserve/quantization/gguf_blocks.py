@@ -104,3 +104,9 @@ def from_gguf(data: np.ndarray, qtype: QT, shape: tuple[int, int]) -> QArray:
 
 
 KEPT = frozenset({QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+
+
+def kept_on_cpu(name: str, qtype: QT) -> bool:
+    """The matrices XLA:CPU's kernels multiply from their codes (kernels_cpu/quantized_linear.cc): 4-bit ones in
+    groups of 32, and an 8-bit embedding table (the tied LM head's rows). Others are dequantized on CPU."""
+    return qtype in (QT.Q4_0, QT.Q4_1, QT.Q4_K) or (qtype == QT.Q8_0 and name == "token_embd.weight")

@@ -72,7 +72,8 @@ class GGUFModel:
 
 
 def load_gguf(path, *, keep_quantized=False, progress=True) -> GGUFModel:
-    """Raises FileNotFoundError for a missing file, ValueError for a garbled one or for an
+    """keep_quantized: keep the matrices of the types gguf_blocks.KEPT lists as QArrays (a bool, or a function of
+    the tensor's name and type). Raises FileNotFoundError for a missing file, ValueError for a garbled one or for an
     architecture, tensor type or tokenizer this loader does not support."""
     path = pathlib.Path(path)
     reader = _open(path)
@@ -121,11 +122,13 @@ def _check_tensor_types(reader: GGUFReader, path: pathlib.Path) -> None:
             f"supported: {sorted(t.name for t in SUPPORTED_TENSOR_TYPES)}.")
 
 
-def _read_all(reader: GGUFReader, keep_quantized: bool, progress: bool) -> dict:
-    """GGUF name -> float32 array or QArray in numpy (row-major) order, i.e. HF's [out, in] for matrices."""
+def _read_all(reader: GGUFReader, keep_quantized, progress: bool) -> dict:
+    """GGUF name -> float32 array or QArray in numpy (row-major) order, i.e. HF's [out, in] for matrices.
+    keep_quantized: bool, or keep_quantized(name, tensor type) -> bool per matrix."""
     def one(t):
         shape = tuple(int(d) for d in reversed(t.shape))  # ggml lists the fastest dimension first
-        if keep_quantized and t.tensor_type in gguf_blocks.KEPT and len(shape) == 2:
+        keep = keep_quantized(t.name, t.tensor_type) if callable(keep_quantized) else keep_quantized
+        if keep and t.tensor_type in gguf_blocks.KEPT and len(shape) == 2:
             return gguf_blocks.from_gguf(t.data, t.tensor_type, shape)
         array = dequantize(t.data, t.tensor_type)
         # F32 comes back as a view of the file's memory map; copy it so the map can close

@@ -10,6 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+import kernels_cpu
 from jaxserve import models
 from jaxserve.models.base import count_params
 from jaxserve.models.config import ModelConfig
@@ -46,8 +47,8 @@ def resolve_dtype(dtype: str | None) -> jnp.dtype:
 def read_checkpoint(model: str | None, *, keep=lambda stored: False,
                     progress: bool = True) -> tuple[str, Checkpoint]:
     """Returns (display name, checkpoint). None means the embedded default model. keep(stored): whether a checkpoint
-    stored quantized (stored: "gguf", "fp8", "awq", "gptq") keeps its matrices as QArrays; else they come as
-    float32."""
+    stored quantized (stored: "gguf", "fp8", "awq", "gptq") keeps its matrices as QArrays, else they come as
+    float32; for a GGUF it may also be a function of each tensor's name and type."""
     if model is None:
         from jaxserve.weights import default_model
 
@@ -74,7 +75,7 @@ def _quantized_view(ckpt: Checkpoint, keep) -> Checkpoint:
     return dataclasses.replace(ckpt, tensors=prequantized.QuantizedTensors(ckpt.tensors, ckpt.hf_config, keep(stored)))
 
 
-def _load_gguf(path: pathlib.Path, keep_quantized: bool, progress: bool) -> Checkpoint:
+def _load_gguf(path: pathlib.Path, keep_quantized, progress: bool) -> Checkpoint:
     from jaxserve.weights import gguf_file  # the gguf package is only needed for .gguf files
 
     g = gguf_file.load_gguf(path, keep_quantized=keep_quantized, progress=progress)
@@ -103,10 +104,10 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
     """mesh: a jax.sharding.Mesh to shard the weights over (see sharding.py); None puts them on one device.
 
     quantization, for a checkpoint stored quantized (GGUF, or transformers fp8 / AWQ / GPTQ): "auto" keeps its
-    matrices as stored (QArrays) on TPU and GPU, and dequantizes them to `dtype` on CPU (where XLA does not fuse a
-    dequantization into its dot; the C++ kernels that multiply 4-bit codes there run under "gguf", and serving the
-    default model from them has not been validated end to end); "none" dequantizes them; "gguf", "awq", "gptq" keep
-    them and fail for a checkpoint of another format. "int8", "int4" (groups of quantization_group_size) or "fp8" quantize the decoder layers' matrices tensor
+    matrices as stored (QArrays) on TPU and GPU; on CPU it keeps a GGUF's matrices that the C++ kernels multiply
+    from their codes (gguf_blocks.kept_on_cpu) where those are built, and dequantizes the rest to `dtype` (XLA:CPU
+    does not fuse a dequantization into its dot); "none" dequantizes them; "gguf", "awq", "gptq" keep them and
+    fail for a checkpoint of another format. "int8", "int4" (groups of quantization_group_size) or "fp8" quantize the decoder layers' matrices tensor
     by tensor as they are placed (a quantized checkpoint's dequantized first, except an fp8 checkpoint under "fp8",
     kept as stored), and with quantize_lm_head the LM head and the embeddings too."""
     start = time.perf_counter()
@@ -119,11 +120,16 @@ def load_model(model: str | None = None, *, dtype: str | None = "auto", mesh=Non
         quantize = WeightQuantization(quantization, quantization_group_size, lm_head=quantize_lm_head)
         check_backend(quantization, device.platform, device.device_kind, getattr(device, "compute_capability", None))
 
-    def keep(stored: str | None) -> bool:
+    def keep(stored: str | None):
         if quantization in STORED and stored != quantization:
             raise ValueError(f"--quantization {quantization}: the checkpoint is {stored or 'not quantized'}")
         if quantization in (None, "auto"):
-            return device.platform != "cpu"
+            if device.platform != "cpu":
+                return True
+            if stored != "gguf" or not kernels_cpu.enabled(kernels_cpu.quantized_linear.PACKED4):
+                return False
+            from jaxserve.quantization import gguf_blocks  # (imports the gguf package)
+            return gguf_blocks.kept_on_cpu
         return stored == quantization
 
     name, ckpt = read_checkpoint(model, keep=keep, progress=progress)
