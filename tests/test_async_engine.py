@@ -155,7 +155,9 @@ def test_a_failed_step_fails_its_requests_and_the_engine_recovers(engine, monkey
 
     def failing_forward(*args, real):
         calls["n"] += 1
-        if calls["n"] == 3:  # fail mid-generation, after a couple of good steps
+        # From the third call on (mid-generation, after a couple of good steps) until undone: a request that
+        # reached the engine after the first failure fails at its own first step.
+        if calls["n"] >= 3:
             raise RuntimeError("simulated device failure")
         return real(*args)
 
