@@ -31,10 +31,7 @@ def _export(fn, *args, donate=()):
 
 def attention_case(dtype, hq, hkv, d, page_size, t, s, code=None, **options):
     """code: a quantized cache's code dtype (the cache argument becomes (codes, scales))."""
-    args = list(batch_args(dtype, hq, hkv, d, page_size, t, s))
-    if code is not None:
-        pages = args[3].shape
-        args[3] = (jax.ShapeDtypeStruct(pages, code), jax.ShapeDtypeStruct(pages[:3], jnp.float32))
+    args = batch_args(dtype, hq, hkv, d, page_size, t, s, code=code)
     _export(lambda *a: gpu.ragged_paged_attention(*a, sm_scale=d ** -0.5, **options), *args, donate=(3,))
 
 

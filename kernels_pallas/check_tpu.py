@@ -23,18 +23,21 @@ BATCHES = ((16, 16), (128, 64), (512, 8))                         # (T tokens, S
 PAGES_PER_SEQ = 64
 
 
-def batch_args(dtype, hq, hkv, d, page_size, t, s, place=lambda x: x):
-    """Abstract arguments of one attention call: a cache of PAGES_PER_SEQ pages per sequence."""
+def batch_args(dtype, hq, hkv, d, page_size, t, s, place=lambda x: x, code=None):
+    """Abstract arguments of one attention call: a cache of PAGES_PER_SEQ pages per sequence; code: a quantized
+    cache's code dtype (the cache argument is then (codes, scales))."""
     sd = lambda shape, dt: place(jax.ShapeDtypeStruct(shape, dt))
-    return (sd((t, hq, d), dtype), sd((t, hkv, d), dtype), sd((t, hkv, d), dtype),
-            sd((s * PAGES_PER_SEQ, page_size, 2 * hkv, d), dtype), sd((t,), jnp.int32), sd((s,), jnp.int32),
-            sd((s, PAGES_PER_SEQ), jnp.int32), sd((s + 1,), jnp.int32), sd((1,), jnp.int32))
+    pages = (s * PAGES_PER_SEQ, page_size, 2 * hkv, d)
+    cache = sd(pages, dtype) if code is None else (sd(pages, code), sd(pages[:3], jnp.float32))
+    return (sd((t, hq, d), dtype), sd((t, hkv, d), dtype), sd((t, hkv, d), dtype), cache, sd((t,), jnp.int32),
+            sd((s,), jnp.int32), sd((s, PAGES_PER_SEQ), jnp.int32), sd((s + 1,), jnp.int32), sd((1,), jnp.int32))
 
 
-def attention_case(device, dtype, hq, hkv, d, page_size, t, s, **options):
+def attention_case(device, dtype, hq, hkv, d, page_size, t, s, code=None, **options):
     place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(device))
     fn = lambda *a: tpu.ragged_paged_attention(*a, sm_scale=d ** -0.5, **options)
-    jax.jit(fn, donate_argnums=3).trace(*batch_args(dtype, hq, hkv, d, page_size, t, s, place)).lower().compile()
+    args = batch_args(dtype, hq, hkv, d, page_size, t, s, place, code)
+    jax.jit(fn, donate_argnums=3).trace(*args).lower().compile()
 
 
 def cases(quick):
@@ -56,6 +59,13 @@ def cases(quick):
         for dtype in DTYPES:  # one kv head per chip (Llama-3.1-8B at tp 8): the heads axis padded most
             yield f"attention {topo} {jnp.dtype(dtype).name} Hq=4 Hkv=1 D=128 page=16 T=64 S=64", lambda: \
                 attention_case(device, dtype, 4, 1, 128, 16, 64, 64, generation=chip)
+        # Quantized caches (--kv-cache-dtype), prefill- and decode-shaped: 8, 3 and 1 kv heads, i.e. 16, 6 and 2
+        # rows per token, which Mosaic's DMAs into a padded 8-bit block refused below 8 (see tpu.py).
+        for code, (hq, hkv, d), (ps, t, s) in itertools.product((jnp.int8, jnp.float8_e4m3fn),
+                                                                ((32, 8, 128), (9, 3, 64), (4, 1, 128)),
+                                                                ((16, 128, 64), (128, 64, 64))):
+            yield (f"attention {topo} {jnp.dtype(code).name} cache Hq={hq} Hkv={hkv} D={d} page={ps} T={t} S={s}",
+                   lambda: attention_case(device, jnp.bfloat16, hq, hkv, d, ps, t, s, code=code, generation=chip))
 
 
 def main(argv):

@@ -123,12 +123,16 @@ def write_kv(kv_pages, k, v, slot_mapping):
     slot_mapping [T] (page * page_size + offset; negative = padding, skipped). Returns the updated cache (XLA
     updates it in place when it is donated)."""
     codes, scales = kv_pages if isinstance(kv_pages, tuple) else (kv_pages, None)
-    num_pages, page_size, _, _ = codes.shape
+    if scales is None:
+        return write_slots(codes, interleave(k, v, codes.dtype), slot_mapping)
+    rows, row_scales = quantize_rows(interleave(k, v, jnp.float32), codes.dtype)
+    return write_slots(codes, rows, slot_mapping), write_slots(scales, row_scales, slot_mapping)
+
+
+def write_slots(pages, rows, slot_mapping):
+    """pages [P, page_size, ...] with rows [T, ...] written at slot_mapping [T] (negative: padding, dropped)."""
+    num_pages, page_size = pages.shape[:2]
     # Negative indices would wrap around in jnp; send padding to an out-of-range page and drop it. The [P, page_size]
     # dims are indexed directly: a scatter into a reshape of the cache is not done in place by XLA:CPU (see attend).
     page = jnp.where(slot_mapping < 0, num_pages, slot_mapping // page_size)
-    offset = slot_mapping % page_size
-    if scales is None:
-        return codes.at[page, offset].set(interleave(k, v, codes.dtype), mode="drop")
-    rows, row_scales = quantize_rows(interleave(k, v, jnp.float32), codes.dtype)
-    return (codes.at[page, offset].set(rows, mode="drop"), scales.at[page, offset].set(row_scales, mode="drop"))
+    return pages.at[page, slot_mapping % page_size].set(rows, mode="drop")

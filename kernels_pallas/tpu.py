@@ -26,6 +26,14 @@ sequence's end.
 Every query head of the tile is computed in the grid step (q block [Hkv, rows, D], rows = q_tile x group
 heads padded to 16); online softmax in float32 with MXU matmuls in the cache dtype. Decode-shaped batches
 (no more tokens than sequences) use q_tile 1: one grid step per sequence, its one token written by one DMA.
+A quantized cache (codes, scales: reference.py) is read as codes and dequantized per head in VMEM: this step's
+rows are quantized as the reference does and their codes written by the same per-token DMAs; their scales
+([P, page_size, 2 * Hkv] float32, a token's row at an offset in the tiled second-to-last dim, which a DMA refuses)
+are written by XLA's scatter before the kernel; each kv block's scales come with its pages, one DMA per page.
+The codes' VMEM block is not padded to the 8-bit sublane tile (32): Mosaic refuses a DMA into a slice of a tiled
+8-bit axis that is not a multiple of 8 rows, as 2 * Hkv is at 1 or 3 kv heads per chip (found by compiling for
+v5e and v6e), so a page lands whole and a head's K and V are loaded one row per token, converted to float32 and
+multiplied by their scale column, in q's dtype for the MXU.
 Block sizes per TPU generation: BLOCKS. Tolerances vs the reference in tests (atol = rtol): 2e-5 f32, 3e-2 bf16.
 Interpret mode (CPU): `interpret=True` runs the kernel in Pallas' generic interpreter (the TPU interpreter,
 `pltpu.InterpretParams`, cannot yet reshape a ref, which `_head_kv` does).
@@ -73,8 +81,11 @@ def generation(device_kind: str) -> str | None:
 def _head_kv(block, h):
     """K and V of kv head h from block [block_kv, 2 * Hkv, D] in VMEM, each [block_kv, D], by sublane-strided loads
     of the block flattened to rows. 16-bit data packs two rows per 32-bit sublane word, so rows 2h and 2h + 1, a
-    token's K and V of head h, share a word: load the words of head h (stride Hkv) and split their halves."""
-    block_kv, two_hkv, d = block.shape          # two_hkv: 2 * Hkv rounded up to the sublane tile
+    token's K and V of head h, share a word: load the words of head h (stride Hkv) and split their halves. 8-bit
+    codes (a block not padded: see the module docstring) are loaded per row and returned as float32 values."""
+    block_kv, two_hkv, d = block.shape          # two_hkv: 2 * Hkv rounded up to the sublane tile (16/32-bit)
+    if block.dtype.itemsize == 1:
+        return block[:, 2 * h, :].astype(jnp.float32), block[:, 2 * h + 1, :].astype(jnp.float32)
     rows = block.reshape(block_kv * two_hkv, d)
     if rows.dtype.itemsize == 4:
         return rows[pl.ds(2 * h, block_kv, stride=two_hkv), :], rows[pl.ds(2 * h + 1, block_kv, stride=two_hkv), :]
@@ -84,15 +95,18 @@ def _head_kv(block, h):
 
 
 def _kernel(seq_ref, first_ref, nblk_ref, start_ref, len_ref, pos0_ref, boff_ref, slots_ref,  # SMEM prefetch
-            q_ref, pos_ref, tables_hbm, new_hbm, kv_in,                                       # inputs
-            o_ref, kv_hbm,                                                                    # outputs
-            table, table_sem, buf, buf_sem, write_sem,                                        # scratch
-            *, pages_per_block, sm_scale, sliding_window, soft_cap):
-    # q_ref/o_ref: [Hkv, rows, D]; pos_ref: [rows, 1]; tables_hbm: [S, P]; new_hbm: [T, 2 * Hkv, D];
+            q_ref, pos_ref, tables_hbm, new_hbm, kv_in, *refs,                                # inputs
+            pages_per_block, sm_scale, sliding_window, soft_cap, quantized):
+    # refs: [scales_hbm,] o_ref, kv_hbm (outputs), table, table_sem, buf, buf_sem, write_sem[, sbuf, sbuf_sem]
+    # (scratch). q_ref/o_ref: [Hkv, rows, D]; pos_ref: [rows, 1]; tables_hbm: [S, P]; new_hbm: [T, 2 * Hkv, D];
     # kv_hbm: [P, page_size, 2 * Hkv, D], aliased to kv_in (the cache, updated in place);
     # table: [2, P] SMEM, the block-table rows of this tile and the next; buf: [2, block_kv, 2 * Hkv rounded up
-    # to the sublane tile, D] (rows past 2 * Hkv are never written or read).
+    # to the sublane tile (not for 8-bit codes), D] (rows past 2 * Hkv are never written or read). Quantized: scales_hbm
+    # [P, page_size, 2 * Hkv] f32 (this step's rows already written), sbuf [2, block_kv, 2 * Hkv] their blocks.
     del kv_in
+    scales_hbm, refs = (refs[0], refs[1:]) if quantized else (None, refs)
+    o_ref, kv_hbm, table, table_sem, buf, buf_sem, write_sem, *scale_scratch = refs
+    sbuf, sbuf_sem = scale_scratch or (None, None)
     i, nt = pl.program_id(0), pl.num_programs(0)
     page_size = kv_hbm.shape[1]
     block_kv, hkv = buf.shape[1], kv_hbm.shape[2] // 2
@@ -117,10 +131,14 @@ def _kernel(seq_ref, first_ref, nblk_ref, start_ref, len_ref, pos0_ref, boff_ref
     def block_copies(j, blk, slot):
         last_page = lax.div(pos0_ref[j] + len_ref[j] - 1, page_size)      # the tile's last token's page
         row = lax.rem(j, 2)
-        return [pltpu.make_async_copy(kv_hbm.at[table[row, jnp.minimum(blk * pages_per_block + p, last_page)]],
-                                      buf.at[slot, pl.ds(p * page_size, page_size), pl.ds(0, 2 * hkv)],
-                                      buf_sem.at[slot])
-                for p in range(pages_per_block)]
+        pages = [table[row, jnp.minimum(blk * pages_per_block + p, last_page)] for p in range(pages_per_block)]
+        rows = lambda p: buf.at[slot, pl.ds(p * page_size, page_size)]
+        dest = (lambda p: rows(p).at[:, pl.ds(0, 2 * hkv)]) if buf.shape[2] > 2 * hkv else rows
+        copies = [pltpu.make_async_copy(kv_hbm.at[page], dest(p), buf_sem.at[slot]) for p, page in enumerate(pages)]
+        if quantized:
+            copies += [pltpu.make_async_copy(scales_hbm.at[page], sbuf.at[slot, pl.ds(p * page_size, page_size)],
+                                             sbuf_sem.at[slot]) for p, page in enumerate(pages)]
+        return copies
 
     @pl.when((i == 0) & (nblk_ref[0] > 0))
     def _():
@@ -139,7 +157,8 @@ def _kernel(seq_ref, first_ref, nblk_ref, start_ref, len_ref, pos0_ref, boff_ref
     nblk, first, end = nblk_ref[i], first_ref[i], pos0_ref[i] + len_ref[i]
     pos = pos_ref[...]                                                       # [rows, 1]
     rows, d = pos.shape[0], q_ref.shape[-1]
-    qs = [(q_ref[h].astype(jnp.float32) * sm_scale).astype(buf.dtype) for h in range(hkv)]   # [rows, D] each
+    dot_dtype = o_ref.dtype if quantized else buf.dtype
+    qs = [(q_ref[h].astype(jnp.float32) * sm_scale).astype(dot_dtype) for h in range(hkv)]   # [rows, D] each
 
     def body(b, carry):
         slot = lax.rem(boff_ref[i] + b, 2)
@@ -168,6 +187,9 @@ def _kernel(seq_ref, first_ref, nblk_ref, start_ref, len_ref, pos0_ref, boff_ref
         for h in range(hkv):
             m_i, l_i, acc = carry[3 * h:3 * h + 3]         # [rows, 1], [rows, 1], [rows, D] f32
             k, v = _head_kv(buf.at[slot], h)                                 # [block_kv, D]
+            if quantized:                                                    # codes times their scale columns
+                k = (k * sbuf[slot, :, pl.ds(2 * h, 1)]).astype(dot_dtype)
+                v = (v * sbuf[slot, :, pl.ds(2 * h + 1, 1)]).astype(dot_dtype)
             v = jnp.where(row_pos >= end, jnp.zeros_like(v), v)             # past this tile's last token
             s = lax.dot_general(qs[h], k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
             if soft_cap is not None:
@@ -191,13 +213,13 @@ def _kernel(seq_ref, first_ref, nblk_ref, start_ref, len_ref, pos0_ref, boff_ref
 def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_tables, cu_q_lens, num_seqs, *,
                            sm_scale, sliding_window=None, soft_cap=None, generation=None, block_kv=None,
                            q_tile=None, interpret=False):
-    # q: [T, Hq, D]; k/v: [T, Hkv, D]; kv_pages: [P, page_size, 2 * Hkv, D]; returns (out [T, Hq, D], kv_pages).
-    if isinstance(kv_pages, tuple):
-        raise NotImplementedError("the Pallas TPU attention does not read a quantized KV cache (codes, scales) yet; "
-                                  "use the reference backend with --kv-cache-dtype int8/fp8")
+    # q: [T, Hq, D]; k/v: [T, Hkv, D]; kv_pages: [P, page_size, 2 * Hkv, D] or (codes, scales) (reference.py);
+    # returns (out [T, Hq, D], kv_pages).
     # generation: a BLOCKS key (the engine passes its chip's); block_kv / q_tile override its sizes.
+    quantized = isinstance(kv_pages, tuple)
+    codes, scales = kv_pages if quantized else (kv_pages, None)
     t, hq, d = q.shape
-    num_pages, page_size, two_hkv, _ = kv_pages.shape
+    num_pages, page_size, two_hkv, _ = codes.shape
     hkv = two_hkv // 2
     s, pages_per_seq = block_tables.shape
     g = hq // hkv
@@ -214,30 +236,38 @@ def ragged_paged_attention(q, k, v, kv_pages, slot_mapping, kv_lens, block_table
                   constant_values=-1)[..., None]                            # [NT, rows, 1]
     nt = pos.shape[0]
     block_offset = jnp.cumsum(plan.num_blocks) - plan.num_blocks             # blocks of the tiles before
-    tile = 8 * (4 // kv_pages.dtype.itemsize)   # sublanes of a VMEM tile: the heads axis of buf rounds up to it
+    tile = 8 * (4 // codes.dtype.itemsize)   # sublanes of a VMEM tile: the heads axis of buf rounds up to it
+    heads = two_hkv if quantized else -(-two_hkv // tile) * tile            # (8-bit codes: not padded)
     kernel = functools.partial(_kernel, pages_per_block=ppb, sm_scale=sm_scale, sliding_window=sliding_window,
-                               soft_cap=soft_cap)
+                               soft_cap=soft_cap, quantized=quantized)
     tile_block = pl.BlockSpec((None, hkv, rows, d), lambda i, *_: (i, 0, 0, 0))
     any_space = pl.BlockSpec(memory_space=pl.ANY)
     prefetch = (plan.seq, plan.first_block, plan.num_blocks, plan.start, plan.length, plan.pos0,
                 block_offset.astype(jnp.int32), slot_mapping.astype(jnp.int32))
-    out, kv_pages = pl.pallas_call(
+    if quantized:
+        new, new_scales = reference.quantize_rows(reference.interleave(k, v, jnp.float32), codes.dtype)
+        scales = reference.write_slots(scales, new_scales, slot_mapping)
+    else:
+        new = reference.interleave(k, v, codes.dtype)
+    scale_scratch = [pltpu.VMEM((2, ppb * page_size, two_hkv), jnp.float32),
+                     pltpu.SemaphoreType.DMA((2,))] if quantized else []
+    out, codes = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((nt, hkv, rows, d), q.dtype),
-                   jax.ShapeDtypeStruct(kv_pages.shape, kv_pages.dtype)),
-        cost_estimate=tiles_lib.attention_cost(q, kv_pages, s, pages_per_seq),
+                   jax.ShapeDtypeStruct(codes.shape, codes.dtype)),
+        cost_estimate=tiles_lib.attention_cost(q, codes, s, pages_per_seq),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
             grid=(nt,),
             in_specs=[tile_block, pl.BlockSpec((None, rows, 1), lambda i, *_: (i, 0, 0)),
-                      any_space, any_space, any_space],
+                      any_space, any_space, any_space] + [any_space] * quantized,
             out_specs=(tile_block, any_space),
             scratch_shapes=[pltpu.SMEM((2, pages_per_seq), jnp.int32), pltpu.SemaphoreType.DMA((2,)),
-                            pltpu.VMEM((2, ppb * page_size, -(-two_hkv // tile) * tile, d), kv_pages.dtype),
-                            pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((1,))]),
+                            pltpu.VMEM((2, ppb * page_size, heads, d), codes.dtype),
+                            pltpu.SemaphoreType.DMA((2,)), pltpu.SemaphoreType.DMA((1,)), *scale_scratch]),
         input_output_aliases={len(prefetch) + 4: 1},
         compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
         interpret=interpret,
-    )(*prefetch, qt, pos, block_tables.astype(jnp.int32), reference.interleave(k, v, kv_pages.dtype), kv_pages)
+    )(*prefetch, qt, pos, block_tables.astype(jnp.int32), new, codes, *([scales] if quantized else []))
     out = out.transpose(1, 0, 2, 3)[:, :, :m]
-    return tiles_lib.scatter_out(out, plan, cu_q_lens, num_seqs, q_tile, t), kv_pages
+    return tiles_lib.scatter_out(out, plan, cu_q_lens, num_seqs, q_tile, t), ((codes, scales) if quantized else codes)

@@ -122,9 +122,6 @@ def run(args: argparse.Namespace) -> int:
                           kv_cache_memory_gb=args.kv_cache_memory_gb, kv_cache_dtype=args.kv_cache_dtype)
     chip = target.chip
     try:
-        if args.kv_cache_dtype != "auto" and chip.platform == "tpu":
-            raise ValueError(f"--kv-cache-dtype {args.kv_cache_dtype}: the TPU attention kernel does not read a "
-                             "quantized cache yet")
         quantize = None
         if args.quantization != "none":
             quantize = WeightQuantization(args.quantization, args.quantization_group_size,

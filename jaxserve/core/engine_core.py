@@ -135,9 +135,6 @@ class EngineCore:
         self.max_model_len = config.context_length(cfg)
         pages_per_seq = -(-self.max_model_len // config.page_size)
         backend = attention.resolve_backend(config.attention_backend, self.mesh)
-        if kv_code_dtype(config.kv_cache_dtype) is not None and backend.kernel == "pallas_tpu":
-            raise ValueError(f"--kv-cache-dtype {config.kv_cache_dtype}: the TPU attention kernel does not read a "
-                             "quantized cache yet; add --attention-backend reference (XLA) to use one")
         page_bytes = self._page_bytes(config)
         num_pages, source = self._kv_pages(config, pages_per_seq, page_bytes, backend, cluster)
         kv_memory.check_fits(num_pages, config.page_size, self.max_model_len, page_bytes, source)

@@ -1,5 +1,5 @@
 """A quantized KV cache (codes with a float32 scale per token, head and K or V): the reference reads exactly the
-numbers it stores, the GPU kernel (interpret mode) matches the reference, and attention over it stays within the
+numbers it stores, the TPU and GPU kernels (interpret mode) match the reference, and attention over it stays within the
 error its codes allow."""
 import numpy as np
 import pytest
@@ -65,13 +65,17 @@ def test_quantized_attention_within_bound(kv, code, name):
     assert 0 < error < BOUNDS[code] + floor
 
 
+@pytest.mark.parametrize("backend", ["pallas_tpu", "pallas_gpu"])
 @pytest.mark.parametrize("code", CODES)
 @pytest.mark.parametrize("name", NAMES)
-def test_gpu_kernel_reads_the_quantized_cache_as_the_reference(kv, code, name):
+def test_kernels_read_the_quantized_cache_as_the_reference(kv, backend, code, name):
+    """The TPU kernel decodes the codes from packed words with integer ops and writes this step's codes by DMA and
+    its scales by a scatter; the GPU kernel applies the scales to scores and probabilities. Both (interpret mode)
+    give the reference's output and cache; block_kv 32 makes several kv blocks per sequence."""
     b = random_batch(kv, name, seed=7)
     args = list(kv.args(b))
     args[3] = _quantized(b, CODES[code])[0]
-    out, (codes, scales) = kernels_pallas.ragged_paged_attention(*args, **options(name), backend="pallas_gpu",
+    out, (codes, scales) = kernels_pallas.ragged_paged_attention(*args, **options(name), backend=backend,
                                                                  interpret=True, block_kv=32)
     want, (want_codes, want_scales) = kernels_pallas.ragged_paged_attention(*args, **options(name))
     tol = TOL[CASES[name][4]]
@@ -80,13 +84,9 @@ def test_gpu_kernel_reads_the_quantized_cache_as_the_reference(kv, code, name):
     np.testing.assert_array_equal(np.asarray(scales), np.asarray(want_scales))
 
 
-def test_codes_halve_a_bfloat16_cache_and_tpu_refuses(kv):
+def test_codes_halve_a_bfloat16_cache(kv):
     name = "p16-gqa4-d80-bf16"
     b = random_batch(kv, name)
     codes, scales = _quantized(b, jnp.int8)[0]
     assert (codes.nbytes + scales.nbytes) / b.kv_pages.nbytes == pytest.approx((80 + 4) / 160)
     assert CODE_MAX[np.dtype(jnp.int8)] == 127 and np.abs(np.asarray(codes, np.float32)).max() == 127
-    args = list(kv.args(b))
-    args[3] = (codes, scales)
-    with pytest.raises(NotImplementedError, match="does not read a quantized KV cache"):
-        kernels_pallas.ragged_paged_attention(*args, **options(name), backend="pallas_tpu", interpret=True)
