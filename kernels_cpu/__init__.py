@@ -7,8 +7,9 @@ the references. Imports only jax.
 """
 
 from kernels_cpu.build import enable, enabled
+from kernels_cpu.paged_attention import paged_attention
 from kernels_cpu.quantized_linear import activation_error, int8_rows, packed4_columns
 from kernels_cpu.top_candidates import grouped, top_candidates, top_candidates_reference
 
-__all__ = ["activation_error", "enable", "enabled", "grouped", "int8_rows", "packed4_columns", "top_candidates",
-           "top_candidates_reference"]
+__all__ = ["activation_error", "enable", "enabled", "grouped", "int8_rows", "packed4_columns", "paged_attention",
+           "top_candidates", "top_candidates_reference"]

@@ -16,17 +16,18 @@ import threading
 import jax
 import jaxlib
 
-from kernels_cpu import quantized_linear
+from kernels_cpu import paged_attention, quantized_linear
 
 log = logging.getLogger("jaxserve")
 
-_SOURCES = ("top_candidates.cc", "quantized_linear.cc")
+_SOURCES = ("top_candidates.cc", "quantized_linear.cc", "paged_attention.cc")
 _HEADERS = ("parallel.h",)
 # FFI target name -> the handler symbol its source exports (the quantized linears only where the host CPU has
 # AVX2, FMA and F16C).
 TARGETS = {"jaxserve_top_candidates": "TopCandidates",
            quantized_linear.PACKED4: "QuantizedLinearPacked4",
-           quantized_linear.INT8_ROWS: "QuantizedLinearInt8Rows"}
+           quantized_linear.INT8_ROWS: "QuantizedLinearInt8Rows",
+           paged_attention.TARGET: "PagedAttention"}
 # -march=native: the build is for this host (and keyed by its CPU's features).
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 

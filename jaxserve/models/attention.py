@@ -1,6 +1,7 @@
 """The one place that decides which attention implementation runs.
 
-"auto" picks the Pallas kernels on TPU and GPU and the jnp reference (compiled by XLA) on CPU; the
+"auto" picks the Pallas kernels on TPU and GPU and the jnp reference (compiled by XLA) on CPU, where decode-shaped
+batches over a float32 cache go to a C++ kernel instead (kernels_cpu/paged_attention.cc) where it is built; the
 configuration can force any of them, including the Pallas kernels in Pallas' interpreter
 ("pallas_tpu_interpret", "pallas_gpu_interpret"), which is how tests run the kernels through the whole model
 on this CPU machine. The model passes a `Backend` through without looking inside.
@@ -13,12 +14,17 @@ model axis does not divide the kv heads, every device computes all heads: correc
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+import kernels_cpu
 import kernels_pallas
+from kernels_cpu.paged_attention import TARGET as PAGED_ATTENTION
+from kernels_pallas import reference
 from jaxserve.models.config import ModelConfig
 
 BACKENDS = ("auto", "reference", "pallas_tpu", "pallas_gpu", "pallas_tpu_interpret", "pallas_gpu_interpret")
@@ -57,10 +63,17 @@ def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend
     if backend.generation:
         tuning["generation"] = backend.generation
 
+    options = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
+
     def run(q, k, v, kv_pages, slots, kv_lens, tables, cu, num_seqs):
-        return kernels_pallas.ragged_paged_attention(
-            q, k, v, kv_pages, slots, kv_lens, tables, cu, num_seqs, sm_scale=cfg.head_dim**-0.5,
-            sliding_window=cfg.sliding_window, backend=backend.kernel, **tuning)
+        if backend.kernel == "reference" and _cpu_decode(q, kv_pages, tables):
+            kv_pages = reference.write_kv(kv_pages, k, v, slots)
+            out = jax.lax.platform_dependent(
+                q, kv_pages, kv_lens, tables, cu, num_seqs, cpu=functools.partial(kernels_cpu.paged_attention, **options),
+                default=functools.partial(reference.attend, **options))
+            return out, kv_pages
+        return kernels_pallas.ragged_paged_attention(q, k, v, kv_pages, slots, kv_lens, tables, cu, num_seqs,
+                                                     backend=backend.kernel, **options, **tuning)
 
     args = (q, k, v, kv_pages, batch.slot_mapping, batch.kv_lens, batch.block_tables, batch.cu_q_lens,
             batch.num_seqs)
@@ -73,3 +86,10 @@ def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend
         cache = (cache, P(None, None, heads))
     return jax.shard_map(run, mesh=backend.mesh, in_specs=(tok, tok, tok, cache, P(), P(), P(), P(), P()),
                          out_specs=(tok, cache), check_vma=False)(*args)
+
+
+def _cpu_decode(q, kv_pages, tables) -> bool:
+    """Whether the XLA:CPU kernel (kernels_cpu/paged_attention.cc) runs this attention where it is built: a float32
+    cache and no more tokens than sequences (decode-shaped; the reference tiles longer prefills)."""
+    return (kernels_cpu.enabled(PAGED_ATTENTION) and not isinstance(kv_pages, tuple)
+            and kv_pages.dtype == jnp.float32 and q.shape[0] <= tables.shape[0] and q.shape[-1] % 8 == 0)

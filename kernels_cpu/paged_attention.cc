@@ -1,0 +1,136 @@
+// Attention of single query tokens over a paged float32 KV cache, for XLA:CPU: the decode step's attention, which
+// XLA runs as a loop of gathers and many tiny batched matmuls (kernels_pallas/reference.py).
+//
+// One work item is a query token and kv head: its G = Hq / Hkv query heads read the head's K and V rows of every
+// position the token sees (causal, within the sliding window), each row once for all G heads, straight from the
+// pages the block table names. Scores for the whole range are kept (G x positions floats), so the softmax is two
+// passes over them instead of an online rescaling per row. Items are split over XLA's CPU thread pool.
+//
+// Cache layout as kernels_pallas: [pages, page_size, 2 * Hkv, D], K of head h at 2h and V at 2h + 1.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "parallel.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 8;  // partial sums per dot product: independent lanes the compiler vectorizes
+
+inline float Dot(const float* a, const float* b, int64_t d) {
+  float lanes[kLanes] = {};
+  for (int64_t i = 0; i < d; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[i + l] * b[i + l];
+  }
+  float s = 0;
+  for (int64_t l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
+struct Shape {
+  int64_t tokens, q_heads, kv_heads, d, pages, page_size, seqs, pages_per_seq;
+};
+
+// out[token, h * G + g, :] for g < G from the K/V rows of kv head h at positions [lo, pos] of sequence seq.
+void AttendOne(const Shape& s, const float* q, const float* cache, const int32_t* table, int64_t token,
+               int64_t h, int64_t lo, int64_t pos, float sm_scale, float soft_cap, std::vector<float>& scores,
+               float* out) {
+  const int64_t g_count = s.q_heads / s.kv_heads, n = pos - lo + 1, d = s.d;
+  const int64_t row_stride = 2 * s.kv_heads * d;  // floats per (page, offset) row of the cache
+  scores.resize(g_count * n);
+  const float* qh = q + (token * s.q_heads + h * g_count) * d;
+  auto row = [&](int64_t p) {
+    const int64_t page = std::clamp<int64_t>(table[p / s.page_size], 0, s.pages - 1);
+    return cache + (page * s.page_size + p % s.page_size) * row_stride + 2 * h * d;
+  };
+  for (int64_t j = 0; j < n; ++j) {
+    const float* k = row(lo + j);
+    for (int64_t g = 0; g < g_count; ++g) {
+      float x = Dot(qh + g * d, k, d) * sm_scale;
+      if (soft_cap > 0) x = soft_cap * std::tanh(x / soft_cap);
+      scores[g * n + j] = x;
+    }
+  }
+  float* o = out + (token * s.q_heads + h * g_count) * d;
+  std::fill(o, o + g_count * d, 0.0f);
+  std::vector<float> total(g_count);
+  for (int64_t g = 0; g < g_count; ++g) {
+    float* sg = scores.data() + g * n;
+    const float top = *std::max_element(sg, sg + n);
+    float sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += (sg[j] = std::exp(sg[j] - top));
+    total[g] = sum;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const float* v = row(lo + j) + d;
+    for (int64_t g = 0; g < g_count; ++g) {
+      const float p = scores[g * n + j];
+      float* og = o + g * d;
+      for (int64_t i = 0; i < d; ++i) og[i] += p * v[i];
+    }
+  }
+  for (int64_t g = 0; g < g_count; ++g) {
+    const float inv = 1.0f / total[g];
+    for (int64_t i = 0; i < d; ++i) o[g * d + i] *= inv;
+  }
+}
+
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> cache,
+                              ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> seq, ffi::Buffer<ffi::S32> pos,
+                              ffi::Result<ffi::Buffer<ffi::F32>> out, float sm_scale, int64_t window,
+                              float soft_cap) {
+  const auto qd = q.dimensions(), cd = cache.dimensions(), td = tables.dimensions();
+  if (qd.size() != 3 || cd.size() != 4 || td.size() != 2) {
+    return ffi::Error::InvalidArgument("paged_attention: q [T, Hq, D], cache [P, page, 2 Hkv, D], tables [S, pages]");
+  }
+  const Shape s{qd[0], qd[1], cd[2] / 2, qd[2], cd[0], cd[1], td[0], td[1]};
+  if (cd[3] != s.d || cd[2] % 2 || s.q_heads % s.kv_heads || s.d % kLanes || seq.element_count() != s.tokens ||
+      pos.element_count() != s.tokens) {
+    return ffi::Error::InvalidArgument("paged_attention: shapes do not match");
+  }
+  const float* qp = q.typed_data();
+  const float* cp = cache.typed_data();
+  const int32_t* tp = tables.typed_data();
+  const int32_t* seqp = seq.typed_data();
+  const int32_t* posp = pos.typed_data();
+  float* op = out->typed_data();
+  int64_t work = 0;  // positions read, to size the split
+  for (int64_t t = 0; t < s.tokens; ++t) work += std::max<int32_t>(posp[t] + 1, 0);
+  jaxserve::SplitOverPool(pool, s.tokens * s.kv_heads, work * s.kv_heads * s.d / 65536,
+                          [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / s.kv_heads, h = item % s.kv_heads, p = posp[t];
+      const int64_t g_count = s.q_heads / s.kv_heads;
+      const int64_t sq = std::clamp<int64_t>(seqp[t], 0, s.seqs - 1);
+      if (p < 0 || p >= s.pages_per_seq * s.page_size) {  // a padding token: zero rows
+        float* o = op + (t * s.q_heads + h * g_count) * s.d;
+        std::fill(o, o + g_count * s.d, 0.0f);
+        continue;
+      }
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+      AttendOne(s, qp, cp, tp + sq * s.pages_per_seq, t, h, lo, p, sm_scale, soft_cap, scores, op);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PagedAttention, PagedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("soft_cap"));
