@@ -101,8 +101,9 @@ def _kernel(seq_ref, first_ref, nblk_ref, start_ref, len_ref, pos0_ref, boff_ref
     # (scratch). q_ref/o_ref: [Hkv, rows, D]; pos_ref: [rows, 1]; tables_hbm: [S, P]; new_hbm: [T, 2 * Hkv, D];
     # kv_hbm: [P, page_size, 2 * Hkv, D], aliased to kv_in (the cache, updated in place);
     # table: [2, P] SMEM, the block-table rows of this tile and the next; buf: [2, block_kv, 2 * Hkv rounded up
-    # to the sublane tile (not for 8-bit codes), D] (rows past 2 * Hkv are never written or read). Quantized: scales_hbm
-    # [P, page_size, 2 * Hkv] f32 (this step's rows already written), sbuf [2, block_kv, 2 * Hkv] their blocks.
+    # to the sublane tile (not for 8-bit codes), D] (rows past 2 * Hkv are never written or read).
+    # Quantized: scales_hbm [P, page_size, 2 * Hkv] f32 (this step's rows already written), sbuf
+    # [2, block_kv, 2 * Hkv] their blocks.
     del kv_in
     scales_hbm, refs = (refs[0], refs[1:]) if quantized else (None, refs)
     o_ref, kv_hbm, table, table_sem, buf, buf_sem, write_sem, *scale_scratch = refs

@@ -68,9 +68,9 @@ def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend
     def run(q, k, v, kv_pages, slots, kv_lens, tables, cu, num_seqs):
         if backend.kernel == "reference" and _cpu_decode(q, kv_pages, tables):
             kv_pages = reference.write_kv(kv_pages, k, v, slots)
-            out = jax.lax.platform_dependent(
-                q, kv_pages, kv_lens, tables, cu, num_seqs, cpu=functools.partial(kernels_cpu.paged_attention, **options),
-                default=functools.partial(reference.attend, **options))
+            out = jax.lax.platform_dependent(q, kv_pages, kv_lens, tables, cu, num_seqs,
+                                             cpu=functools.partial(kernels_cpu.paged_attention, **options),
+                                             default=functools.partial(reference.attend, **options))
             return out, kv_pages
         return kernels_pallas.ragged_paged_attention(q, k, v, kv_pages, slots, kv_lens, tables, cu, num_seqs,
                                                      backend=backend.kernel, **options, **tuning)
