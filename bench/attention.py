@@ -1,4 +1,5 @@
-"""CPU micro-benchmark: the reference ragged paged attention vs a naive dense attention, over a cache that already
+"""CPU micro-benchmark: the reference ragged paged attention vs the C++ kernel the engine runs on CPU over a float32
+cache (kernels_cpu/paged_attention.cc) vs a naive dense attention, over a cache that already
 holds the step's K/V; then the engine's whole call (write the step's K/V into a donated cache of one layer's share
 of the CPU default 2 GiB, then attend), which shows whether XLA updates the cache in place (a copy costs ~65 ms).
 
@@ -14,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernels_cpu
 import kernels_pallas
+from jaxserve.weights.default_model import cache_dir
 from kernels_pallas import reference
 
 HQ, HKV, D, PAGE = 9, 3, 64, 16
@@ -68,15 +71,20 @@ def main():
     rng = np.random.default_rng(0)
     ref = jax.jit(lambda *a: reference.attend(*a, sm_scale=D ** -0.5))
     dense = jax.jit(lambda *a: naive_dense(*a, sm_scale=D ** -0.5))
-    cases = [(f"decode batch {b:2d}, ctx 512", [1] * b, 512) for b in (1, 8, 32)]
+    kernel = None
+    if kernels_cpu.enable(cache_dir() / "kernels-cpu"):
+        kernel = jax.jit(lambda *a: kernels_cpu.paged_attention(*a, sm_scale=D ** -0.5))
+    cases = [(f"decode batch {b:2d}, ctx {ctx}", [1] * b, ctx) for b, ctx in ((1, 512), (8, 512), (16, 256),
+                                                                               (16, 1024), (32, 512))]
     cases.append(("prefill 512 tokens", [512], 512))
-    print(f"{'case':28s} {'reference tok/s':>16s} {'naive dense tok/s':>18s}")
+    print(f"{'case':28s} {'reference tok/s':>16s} {'C++ kernel tok/s':>17s} {'naive dense tok/s':>18s}")
     for name, q_lens, ctx in cases:
         args = batch(rng, q_lens, ctx, pages_per_seq=ctx // PAGE)
         tokens = sum(q_lens)
         r = tokens_per_s(ref, args, tokens, repeat)
+        k = f"{tokens_per_s(kernel, args, tokens, repeat):17.0f}" if kernel else f"{'(not built)':>17s}"
         n = tokens_per_s(dense, args, tokens, max(1, repeat // 4))
-        print(f"{name:28s} {r:16.0f} {n:18.0f}")
+        print(f"{name:28s} {r:16.0f} {k} {n:18.0f}")
     print(f"{'write + attend, donated cache':36s} {'ms per call':>12s}")
     for b in (1, 8):
         print(f"{f'decode batch {b}, ctx 512':36s} {write_and_attend_ms(rng, b, 512, repeat):12.3f}")

@@ -1,5 +1,6 @@
-// Attention of single query tokens over a paged float32 KV cache, for XLA:CPU: the decode step's attention, which
-// XLA runs as a loop of gathers and many tiny batched matmuls (kernels_pallas/reference.py).
+// Attention of each query token over a paged float32 KV cache, for XLA:CPU, where XLA runs the reference
+// (kernels_pallas/reference.py) as a loop of gathers and many tiny batched matmuls. A token's arithmetic does not
+// depend on the other tokens of its batch, so outputs do not change with how steps are composed.
 //
 // One work item is a query token and kv head: its G = Hq / Hkv query heads read the head's K and V rows of every
 // position the token sees (causal, within the sliding window), each row once for all G heads, straight from the

@@ -1,7 +1,7 @@
 """The one place that decides which attention implementation runs.
 
-"auto" picks the Pallas kernels on TPU and GPU and the jnp reference (compiled by XLA) on CPU, where decode-shaped
-batches over a float32 cache go to a C++ kernel instead (kernels_cpu/paged_attention.cc) where it is built; the
+"auto" picks the Pallas kernels on TPU and GPU and the jnp reference (compiled by XLA) on CPU, where attention over
+a float32 cache goes to a C++ kernel instead (kernels_cpu/paged_attention.cc) where it is built; the
 configuration can force any of them, including the Pallas kernels in Pallas' interpreter
 ("pallas_tpu_interpret", "pallas_gpu_interpret"), which is how tests run the kernels through the whole model
 on this CPU machine. The model passes a `Backend` through without looking inside.
@@ -66,7 +66,7 @@ def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend
     options = dict(sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window)
 
     def run(q, k, v, kv_pages, slots, kv_lens, tables, cu, num_seqs):
-        if backend.kernel == "reference" and _cpu_decode(q, kv_pages, tables):
+        if backend.kernel == "reference" and _cpu_kernel(q, kv_pages):
             kv_pages = reference.write_kv(kv_pages, k, v, slots)
             out = jax.lax.platform_dependent(q, kv_pages, kv_lens, tables, cu, num_seqs,
                                              cpu=functools.partial(kernels_cpu.paged_attention, **options),
@@ -88,8 +88,10 @@ def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend
                          out_specs=(tok, cache), check_vma=False)(*args)
 
 
-def _cpu_decode(q, kv_pages, tables) -> bool:
+def _cpu_kernel(q, kv_pages) -> bool:
     """Whether the XLA:CPU kernel (kernels_cpu/paged_attention.cc) runs this attention where it is built: a float32
-    cache and no more tokens than sequences (decode-shaped; the reference tiles longer prefills)."""
+    cache. It takes every batch, prefill too (where the reference, reading each kv block once per 16 tokens, is
+    faster), because a token's output must not depend on what else its step holds: with the kernel for decode-shaped
+    steps only, overlapping steps (which changes their shapes) changed sampled tokens."""
     return (kernels_cpu.enabled(PAGED_ATTENTION) and not isinstance(kv_pages, tuple)
-            and kv_pages.dtype == jnp.float32 and q.shape[0] <= tables.shape[0] and q.shape[-1] % 8 == 0)
+            and kv_pages.dtype == jnp.float32 and q.shape[-1] % 8 == 0)

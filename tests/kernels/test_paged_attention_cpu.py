@@ -45,15 +45,29 @@ def _engine_attention(kv, name):
     return jax.jit(run), (q, cache), b
 
 
-def test_engine_attention_uses_the_kernel_for_decode_on_cpu(kv):
-    """Decode-shaped float32 batches go to the kernel (the cache written first, as the reference writes it); a
-    batch with more tokens than sequences goes to the reference; a TPU lowering holds no CPU call."""
-    run, args, b = _engine_attention(kv, "p16-gqa3-d64-f32-decode")
+@pytest.mark.parametrize("name", ["p16-gqa3-d64-f32-decode", "p16-mha-d64-f32"])
+def test_engine_attention_uses_the_kernel_on_cpu(kv, name):
+    """Float32 batches, decode-shaped or with a prefill chunk, go to the kernel (the cache written first, as the
+    reference writes it); a TPU lowering holds no CPU call."""
+    run, args, b = _engine_attention(kv, name)
     assert TARGET in run.lower(*args).as_text()
     out, written = run(*args)
-    np.testing.assert_allclose(np.asarray(out), kv.naive(b, **options("p16-gqa3-d64-f32-decode")), atol=2e-5,
-                               rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(out), kv.naive(b, **options(name)), atol=2e-5, rtol=2e-5)
     np.testing.assert_array_equal(np.asarray(written), kv.naive_cache(b))
     assert TARGET not in run.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
-    prefill, prefill_args, _ = _engine_attention(kv, "p16-mha-d64-f32")
-    assert TARGET not in prefill.lower(*prefill_args).as_text()
+
+
+def test_a_tokens_output_does_not_depend_on_its_batch(kv):
+    """The same token attends to the same numbers bit for bit whether its step holds only it or a prefill chunk and
+    other sequences too (the engine relies on it: overlapping steps changes their shapes)."""
+    name = "p16-mha-d64-f32"
+    b = random_batch(kv, name, seed=12)
+    q, k, v, cache, slots, kv_lens, tables, cu, num_seqs = kv.args(b)
+    written = reference.write_kv(cache, k, v, slots)
+    call = jax.jit(lambda *a: kernels_cpu.paged_attention(*a, **options(name)))
+    whole = np.asarray(call(q, written, kv_lens, tables, cu, num_seqs))
+    for s in range(int(num_seqs[0])):
+        first, last = int(cu[s]), int(cu[s + 1])
+        alone = call(q[first:last], written, kv_lens[s:s + 1], tables[s:s + 1],
+                     np.asarray([0, last - first], np.int32), np.asarray([1], np.int32))
+        np.testing.assert_array_equal(np.asarray(alone), whole[first:last])
