@@ -10,6 +10,7 @@ import importlib.metadata
 import importlib.util
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,12 +33,17 @@ def folder() -> pathlib.Path:
     if not (target / "libtpu").is_dir():
         root.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(dir=root))  # install aside, then move: no half folder
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp), pin],
-                       check=True)
         try:
+            subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(tmp),
+                            pin], check=True)
             tmp.rename(target)
+        except subprocess.CalledProcessError as e:
+            raise RuntimeError(f"{pin} (the libtpu that jax {importlib.metadata.version('jax')} pins) could not be "
+                               "installed from the package index; compiling for TPU needs it") from e
         except OSError:  # another process installed it first
             pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
