@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "parallel.h"
@@ -40,7 +39,7 @@ struct Shape {
 // out[token, h * G + g, :] for g < G from the K/V rows of kv head h at positions [lo, pos] of sequence seq.
 void AttendOne(const Shape& s, const float* q, const float* cache, const int32_t* table, int64_t token,
                int64_t h, int64_t lo, int64_t pos, float sm_scale, float soft_cap, std::vector<float>& scores,
-               float* out) {
+               std::vector<float>& total, float* out) {
   const int64_t g_count = s.q_heads / s.kv_heads, n = pos - lo + 1, d = s.d;
   const int64_t row_stride = 2 * s.kv_heads * d;  // floats per (page, offset) row of the cache
   scores.resize(g_count * n);
@@ -59,7 +58,7 @@ void AttendOne(const Shape& s, const float* q, const float* cache, const int32_t
   }
   float* o = out + (token * s.q_heads + h * g_count) * d;
   std::fill(o, o + g_count * d, 0.0f);
-  std::vector<float> total(g_count);
+  total.resize(g_count);
   for (int64_t g = 0; g < g_count; ++g) {
     float* sg = scores.data() + g * n;
     const float top = *std::max_element(sg, sg + n);
@@ -104,7 +103,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   for (int64_t t = 0; t < s.tokens; ++t) work += std::max<int32_t>(posp[t] + 1, 0);
   jaxserve::SplitOverPool(pool, s.tokens * s.kv_heads, work * s.kv_heads * s.d / 65536,
                           [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores, total;  // per thread, reused across its items
     for (int64_t item = begin; item < end; ++item) {
       const int64_t t = item / s.kv_heads, h = item % s.kv_heads, p = posp[t];
       const int64_t g_count = s.q_heads / s.kv_heads;
@@ -115,7 +114,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
         continue;
       }
       const int64_t lo = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-      AttendOne(s, qp, cp, tp + sq * s.pages_per_seq, t, h, lo, p, sm_scale, soft_cap, scores, op);
+      AttendOne(s, qp, cp, tp + sq * s.pages_per_seq, t, h, lo, p, sm_scale, soft_cap, scores, total, op);
     }
   });
   return ffi::Error::Success();
