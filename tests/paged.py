@@ -5,8 +5,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from jaxserve import models
 from jaxserve.models import base as model_base
-from jaxserve.models import llama as model_lib
 from jaxserve.models.attention import resolve_backend
 
 
@@ -26,7 +26,7 @@ def run_logits(loaded, prompts: list[list[int]], decode_steps: int, page_size: i
     cache = model_base.init_cache(cfg, num_pages, page_size, loaded.dtype,
                                   code_dtype=model_base.kv_code_dtype(kv_cache_dtype))
     attn = resolve_backend(backend, mesh)
-    step = jax.jit(lambda p, c, b: model_lib.forward(p, c, b, cfg, attn))
+    step = jax.jit(lambda p, c, b: models.family(cfg.model_type).forward(p, c, b, cfg, attn))
     seqs = [list(p) for p in prompts]
     computed = [0] * len(prompts)
     all_logits = []

@@ -41,11 +41,13 @@ def make_tokenizer(vocab_size: int):
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                  "qwen3": "Qwen3ForCausalLM"}
+                  "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                  "gemma3_text": "Gemma3ForCausalLM", "mixtral": "MixtralForCausalLM",
+                  "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def make_checkpoint(folder: pathlib.Path, model_type: str = "llama", seed: int = 0, **overrides):
-    """Writes a 2-layer random float32 model of `model_type` (llama, mistral, qwen2, qwen3) with its tokenizer:
+    """Writes a 2-layer random float32 model of `model_type` (a key of _ARCHITECTURES) with its tokenizer:
     matrices drawn from N(0, 0.2) (wide enough that logits differ visibly), vectors (norms, biases) from
     U(0.5, 1.5)."""
     from safetensors.numpy import save_file

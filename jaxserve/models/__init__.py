@@ -15,6 +15,11 @@ FAMILIES = {  # model_type -> the module under jaxserve.models that implements i
     "mistral": "llama",  # Llama with an optional sliding window
     "qwen2": "llama",  # q/k/v biases
     "qwen3": "llama",  # per-head RMSNorm on q and k
+    "phi3": "phi3",  # Phi-3 and Phi-4-mini: fused qkv_proj / gate_up_proj, partial rotary, longrope
+    "gemma2": "gemma",
+    "gemma3_text": "gemma",  # also a Gemma 3 ("gemma3") checkpoint's text decoder
+    "mixtral": "moe",
+    "qwen3_moe": "moe",
 }
 
 

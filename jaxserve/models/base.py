@@ -90,11 +90,21 @@ def rms_norm(x, weight, eps):
     return x32.astype(x.dtype) * weight
 
 
+def rope_tables(positions, inv_freq, scale: float = 1.0):
+    """positions: [T]; inv_freq: [rotary_dim // 2] -> (cos, sin) [T, rotary_dim // 2] float32, times `scale`
+    (longrope's attention factor)."""
+    angles = positions[:, None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, :]
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
 def apply_rope(x, cos, sin):
-    """x: [T, heads, head_dim]; cos/sin: [T, head_dim // 2]. Half-split (GPT-NeoX) layout, as HF Llama uses."""
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    """x: [T, heads, head_dim]; cos/sin: [T, rotary_dim // 2]. Half-split (GPT-NeoX) layout, as HF Llama uses, over
+    the first rotary_dim dims of each head (all of them unless partial rotary); the rest pass unchanged."""
+    rot = 2 * cos.shape[-1]
+    x1, x2 = jnp.split(x[..., :rot].astype(jnp.float32), 2, axis=-1)
     c, s = cos[:, None, :], sin[:, None, :]
-    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
+    return out if rot == x.shape[-1] else jnp.concatenate([out, x[..., rot:]], axis=-1)
 
 
 def count_params(params) -> int:

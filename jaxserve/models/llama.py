@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxserve.models import attention
 from jaxserve.models.config import ModelConfig
-from jaxserve.models.base import Batch, KVCache, apply_rope, rms_norm
+from jaxserve.models.base import Batch, KVCache, apply_rope, rms_norm, rope_tables
 from jaxserve.quantization.qarray import QArray, linear, linear_rows, take_rows
 
 
@@ -87,8 +87,7 @@ def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, back
 def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
     """Returns (the last layer's output [T, hidden] for every token, before the final norm; updated cache)."""
     x = take_rows(params.embed, batch.token_ids, params.final_norm.dtype)  # [T, hidden]
-    angles = batch.positions[:, None].astype(jnp.float32) * jnp.asarray(cfg.inv_freq())[None, :]
-    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    cos, sin = rope_tables(batch.positions, cfg.inv_freq())
     kvs = []
     for layer, kv_pages in zip(params.layers, cache.kv):
         x, kv_pages = _decoder_layer(layer, x, cos, sin, kv_pages, batch, cfg, backend)
