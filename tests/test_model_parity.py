@@ -12,6 +12,8 @@ from paged import run_logits
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+GEMMA = dict(hidden_size=96, num_attention_heads=6, num_key_value_heads=3, query_pre_attn_scalar=24, sliding_window=6,
+             layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
 CASES = {
     "llama": ("llama", {}),
     "llama3_rope_scaling": ("llama", {"rope_parameters": LLAMA3_ROPE}),
@@ -20,6 +22,12 @@ CASES = {
     "mistral_sliding_window": ("mistral", {"sliding_window": 12}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
+    # Gemma: odd head counts, a window (6) shorter than the prompts, sliding and full layers, soft caps (Gemma 2),
+    # Gemma 3's own rope base for sliding layers and linear scaling on full ones, query_pre_attn_scalar != head_dim.
+    "gemma2": ("gemma2", dict(GEMMA, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3": ("gemma3_text", dict(GEMMA, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
 }
 PROMPT_LENS = (23, 31)  # two ragged sequences in one batch, ending mid-page
 DECODE_STEPS = 10

@@ -53,18 +53,17 @@ def resolve_backend(name: str = "auto", mesh: Mesh | None = None, device_kind: s
     return Backend(kernel, name.endswith("_interpret"), mesh if needs_shard_map else None, generation)
 
 
-def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend, layer: int = 0):
+def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend, window: int | None):
     """Write this step's K/V into the pages and attend over them (one kernel call).
 
     q: [T, q_heads, head_dim]; k, v: [T, kv_heads, head_dim]; kv_pages: [pages, page_size, 2 * kv_heads, head_dim],
-    or a quantized cache's (codes, scales); layer: its index (the sliding window is per layer in Gemma).
-    Returns (out [T, q_heads, head_dim], kv_pages).
+    or a quantized cache's (codes, scales); window: the layer's sliding window (None: the whole context). Returns (out [T, q_heads, head_dim], kv_pages).
     """
     tuning = {"interpret": True} if backend.interpret else {}
     if backend.generation:
         tuning["generation"] = backend.generation
 
-    options = dict(sm_scale=cfg.sm_scale, sliding_window=cfg.layer_window(layer), soft_cap=cfg.attn_logit_softcapping)
+    options = dict(sm_scale=cfg.sm_scale, sliding_window=window, soft_cap=cfg.attn_logit_softcapping)
 
     def run(q, k, v, kv_pages, slots, kv_lens, tables, cu, num_seqs):
         if backend.kernel == "reference" and _cpu_kernel(q, kv_pages):

@@ -91,10 +91,27 @@ def rms_norm(x, weight, eps):
 
 
 def rope_tables(positions, inv_freq, scale: float = 1.0):
-    """positions: [T]; inv_freq: [rotary_dim // 2] -> (cos, sin) [T, rotary_dim // 2] float32, times `scale`
-    (longrope's attention factor)."""
-    angles = positions[:, None].astype(jnp.float32) * jnp.asarray(inv_freq)[None, :]
+    """positions: [T]; inv_freq: [rotary_dim // 2], or [T, rotary_dim // 2] per token -> (cos, sin)
+    [T, rotary_dim // 2] float32, times `scale` (longrope's attention factor)."""
+    angles = positions[:, None].astype(jnp.float32) * jnp.asarray(inv_freq)
     return jnp.cos(angles) * scale, jnp.sin(angles) * scale
+
+
+def rope(cfg: ModelConfig, batch: Batch, layer: int = 0):
+    """The step's rotary tables (cos, sin) [T, rotary_dim // 2] for layer `layer` (frequencies differ by layer only
+    in Gemma 3). Longrope (Phi-3) picks its factors per sequence, as transformers picks them per forward call: the
+    long ones for every token of a sequence whose context after this step (kv_lens) exceeds the original one, the
+    short ones otherwise; models/phi3.py says how that compares with vLLM and llama.cpp."""
+    s = cfg.rope_scaling
+    if s is None or s.rope_type != "longrope":
+        return rope_tables(batch.positions, cfg.layer_inv_freq(layer))
+    t = batch.token_ids.shape[0]
+    # Token i belongs to the sequence j with cu_q_lens[j] <= i < cu_q_lens[j + 1]; padding tokens past the last
+    # sequence are clipped onto it (their outputs are discarded).
+    seq = jnp.minimum(jnp.searchsorted(batch.cu_q_lens[1:], jnp.arange(t), side="right"), batch.kv_lens.shape[0] - 1)
+    long = (batch.kv_lens > s.original_max_position_embeddings)[seq]  # [T]
+    inv_freq = jnp.where(long[:, None], cfg.layer_inv_freq(layer, long=True), cfg.layer_inv_freq(layer))
+    return rope_tables(batch.positions, inv_freq, s.attention_factor)
 
 
 def apply_rope(x, cos, sin):
@@ -105,6 +122,24 @@ def apply_rope(x, cos, sin):
     c, s = cos[:, None, :], sin[:, None, :]
     out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).astype(x.dtype)
     return out if rot == x.shape[-1] else jnp.concatenate([out, x[..., rot:]], axis=-1)
+
+
+def tensor_reader(tensors, expected, dtype):
+    """`read(name, transpose=False)` over a checkpoint's tensors (float arrays or QArrays under transformers' names,
+    [out, in] for linear weights): float arrays cast to dtype, transposed to [in, out] where asked. Raises first
+    if any name of `expected` (the family's hf_shapes) is missing."""
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def read(name, transpose=False):
+        a = tensors[name]
+        if isinstance(a, qarray.QArray):
+            return a.T if transpose else a
+        a = np.asarray(a)
+        return (a.T if transpose else a).astype(dtype, copy=False)
+
+    return read
 
 
 def count_params(params) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxserve.models import attention
 from jaxserve.models.config import ModelConfig
-from jaxserve.models.base import Batch, KVCache, apply_rope, rms_norm, rope_tables
+from jaxserve.models.base import Batch, KVCache, apply_rope, rms_norm, rope, tensor_reader
 from jaxserve.quantization.qarray import QArray, linear, linear_rows, take_rows
 
 
@@ -50,10 +50,11 @@ class Params:
     lm_head: jax.Array | QArray | None  # [hidden, vocab]; None when tied to `embed`
 
 
-def _attention_block(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: ModelConfig,
-                     backend: attention.Backend):
-    t = x.shape[0]
-    h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+def attend(layer, h, cos, sin, kv_pages, batch: Batch, cfg: ModelConfig, backend: attention.Backend,
+           window: int | None, norm=rms_norm):
+    """Self-attention of normed inputs h [T, hidden] through the paged cache -> (o_proj output [T, hidden], kv_pages).
+    `layer` has wqkv, wo (and bqkv, q_norm, k_norm where cfg says); norm: the family's RMSNorm, for q and k."""
+    t = h.shape[0]
     qkv = linear(h, layer.wqkv)
     if cfg.qkv_bias:
         qkv = qkv + layer.bqkv
@@ -63,19 +64,34 @@ def _attention_block(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: Mod
     k = qkv[:, :, hq:hq + hkv].reshape(t, cfg.num_kv_heads, cfg.head_dim)
     v = qkv[:, :, hq + hkv:].reshape(t, cfg.num_kv_heads, cfg.head_dim)
     if cfg.qk_norm:
-        q = rms_norm(q, layer.q_norm, cfg.rms_norm_eps)
-        k = rms_norm(k, layer.k_norm, cfg.rms_norm_eps)
+        q = norm(q, layer.q_norm, cfg.rms_norm_eps)
+        k = norm(k, layer.k_norm, cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out, kv_pages = attention.paged_attention(q, k, v, kv_pages, batch, cfg, backend)
-    return x + linear(out.reshape(t, -1), layer.wo), kv_pages
+    out, kv_pages = attention.paged_attention(q, k, v, kv_pages, batch, cfg, backend, window)
+    return linear(out.reshape(t, -1), layer.wo), kv_pages
+
+
+def _attention_block(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: ModelConfig,
+                     backend: attention.Backend):
+    h = rms_norm(x, layer.attn_norm, cfg.rms_norm_eps)
+    out, kv_pages = attend(layer, h, cos, sin, kv_pages, batch, cfg, backend, cfg.sliding_window)
+    return x + out, kv_pages
+
+
+ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+
+
+def gated_mlp(layer, h, cfg: ModelConfig):
+    """act(h @ gate) * (h @ up) @ down for normed inputs h [T, hidden]; `layer` has w_gate_up and w_down."""
+    t = h.shape[0]
+    gate_up = linear(h, layer.w_gate_up).reshape(t, cfg.mlp_groups, 2, -1)  # [T, groups, gate/up, columns]
+    gate = gate_up[:, :, 0].reshape(t, -1)
+    up = gate_up[:, :, 1].reshape(t, -1)
+    return linear(ACTIVATIONS[cfg.hidden_act](gate) * up, layer.w_down)
 
 
 def _mlp_block(layer: Layer, x, cfg: ModelConfig):
-    h = rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps)
-    gate_up = linear(h, layer.w_gate_up).reshape(x.shape[0], cfg.mlp_groups, 2, -1)  # [T, groups, gate/up, columns]
-    gate = gate_up[:, :, 0].reshape(x.shape[0], -1)
-    up = gate_up[:, :, 1].reshape(x.shape[0], -1)
-    return x + linear(jax.nn.silu(gate) * up, layer.w_down)
+    return x + gated_mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps), cfg)
 
 
 def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
@@ -87,7 +103,7 @@ def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, back
 def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
     """Returns (the last layer's output [T, hidden] for every token, before the final norm; updated cache)."""
     x = take_rows(params.embed, batch.token_ids, params.final_norm.dtype)  # [T, hidden]
-    cos, sin = rope_tables(batch.positions, cfg.inv_freq())
+    cos, sin = rope(cfg, batch)  # [T, rotary_dim // 2]
     kvs = []
     for layer, kv_pages in zip(params.layers, cache.kv):
         x, kv_pages = _decoder_layer(layer, x, cos, sin, kv_pages, batch, cfg, backend)
@@ -105,7 +121,11 @@ def _decoder_layer(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: Model
 
 def final_logits(params: Params, x, cfg: ModelConfig):
     """x: [N, hidden] last-layer outputs -> logits [N, vocab] float32."""
-    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    return head_logits(params, rms_norm(x, params.final_norm, cfg.rms_norm_eps))
+
+
+def head_logits(params: Params, x):
+    """x: [N, hidden] normed -> logits [N, vocab] float32, by the LM head or the tied embedding."""
     if params.lm_head is None:
         return linear_rows(x, params.embed, out_dtype=jnp.float32)
     return linear(x, params.lm_head, out_dtype=jnp.float32)
@@ -127,16 +147,7 @@ def params_from_hf(tensors: Mapping[str, np.ndarray | QArray], cfg: ModelConfig,
     transformers' names and [out, in] layout. `put(array, field_name)` places each converted array on devices
     (parallel.sharding.param_put: it also quantizes where asked); fused fields pass a tuple of parts in order
     (q, k, v / gate, up), which put concatenates on the last axis."""
-    missing = [n for n in hf_shapes(cfg) if n not in tensors]
-    if missing:
-        raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
-
-    def convert(name, transpose=False):
-        a = tensors[name]
-        if isinstance(a, QArray):
-            return a.T if transpose else a
-        a = np.asarray(a)
-        return (a.T if transpose else a).astype(dtype, copy=False)
+    convert = tensor_reader(tensors, hf_shapes(cfg), dtype)
 
     def get(name, transpose=False, path=""):
         return put(convert(name, transpose), path or name)

@@ -42,6 +42,8 @@ PARAM_AXES = {
     "final_norm": ("embed",),
     "attn_norm": ("embed",),
     "mlp_norm": ("embed",),
+    "post_attn_norm": ("embed",),  # Gemma
+    "post_mlp_norm": ("embed",),  # Gemma
     "wqkv": ("embed", "qkv_heads"),
     "wo": ("q_heads", "embed"),
     "bqkv": ("qkv_heads",),
