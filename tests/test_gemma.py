@@ -1,0 +1,67 @@
+"""Gemma 2 / 3 beyond the parity cases of test_model_parity.py: both config spellings, and tensor parallelism."""
+
+import numpy as np
+import pytest
+
+import tiny
+from jaxserve.models.config import ModelConfig
+from jaxserve.parallel.sharding import make_mesh, shard_params
+from jaxserve.weights.loader import load_model
+from paged import run_logits
+
+# Gemma-3-27B-it's text settings as transformers 4 wrote them (top-level rope_theta / rope_local_base_freq /
+# rope_scaling / sliding_window_pattern), and as transformers 5 writes them (rope_parameters per layer kind,
+# layer_types).
+GEMMA3_V4 = dict(model_type="gemma3_text", vocab_size=262208, hidden_size=5376, intermediate_size=21504,
+                 num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                 query_pre_attn_scalar=168, sliding_window=1024, sliding_window_pattern=6, rope_theta=1000000.0,
+                 rope_local_base_freq=10000.0, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                 hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, max_position_embeddings=131072,
+                 final_logit_softcapping=None, attn_logit_softcapping=None)
+GEMMA3_V5 = {k: v for k, v in GEMMA3_V4.items()
+             if k not in ("rope_theta", "rope_local_base_freq", "rope_scaling", "sliding_window_pattern")} | dict(
+    rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                     "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}},
+    layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(62)])
+
+
+@pytest.mark.parametrize("hf", [GEMMA3_V4, GEMMA3_V5,
+                                {"model_type": "gemma3", "text_config": GEMMA3_V4, "vision_config": {}}],
+                         ids=["transformers4", "transformers5", "with_vision"])
+def test_gemma3_config_in_every_spelling(hf):
+    cfg = ModelConfig.from_hf(hf)
+    assert cfg.model_type == "gemma3_text" and cfg.tie_word_embeddings
+    assert [cfg.layer_window(i) for i in range(7)] == [1024] * 5 + [None, 1024]
+    assert cfg.sm_scale == 168**-0.5 and cfg.hidden_act == "gelu_pytorch_tanh" and cfg.qk_norm
+    base = 1.0 / 10000.0 ** (np.arange(0, 128, 2) / 128)
+    np.testing.assert_allclose(cfg.layer_inv_freq(0), base, rtol=1e-6)  # sliding: local base, unscaled
+    np.testing.assert_allclose(cfg.layer_inv_freq(5), 1.0 / 1000000.0 ** (np.arange(0, 128, 2) / 128) / 8.0,
+                               rtol=1e-6)  # full: global base, linear scaling
+
+
+def test_gemma2_alternates_sliding_and_full_layers_without_layer_types():
+    cfg = ModelConfig.from_hf(dict(GEMMA3_V4, model_type="gemma2", num_hidden_layers=4, sliding_window=4096,
+                                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0))
+    assert [cfg.layer_window(i) for i in range(4)] == [4096, None, 4096, None]
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (50.0, 30.0)
+
+
+@pytest.fixture(scope="module")
+def gemma3_folder(tmp_path_factory):
+    # 8 query / 4 kv heads: split evenly on 2 and 4 devices; a window of 5 under the prompts' lengths.
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("gemma3"), "gemma3_text", num_attention_heads=8,
+                                num_key_value_heads=4, head_dim=8, query_pre_attn_scalar=8, sliding_window=5,
+                                layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_gemma3_on_several_devices_gives_one_devices_logits_and_tokens(gemma3_folder, tp):
+    loaded = load_model(str(gemma3_folder), dtype="float32", progress=False)
+    prompts = [list(range(5, 29)), list(range(40, 51))]
+    ref_logits, ref_tokens = run_logits(loaded, prompts, decode_steps=10)
+    params, cfg = shard_params(loaded.params, make_mesh(tp), loaded.cfg)
+    assert len(params.layers[0].wqkv.sharding.device_set) == tp
+    sharded = loaded.__class__(**{**loaded.__dict__, "params": params, "cfg": cfg})
+    logits, tokens = run_logits(sharded, prompts, decode_steps=10)
+    assert np.abs(logits - ref_logits).max() < 1e-4
+    assert (tokens == ref_tokens).all()
