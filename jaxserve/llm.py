@@ -90,7 +90,8 @@ class LLM:
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
         parser = (self.tool_call_parser or tool_parsers.parser_for_template(chat_template or self.tokenizer.chat_template)
                   if tools else None)
-        return [self._chat_output(o, parser) for o in outputs]
+        schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools or ()}
+        return [self._chat_output(o, parser, schemas) for o in outputs]
 
     def _encode_chat(self, conversation: list[dict], **options) -> list[int]:
         return templating.encode_prompt(self.tokenizer, templating.render(self.tokenizer, conversation, **options))
@@ -117,11 +118,11 @@ class LLM:
             self.engine.abort(rid)  # a consumer that stops early frees the request's pages
 
     @staticmethod
-    def _chat_output(out: RequestOutput, parser: str | None) -> ChatOutput:
+    def _chat_output(out: RequestOutput, parser: str | None, schemas: dict) -> ChatOutput:
         first = out.outputs[0]
         content, calls, finish = first.text, [], first.finish_reason
         if parser is not None:
-            content, calls = tool_parsers.parse(parser, first.text)
+            content, calls = tool_parsers.parse(parser, first.text, schemas=schemas)
             finish = "tool_calls" if calls else finish
         message = ChatMessage("assistant", content, [c.to_openai() for c in calls] or None)
         return ChatOutput(message, finish, out.prompt_token_ids, first.token_ids, out)

@@ -25,6 +25,7 @@ class ChatPlan:
     include_reasoning: bool = True
     parallel_tool_calls: bool = True  # False: at most one call is returned
     tool_names: tuple[str, ...] = ()  # the declared tools: an answer that is exactly a call of one is that call
+    tool_schemas: dict | None = None  # their parameter schemas by name, for formats that write values as text
 
 
 def final_message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
@@ -38,7 +39,7 @@ def final_message(plan: ChatPlan, text: str, finish_reason: str | None) -> tuple
         calls = forced_calls(content, plan.forced) or cut_off_calls(content, plan.forced)
         content = None  # the grammar made the output calls, never prose, even when it was cut off early
     elif plan.tool_parser:
-        content, calls = tool_parsers.parse(plan.tool_parser, content, plan.tool_names)
+        content, calls = tool_parsers.parse(plan.tool_parser, content, plan.tool_names, plan.tool_schemas)
     if not plan.parallel_tool_calls:
         calls = calls[:1]
     if calls and finish_reason == "stop":
@@ -56,7 +57,7 @@ class StreamShaper:
         self.plan = plan
         self.reasoner = (reasoning.StreamingReasoningParser(plan.reasoning_parser, plan.reasoning_state)
                          if plan.reasoning_parser else None)
-        self.tools = (tool_parsers.StreamingToolParser(plan.tool_parser, plan.tool_names)
+        self.tools = (tool_parsers.StreamingToolParser(plan.tool_parser, plan.tool_names, plan.tool_schemas)
                       if plan.tool_parser and not plan.forced else None)
         self.forced_text = ""
         self.forced_name_sent = False

@@ -186,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="only 1: run one server per replica (each with its -tp) behind a load balancer")
     serve.add_argument("--chat-template", help="a Jinja chat template, as a file or inline")
     serve.add_argument("--chat-template-content-format", default="auto", choices=["auto", "string", "openai"])
-    serve.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral", "pythonic"],
+    serve.add_argument("--tool-call-parser", choices=["hermes", "llama3_json", "mistral", "phi4_mini_json",
+                                                     "pythonic", "qwen3_coder", "qwen3_xml"],
                        help="how tool calls are read from the model's text (default: guessed from the chat template)")
     serve.add_argument("--enable-auto-tool-choice", action="store_true",
                        help="accepted for vLLM compatibility; tool_choice auto is always on")

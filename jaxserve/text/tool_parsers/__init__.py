@@ -1,7 +1,8 @@
 """Tool-call parsers: model output text -> content and OpenAI tool calls, complete or streamed.
 
 Each format lives in its own module and implements one function, `split(text, final)`, that cuts the text
-seen so far into (content, calls, pending):
+seen so far into (content, calls, pending) (a format whose values are bare text, `TYPED_BY_SCHEMA`, also takes
+`schemas`, the declared tools' parameter schemas by name, to give each value its JSON type):
 - content: plain text that is certainly not part of a tool call;
 - calls: the complete, valid tool calls found, as (name, arguments JSON string);
 - pending: a trailing piece that may still become a tool call (an unclosed block, or a prefix of its marker).
@@ -20,11 +21,13 @@ often answer so. A streamed answer that begins with `{` or `[` is therefore held
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import uuid
 
-PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
+PARSERS = ("hermes", "llama3_json", "mistral", "phi4_mini_json", "pythonic", "qwen3_coder", "qwen3_xml")
+ALIASES = {"qwen3_coder": "qwen3_xml"}  # vLLM's two names for Qwen3-Coder's XML format
 
 
 @dataclasses.dataclass
@@ -43,13 +46,22 @@ class ToolCall:
 def get_parser(name: str):
     if name not in PARSERS:
         raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}")
-    return importlib.import_module(f"jaxserve.text.tool_parsers.{name}")
+    return importlib.import_module(f"jaxserve.text.tool_parsers.{ALIASES.get(name, name)}")
+
+
+def _splitter(parser: str, schemas: dict | None):
+    module = get_parser(parser)
+    if getattr(module, "TYPED_BY_SCHEMA", False):
+        return functools.partial(module.split, schemas=schemas or {})
+    return module.split
 
 
 def parser_for_template(template: str | None) -> str:
     """Guess the parser from the markers a chat template teaches its model. The default tool prompt that
     jaxserve adds to templates without tool support uses the Hermes format."""
     template = template or ""
+    if "<function=" in template:  # Qwen3-Coder teaches `<tool_call>` blocks too, but with XML inside
+        return "qwen3_xml"
     if "[TOOL_CALLS]" in template:
         return "mistral"
     if "<|python_tag|>" in template or ('"parameters"' in template and "ipython" in template):
@@ -69,12 +81,49 @@ def arguments_json(value) -> str | None:
     return json.dumps(value, ensure_ascii=False) if isinstance(value, dict) else None
 
 
+def calls_from_list(value) -> list[ToolCall] | None:
+    """The calls of a non-empty JSON list of call objects; None if it is anything else."""
+    calls = [call_from_object(item) for item in value] if isinstance(value, list) and value else [None]
+    return None if None in calls else calls
+
+
 def call_from_object(obj, arg_keys=("arguments", "parameters")) -> ToolCall | None:
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = next((obj[k] for k in arg_keys if k in obj), {})
     args = arguments_json(args)
     return ToolCall(obj["name"], args) if args is not None else None
+
+
+def split_blocks(text: str, final: bool, open_: str, close: str, read) -> tuple[str, list[ToolCall], str]:
+    """`split` for formats whose calls are `open_ BODY close` blocks, any number, with text around them; read(BODY)
+    gives the call or None. A block ends at the first `close` after which its body reads as a call, since a value
+    may hold the close marker as text; a block that never reads is plain text once the output is final."""
+    content, calls, pos = [], [], 0
+    while True:
+        start = text.find(open_, pos)
+        if start == -1:
+            rest = text[pos:]
+            keep = 0 if final else partial_marker(rest, open_)
+            content.append(rest[: len(rest) - keep])
+            return "".join(content), calls, rest[len(rest) - keep:]
+        body, end = start + len(open_), text.find(close, start + len(open_))
+        while end != -1 and (call := read(text[body:end])) is None:
+            end = text.find(close, end + 1)
+        if end != -1:
+            content.append(text[pos:start])
+            calls.append(call)
+            pos = end + len(close)
+            continue
+        if not final:  # a later close may still complete it
+            content.append(text[pos:start])
+            return "".join(content), calls, text[start:]
+        end = text.find(close, body)  # never a call: a model that stopped mid-call, or a malformed block, is text
+        if end == -1:
+            content.append(text[pos:])
+            return "".join(content), calls, ""
+        content.append(text[pos:end + len(close)])
+        pos = end + len(close)
 
 
 def partial_marker(text: str, marker: str) -> int:
@@ -91,14 +140,14 @@ def whole_answer_calls(text: str, names) -> list[ToolCall]:
         value = json.loads(text)
     except json.JSONDecodeError:
         return []
-    items = value if isinstance(value, list) and value else [value]
-    calls = [call_from_object(item) for item in items]
-    return calls if all(c is not None and c.name in names for c in calls) else []
+    calls = calls_from_list(value if isinstance(value, list) else [value])
+    return calls if calls and all(c.name in names for c in calls) else []
 
 
-def parse(parser: str, text: str, names=()) -> tuple[str | None, list[ToolCall]]:
-    """Complete output -> (content or None, tool calls). names: the declared tools (for whole-answer calls)."""
-    content, calls, _ = get_parser(parser).split(text, final=True)
+def parse(parser: str, text: str, names=(), schemas: dict | None = None) -> tuple[str | None, list[ToolCall]]:
+    """Complete output -> (content or None, tool calls). names: the declared tools (for whole-answer calls);
+    schemas: their parameter schemas by name (for formats that write values as text)."""
+    content, calls, _ = _splitter(parser, schemas)(text, final=True)
     content = content.strip()
     if not calls and names and (whole := whole_answer_calls(content, names)):
         return None, whole
@@ -108,8 +157,8 @@ def parse(parser: str, text: str, names=()) -> tuple[str | None, list[ToolCall]]
 class StreamingToolParser:
     """Feeds deltas of one output; returns the content delta and the tool calls completed by each."""
 
-    def __init__(self, parser: str, names=()):
-        self.split = get_parser(parser).split
+    def __init__(self, parser: str, names=(), schemas: dict | None = None):
+        self.split = _splitter(parser, schemas)
         self.names = names
         self.text = ""
         self.content_sent = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from jaxserve.text.tool_parsers import ToolCall, call_from_object, partial_marker
+from jaxserve.text.tool_parsers import ToolCall, call_from_object, calls_from_list, partial_marker
 
 MARKER, ARGS = "[TOOL_CALLS]", "[ARGS]"
 
@@ -27,11 +27,9 @@ def _calls(body: str) -> list[ToolCall] | None:
     body = body.strip()
     if body.startswith("["):
         try:
-            items = json.loads(body)
+            return calls_from_list(json.loads(body))
         except json.JSONDecodeError:
             return None
-        calls = [call_from_object(x) for x in items] if isinstance(items, list) else [None]
-        return calls if calls and None not in calls else None
     calls = []
     for piece in body.split(MARKER):  # name[ARGS]{...}, possibly repeated with more markers
         name, sep, args = piece.partition(ARGS)
