@@ -7,6 +7,7 @@ import pytest
 
 import tiny
 from jaxserve.text.chat_template import ChatTemplateError, render
+from jaxserve.text.tool_parsers import parse, parser_for_template
 
 TEMPLATES = pathlib.Path(__file__).parent / "templates"
 WEATHER = {"type": "function", "function": {
@@ -22,6 +23,9 @@ def _conversations(tool_calls_as_string: bool):
     return {
         "plain": ([{"role": "user", "content": "Hello there"}], None),
         "system": ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], None),
+        "multi_turn": ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello! How can I help?"},
+                        {"role": "user", "content": "  Name a colour.\n"}], None),
         "tools": ([{"role": "user", "content": "Weather in Paris?"}], [WEATHER]),
         "tool_round_trip": ([
             {"role": "system", "content": "You help with weather."},
@@ -37,8 +41,14 @@ def tokenizer():
     return tiny.make_tokenizer(300)
 
 
-@pytest.mark.parametrize("template", ["qwen2_5.jinja", "llama3_1.jinja"])
-@pytest.mark.parametrize("case", ["plain", "system", "tools", "tool_round_trip"])
+# Each template with the cases it supports: Gemma 3 and Phi-4-mini take no `tools` (jaxserve then adds its own tool
+# prompt, which transformers does not; Phi-4-mini's tools ride on the system message, tested below).
+ALL_CASES = ["plain", "system", "multi_turn", "tools", "tool_round_trip"]
+SUPPORTED = {"qwen2_5.jinja": ALL_CASES, "llama3_1.jinja": ALL_CASES, "qwen3_coder.jinja": ALL_CASES,
+             "gemma3.jinja": ["plain", "system", "multi_turn"], "phi4_mini.jinja": ["plain", "system", "multi_turn"]}
+
+
+@pytest.mark.parametrize("template,case", [(t, c) for t, cases in SUPPORTED.items() for c in cases])
 @pytest.mark.parametrize("generation_prompt", [True, False])
 def test_rendering_equals_transformers(tokenizer, template, case, generation_prompt):
     source = (TEMPLATES / template).read_text()
@@ -50,6 +60,38 @@ def test_rendering_equals_transformers(tokenizer, template, case, generation_pro
     assert ours == ref
     if tools:
         assert "get_weather" in ours
+
+
+def test_gemma3_folds_the_system_prompt_into_the_first_user_turn(tokenizer):
+    msgs, _ = _conversations(tool_calls_as_string=True)["multi_turn"]
+    text = render(tokenizer, msgs, chat_template=(TEMPLATES / "gemma3.jinja").read_text())
+    assert text == (f"{tokenizer.bos_token}<start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+                    "<start_of_turn>model\nHello! How can I help?<end_of_turn>\n"
+                    "<start_of_turn>user\nName a colour.<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_phi4_mini_tools_on_the_system_message_equal_transformers(tokenizer):
+    source = (TEMPLATES / "phi4_mini.jinja").read_text()
+    tools = json.dumps([WEATHER["function"]])
+    msgs = [{"role": "system", "content": "You are a helpful assistant with some tools.", "tools": tools},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": 'functools[{"name": "get_weather", "arguments": {"city": "Paris"}}]'},
+            {"role": "tool", "content": '{"temp": 21}'}]
+    ours = render(tokenizer, msgs, chat_template=source)
+    assert ours == tokenizer.apply_chat_template(msgs, chat_template=source, tokenize=False, add_generation_prompt=True)
+    assert ours.startswith(f"<|system|>You are a helpful assistant with some tools.<|tool|>{tools}<|/tool|><|end|>")
+    assert ours.endswith('<|tool|>{"temp": 21}<|end|><|assistant|>')
+
+
+def test_qwen3_coder_renders_earlier_calls_as_the_qwen3_xml_parser_reads_them(tokenizer):
+    msgs, tools = _conversations(tool_calls_as_string=True)["tool_round_trip"]
+    text = render(tokenizer, msgs, chat_template=(TEMPLATES / "qwen3_coder.jinja").read_text(), tools=tools)
+    call = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+            "<parameter=unit>\nc\n</parameter>\n</function>\n</tool_call>")
+    assert f"<|im_start|>assistant\n{call}<|im_end|>" in text
+    content, calls = parse("qwen3_xml", call, schemas={"get_weather": WEATHER["function"]["parameters"]})
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", CALL_ARGS)]
+    assert parser_for_template((TEMPLATES / "qwen3_coder.jinja").read_text()) == "qwen3_xml"
 
 
 def test_continue_final_message_equals_transformers(tokenizer):
