@@ -22,6 +22,14 @@ CASES = {
     "mistral_sliding_window": ("mistral", {"sliding_window": 12}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
+    "phi3": ("phi3", {}),
+    # Phi-4-mini's shape: rotary over 12 of 16 dims, longrope factors (6 each, all distinct) and its attention factor;
+    # every sequence here is longer than the original context (16), so all use the long factors (tests/test_phi3.py
+    # runs sequences on both sides of it).
+    "phi3_partial_longrope": ("phi3", {"partial_rotary_factor": 0.75, "max_position_embeddings": 48,
+                                       "original_max_position_embeddings": 16, "rope_parameters": {
+                                           "rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5],
+                                           "long_factor": [1.2, 1.9, 3.1, 4.7, 7.3, 11.0]}}),
     # Gemma: odd head counts, a window (6) shorter than the prompts, sliding and full layers, soft caps (Gemma 2),
     # Gemma 3's own rope base for sliding layers and linear scaling on full ones, query_pre_attn_scalar != head_dim.
     "gemma2": ("gemma2", dict(GEMMA, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),

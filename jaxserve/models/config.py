@@ -208,9 +208,10 @@ def _rope_scaling(scaling: dict, hf: dict, max_positions: int) -> RopeScaling | 
                            int(scaling["original_max_position_embeddings"]),
                            low_freq_factor=float(scaling["low_freq_factor"]),
                            high_freq_factor=float(scaling["high_freq_factor"]))
-    if kind == "longrope":
-        # Phi-3 keeps the original context at top level; the scale is how far max_position_embeddings extends it.
-        original = int(scaling.get("original_max_position_embeddings") or hf["original_max_position_embeddings"])
+    if kind == "longrope" or (kind in ("su", "yarn") and hf.get("model_type") == "phi3"):  # Phi-3's older names
+        # Phi-3 keeps the original context at top level, and transformers prefers that to the rope parameters' copy;
+        # the scale is how far max_position_embeddings extends it.
+        original = int(hf.get("original_max_position_embeddings") or scaling["original_max_position_embeddings"])
         factor = float(scaling.get("factor") or max_positions / original)
         attention = scaling.get("attention_factor")
         if attention is None:
