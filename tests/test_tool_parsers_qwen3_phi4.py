@@ -43,6 +43,8 @@ CASES = {
         # A value that is not its declared type, an undeclared parameter and a string that looks like JSON stay text.
         (_xml("get_weather", city="[1, 2]", days="three", extra=5), None,
          [("get_weather", '{"city": "[1, 2]", "days": "three", "extra": "5"}')]),
+        (_xml("configure", ratio="1e400", dry_run="maybe", options="[1]", tags="{1, 2}", limit="2.5"), None,
+         [("configure", '{"ratio": "1e400", "dry_run": "maybe", "options": "[1]", "tags": "{1, 2}", "limit": "2.5"}')]),
         (_xml("write_file", path="a.py", content=CODE), None,
          [("write_file", json.dumps({"path": "a.py", "content": CODE}))]),
         (_xml("undeclared_tool", n=1) + "\nDone.", "Done.", [("undeclared_tool", '{"n": "1"}')]),

@@ -75,6 +75,7 @@ def _typed(value: str, schema) -> object:
     for read in (json.loads, ast.literal_eval):  # literals only: nothing is evaluated
         try:
             parsed = read(value.strip())
+            json.dumps(parsed, allow_nan=False)  # 1e400 reads as infinity, which JSON cannot carry
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             continue
         if any(isinstance(parsed, _PY_TYPES[k]) and isinstance(parsed, bool) == (k == "boolean") for k in wanted):
