@@ -148,6 +148,7 @@ def test_stream_deltas_add_up_to_the_complete_message(parser, text, want_content
 
 def test_parser_guessed_from_qwen3_coder_template():
     assert parser_for_template("<tool_call>\\n<function=example_function_name>\\n<parameter=") == "qwen3_xml"
+    assert parser_for_template("<function=name>{...}</function> and <tool_call>") == "hermes"
 
 
 @pytest.mark.parametrize("name", PARSERS)

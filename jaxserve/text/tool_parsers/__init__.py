@@ -60,7 +60,7 @@ def parser_for_template(template: str | None) -> str:
     """Guess the parser from the markers a chat template teaches its model. The default tool prompt that
     jaxserve adds to templates without tool support uses the Hermes format."""
     template = template or ""
-    if "<function=" in template:  # Qwen3-Coder teaches `<tool_call>` blocks too, but with XML inside
+    if "<parameter=" in template:  # Qwen3-Coder teaches `<tool_call>` blocks too, but with XML inside
         return "qwen3_xml"
     if "[TOOL_CALLS]" in template:
         return "mistral"
