@@ -16,7 +16,7 @@ from gguf import GGUFWriter
 from gguf.quants import quantize
 from safetensors.numpy import load_file
 
-_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 
 _GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -30,6 +30,8 @@ _LAYER = {
     "self_attn.q_proj": "attn_q",
     "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v",
+    "self_attn.qkv_proj": "attn_qkv",  # phi3's fused tensors, stored fused
+    "mlp.gate_up_proj": "ffn_up",
     "self_attn.o_proj": "attn_output",
     "self_attn.q_norm": "attn_q_norm",
     "self_attn.k_norm": "attn_k_norm",
@@ -76,6 +78,8 @@ def write_gguf_from_hf(hf_folder, out_path, qtype_for=lambda name, shape: QT.F32
     _write_config(writer, config, tensors, general_name)
     _write_tokenizer(writer, tokenizer_meta or tokenizer_meta_from_folder(hf_folder, pre))
     _write_rope_freqs(writer, config)
+    if arch == "phi3":
+        _write_phi3(writer, config)
     raw_tensors = raw_tensors or {}
     for name, array in tensors.items():
         array = array.astype(np.float32)
@@ -115,9 +119,10 @@ def _write_config(writer, config, tensors, general_name):
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    if config["model_type"] != "phi3":  # llama.cpp's phi3 converter writes no head size
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(tensors["model.embed_tokens.weight"].shape[0])
@@ -144,6 +149,21 @@ def _write_rope_freqs(writer, config):
                       / (rope["high_freq_factor"] - rope["low_freq_factor"]))
             factors.append(1 / ((1 - smooth) / rope["factor"] + smooth))
     writer.add_tensor("rope_freqs.weight", np.array(factors, dtype=np.float32))
+
+
+def _write_phi3(writer, config):
+    """As llama.cpp's converter: the original context, sliding window 0 for none, and longrope as the two factor
+    tensors plus an attention factor computed from the context ratio."""
+    rope = config.get("rope_parameters") or {}
+    original = config["original_max_position_embeddings"]
+    writer.add_rope_scaling_orig_ctx_len(original)
+    writer.add_sliding_window(config.get("sliding_window") or 0)
+    if rope.get("rope_type") != "longrope":
+        return
+    scale = config["max_position_embeddings"] / original
+    writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+    writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+    writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
 
 
 def tokenizer_meta_from_folder(hf_folder, pre="gpt2") -> dict:

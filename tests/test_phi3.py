@@ -4,8 +4,11 @@ parallelism, and GGUF files as llama.cpp writes them."""
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as QT
 
 import tiny
+from gguf_writer import write_gguf_from_hf
+from jaxserve.quantization.qarray import QArray
 from jaxserve.weights.loader import load_model
 from paged import run_logits
 from test_sharding import _compare_logits
@@ -87,3 +90,34 @@ def test_tiny_model_logits_and_tokens_match_one_device(tmp_path_factory, tp):
     # prompts (24 and 11 tokens, 10 decode steps) use the long factors, and the short ones then the long.
     folder = _phi3(tmp_path_factory.mktemp(f"phi3_tp{tp}"), head_dim=8, num_attention_heads=8, num_key_value_heads=4)
     _compare_logits(load_model(str(folder), dtype="float32", progress=False), tp, 1e-4)
+
+
+def test_gguf_gives_the_safetensors_config_and_logits(folder, tmp_path):
+    """llama.cpp's phi3 layout: fused attn_qkv and ffn_up (gate and up), no head size, the rotary dims as the rope
+    dimension count, longrope as two factor tensors and an attention factor."""
+    path = tmp_path / "phi3.gguf"
+    write_gguf_from_hf(folder, path)
+    ref, ours = (load_model(str(f), dtype="float32", progress=False) for f in (folder, path))
+    assert (ours.cfg.head_dim, ours.cfg.rotary_dim, ours.cfg.sliding_window) == (16, 12, None)
+    assert ours.cfg.rope_scaling.original_max_position_embeddings == ORIGINAL
+    np.testing.assert_allclose(ours.cfg.inv_freq(long=True), ref.cfg.inv_freq(long=True), rtol=1e-6)
+    np.testing.assert_allclose(ours.cfg.inv_freq(long=False), ref.cfg.inv_freq(long=False), rtol=1e-6)
+    assert ours.cfg.rope_scaling.attention_factor == pytest.approx(ref.cfg.rope_scaling.attention_factor)
+    prompts = [list(range(5, 11)), list(range(40, 60))]  # within and beyond the original context
+    ref_logits, ref_tokens = run_logits(ref, prompts, decode_steps=8)
+    logits, _ = run_logits(ours, prompts, decode_steps=8, feed=ref_tokens)
+    assert np.abs(logits - ref_logits).max() < 1e-4
+
+
+def test_quantized_fused_gguf_tensors_split_as_dequantized_ones(folder, tmp_path):
+    """Q8_0 matrices kept as stored (--quantization gguf): the fused tensors' QArrays are split by rows into q, k, v
+    and gate, up, and compute what the same file dequantized does."""
+    path = tmp_path / "phi3_q8.gguf"
+    write_gguf_from_hf(folder, path, lambda name, shape: QT.Q8_0)
+    kept = load_model(str(path), dtype="float32", quantization="gguf", progress=False)
+    assert isinstance(kept.params.layers[0].wqkv, QArray) and isinstance(kept.params.layers[0].w_gate_up, QArray)
+    dequantized = load_model(str(path), dtype="float32", quantization="none", progress=False)
+    prompts = [list(range(5, 11)), list(range(40, 60))]
+    ref_logits, ref_tokens = run_logits(dequantized, prompts, decode_steps=8)
+    logits, _ = run_logits(kept, prompts, decode_steps=8, feed=ref_tokens)
+    assert np.abs(logits - ref_logits).max() < 1e-5

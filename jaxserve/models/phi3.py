@@ -69,7 +69,7 @@ class _LlamaNames(Mapping):
                                     + [n for n, (source, _, _) in self._parts.items() if source in tensors])
 
     def __getitem__(self, name: str):
-        if name not in self._parts:
+        if name in self._tensors or name not in self._parts:  # a part stored apart (some phi3 GGUF files' q, k, v)
             return self._tensors[name]
         source, start, stop = self._parts[name]
         return jax.tree.map(lambda a: a[start:stop], self._tensors[source])

@@ -2,8 +2,8 @@
 layout, and a fast tokenizer built from the file's metadata. Matrices of the types in gguf_blocks.KEPT stay in
 integer form as QArrays (keep_quantized=True); everything else is dequantized to float32 numpy arrays.
 
-Supported: architectures llama (also Mistral and SmolLM2, which llama.cpp stores as llama), qwen2 and
-qwen3; the tensor types in SUPPORTED_TENSOR_TYPES; tokenizers of type "gpt2" (byte-level BPE) and
+Supported: architectures llama (also Mistral and SmolLM2, which llama.cpp stores as llama), qwen2,
+qwen3 and phi3 (Phi-3, Phi-4-mini); the tensor types in SUPPORTED_TENSOR_TYPES; tokenizers of type "gpt2" (byte-level BPE) and
 "llama" (SentencePiece BPE with byte fallback).
 """
 
@@ -29,6 +29,7 @@ _ARCHITECTURES = {  # GGUF general.architecture -> (model_type, HF class)
     "llama": ("llama", "LlamaForCausalLM"),
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+    "phi3": ("phi3", "Phi3ForCausalLM"),
 }
 
 SUPPORTED_TENSOR_TYPES = frozenset({
@@ -48,6 +49,7 @@ _LAYER_NAMES = {  # GGUF blk.N.<key> -> model.layers.N.<value>
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
+    "attn_qkv": "self_attn.qkv_proj",  # phi3 (which may also store q, k, v apart)
     "attn_output": "self_attn.o_proj",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
@@ -61,6 +63,8 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # llama.cpp stores llama3 rope scaling only as this per-frequency tensor; it is turned back into
 # config values, not returned as a weight.
 _ROPE_FREQS = "rope_freqs.weight"
+# phi3's longrope factors [rotary_dim // 2], likewise config values (llama.cpp picks one set by its context size).
+_ROPE_FACTORS = {"short_factor": "rope_factors_short.weight", "long_factor": "rope_factors_long.weight"}
 
 
 @dataclass(frozen=True)
@@ -180,7 +184,25 @@ def _hf_config(meta: dict, arch: str, raw: dict) -> dict:
     }
     if model_type == "mistral":
         config["sliding_window"] = None  # llama.cpp's llama architecture has no sliding window
+    if arch == "phi3":
+        config |= _phi3_config(meta, raw, config)
     return config
+
+
+def _phi3_config(meta: dict, raw: dict, config: dict) -> dict:
+    """llama.cpp's phi3 writes no head size, and its rope dimension count is the rotary part of a head (Phi-4-mini:
+    3/4); longrope is the two factor tensors, the original context and the attention factor; sliding window 0 means
+    none (Phi-4)."""
+    head_dim = meta.get("phi3.attention.key_length") or config["hidden_size"] // config["num_attention_heads"]
+    original = meta.get("phi3.rope.scaling.original_context_length")
+    out = {"head_dim": head_dim, "partial_rotary_factor": meta.get("phi3.rope.dimension_count", head_dim) / head_dim,
+           "sliding_window": meta.get("phi3.attention.sliding_window") or None}
+    if _ROPE_FACTORS["long_factor"] in raw:
+        out["original_max_position_embeddings"] = original
+        out["rope_scaling"] = {"rope_type": "longrope", "original_max_position_embeddings": original,
+                               "attention_factor": float(meta.get("phi3.rope.scaling.attn_factor", 1.0)),
+                               **{k: np.asarray(raw[name], np.float64).tolist() for k, name in _ROPE_FACTORS.items()}}
+    return out
 
 
 def _decimal(value):
@@ -249,7 +271,7 @@ def llama3_freq_factors(scaling: dict, rope_theta: float, head_dim: int) -> np.n
 def _hf_tensors(raw: dict, arch: str, config: dict) -> dict:
     tensors = {}
     for name, array in raw.items():
-        if name == _ROPE_FREQS:
+        if name == _ROPE_FREQS or name in _ROPE_FACTORS.values():
             continue
         if name in _GLOBAL_NAMES:
             tensors[_GLOBAL_NAMES[name]] = array
@@ -261,7 +283,9 @@ def _hf_tensors(raw: dict, arch: str, config: dict) -> dict:
         if arch == "llama" and part in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if part == "attn_q" else config["num_key_value_heads"]
             array = jax.tree.map(lambda a, heads=heads: unpermute_rotary(a, heads), array)  # a QArray's rows too
-        tensors[f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"] = array
+        # phi3's ffn_up holds gate and up (in that order), as transformers' gate_up_proj does
+        hf_part = "mlp.gate_up_proj" if arch == "phi3" and part == "ffn_up" else _LAYER_NAMES[part]
+        tensors[f"model.layers.{layer}.{hf_part}.{kind}"] = array
     return tensors
 
 
