@@ -3,8 +3,8 @@ layout, and a fast tokenizer built from the file's metadata. Matrices of the typ
 integer form as QArrays (keep_quantized=True); everything else is dequantized to float32 numpy arrays.
 
 Supported: architectures llama (also Mistral and SmolLM2, which llama.cpp stores as llama), qwen2,
-qwen3 and phi3 (Phi-3, Phi-4-mini); the tensor types in SUPPORTED_TENSOR_TYPES; tokenizers of type "gpt2" (byte-level BPE) and
-"llama" (SentencePiece BPE with byte fallback).
+qwen3 and phi3 (Phi-3 and Phi-4-mini weights); the tensor types in SUPPORTED_TENSOR_TYPES; tokenizers of type "gpt2"
+(byte-level BPE) and "llama" (SentencePiece BPE with byte fallback).
 """
 
 from __future__ import annotations
