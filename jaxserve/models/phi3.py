@@ -23,7 +23,10 @@ original context while its earlier K/V sit in the cache (decode crossing it, or 
 chunks), we keep those K rotated with the short set, as transformers' forward with a kept cache does (tests/
 test_phi3.py checks that), whereas transformers' generate() would recompute them with the long set: the engine
 would have to recompute the sequence's cache at the crossing to match that, which it does not do. Pages shared
-through the prefix cache carry the rotation of the request that computed them.
+through the prefix cache carry the rotation of the request that computed them, and a step that feeds several tokens
+of one sequence (speculative verification) picks by its end. Why this rule rather than vLLM's: short sequences keep
+the short factors they were trained with (vLLM serving a 128k Phi-3 gives every prompt the long ones), and the
+outputs are transformers' wherever no crossing happens.
 """
 
 from __future__ import annotations
