@@ -14,7 +14,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 # Tests that compare with transformers' PyTorch models, left out where torch is not installed (the Python 3.12 /
 # newest-jax leg of .ci/run installs the `test` extra only).
 NEEDS_TORCH = ["test_model_parity.py", "test_gguf.py", "test_prompt_logprobs.py", "test_default_model_e2e.py",
-               "test_phi3.py"]
+               "test_phi3.py", "test_moe_parity.py", "test_gemma.py"]
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 collect_ignore = [] if HAVE_TORCH else NEEDS_TORCH
 

@@ -65,3 +65,46 @@ def test_gemma3_on_several_devices_gives_one_devices_logits_and_tokens(gemma3_fo
     logits, tokens = run_logits(sharded, prompts, decode_steps=10)
     assert np.abs(logits - ref_logits).max() < 1e-4
     assert (tokens == ref_tokens).all()
+
+
+def test_sliding_layers_keep_rings_and_the_pool_pays_for_full_layers_only(gemma3_folder):
+    """Page accounting: with 1 GiB of KV cache, the pool's page costs the full layer only and the sliding layer holds
+    a fixed ring per slot, sized by its window and the step's token budget."""
+    from jaxserve import LLM
+
+    llm = LLM(str(gemma3_folder), max_model_len=256, max_num_seqs=4, max_num_batched_tokens=16, page_size=4,
+              kv_cache_memory_gb=1.0, compile_cache_dir="", progress=False, warm_up=False)
+    core = llm.engine.core
+    layout = core.kv_layout
+    one_layer = 2 * 4 * 4 * 8 * 4  # K and V, kv heads, page_size, head_dim, float32
+    assert layout.page_bytes == one_layer  # the full layer alone
+    assert layout.ring_pages == -(-(5 - 1 + 16) // 4) + 1  # window 5 - 1 before the step, 16 tokens, 1 unaligned
+    assert layout.ring_bytes == layout.ring_pages * 4 * one_layer
+    sliding, full = (x.shape[0] for x in core.runner.cache.kv)
+    assert sliding == layout.ring_pages * 4
+    assert full == core.block_manager.num_pages == min((2**30 - layout.ring_bytes) // one_layer, 64 * 4)
+    assert not core.block_manager.enable_prefix_caching
+
+
+def test_greedy_tokens_through_wrapping_rings_match_transformers(gemma3_folder):
+    """A context many times the ring (window 5, 16-token steps: 6 pages of 4): chunked prefill and decode through
+    the engine give transformers' greedy tokens, and each token's logprob within 1e-4 of transformers'."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from jaxserve import LLM, SamplingParams
+
+    llm = LLM(str(gemma3_folder), max_model_len=128, max_num_seqs=2, max_num_batched_tokens=16, page_size=4,
+              compile_cache_dir="", progress=False, warm_up=False)
+    prompts = [list(range(3, 40)), list(range(60, 83))]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, logprobs=0),
+                        use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(gemma3_folder, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs):
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=30, do_sample=False, eos_token_id=None,
+                           pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        tokens = want.sequences[0, len(prompt):].tolist()
+        assert out.outputs[0].token_ids == tokens
+        theirs = [torch.log_softmax(step[0], -1)[t].item() for step, t in zip(want.logits, tokens)]
+        ours = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens)]
+        assert np.abs(np.array(ours) - np.array(theirs)).max() < 1e-4

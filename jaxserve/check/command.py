@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     except (kv_memory.KVCacheTooSmall, CompileFailed) as e:
         print(f"check: FAILED: {e}")
         return 1
-    print(kv_memory.describe(serving.kv_pages, serving.config.page_size, serving.page_bytes, serving.kv_source), flush=True)
+    print(kv_memory.describe(serving.kv_pages, serving.config.page_size, serving.page_bytes, serving.kv_source,
+                             serving.kv_layout.ring_pages, serving.kv_layout.ring_bytes), flush=True)
     all_buckets = serving.buckets
     buckets = all_buckets if args.buckets == "all" else sorted({all_buckets[0], all_buckets[-1]})
     compiled = serving.compile_all(buckets, args.compile_workers)

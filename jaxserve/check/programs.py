@@ -169,6 +169,7 @@ class Serving:
     kv_pages: int = 0
     kv_source: str = ""
     page_bytes: int = 0
+    kv_layout: kv_memory.Layout | None = None
 
     @classmethod
     def build(cls, cfg: ModelConfig, config: EngineConfig, target: Target, dtype,
@@ -178,9 +179,10 @@ class Serving:
         max_model_len = config.context_length(cfg)
         params, cfg = abstract_params(cfg, dtype, mesh, quantize)
         serving = cls(cfg, config, target, jnp.dtype(dtype), mesh, params, max_model_len)
-        serving.page_bytes = kv_memory.page_bytes_per_device(cfg.num_layers, sharding.kv_heads_per_device(mesh, cfg),
-                                                             config.page_size, cfg.head_dim, serving.dtype,
-                                                             kv_code_dtype(config.kv_cache_dtype))
+        serving.kv_layout = kv_memory.Layout.of(cfg, sharding.kv_heads_per_device(mesh, cfg), config.page_size,
+                                                serving.dtype, kv_code_dtype(config.kv_cache_dtype),
+                                                config.max_num_seqs, step_token_budget(config))
+        serving.page_bytes = serving.kv_layout.page_bytes
         return serving
 
     @property
@@ -195,10 +197,14 @@ class Serving:
         """Abstract (cache, tables, sampler state) with a cache of num_pages."""
         cfg, rep = self.cfg, sharding.replicated(self.mesh)
         code = kv_code_dtype(self.config.kv_cache_dtype)
-        layer = layer_cache(cfg, num_pages, self.config.page_size, self.dtype, code)
-        layer = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), layer,
-                             sharding.layer_cache_sharding(self.mesh, cfg, layer))
-        cache = KVCache(kv=(layer,) * cfg.num_layers)
+        ring = self.kv_layout.ring_pages * self.config.max_num_seqs
+
+        def layer(i):
+            shapes = layer_cache(cfg, ring if cfg.ringed(i) else num_pages, self.config.page_size, self.dtype, code)
+            return jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes,
+                                sharding.layer_cache_sharding(self.mesh, cfg, shapes))
+
+        cache = KVCache(kv=tuple(layer(i) for i in range(cfg.num_layers)))
         tables = jax.ShapeDtypeStruct((self.config.max_num_seqs, self.pages_per_seq), jnp.int32, sharding=rep)
         placement = SamplerState.placement(rep, sharding.by_vocab(self.mesh, cfg.vocab_size))
         state = jax.tree.map(abstract, jax.eval_shape(lambda: SamplerState.zeros(self.config.max_num_seqs,
@@ -247,7 +253,7 @@ class Serving:
         read from the compiler instead of the allocator). Returns what it compiled."""
         c = self.config
         explicit = kv_memory.explicit_pages(c.num_kv_pages, c.kv_cache_memory_gb, c.gpu_memory_utilization,
-                                            self.page_bytes)
+                                            self.page_bytes, self.kv_layout.ring_bytes)
         profiled = []
         if explicit is not None:
             self.kv_pages, self.kv_source = explicit

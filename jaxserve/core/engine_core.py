@@ -135,12 +135,16 @@ class EngineCore:
         self.max_model_len = config.context_length(cfg)
         pages_per_seq = -(-self.max_model_len // config.page_size)
         backend = attention.resolve_backend(config.attention_backend, self.mesh)
-        page_bytes = self._page_bytes(config)
-        num_pages, source = self._kv_pages(config, pages_per_seq, page_bytes, backend, cluster)
+        self.kv_layout = self._kv_layout(config)
+        page_bytes = self.kv_layout.page_bytes
+        num_pages, source = self._kv_pages(config, pages_per_seq, backend, cluster)
         kv_memory.check_fits(num_pages, config.page_size, self.max_model_len, page_bytes, source)
         num_pages = min(num_pages, pages_per_seq * config.max_num_seqs)  # more could never be used
-        log.info("%s", kv_memory.describe(num_pages, config.page_size, page_bytes, source))
-        self.block_manager = BlockManager(num_pages, config.page_size, config.enable_prefix_caching)
+        log.info("%s", kv_memory.describe(num_pages, config.page_size, page_bytes, source,
+                                          self.kv_layout.ring_pages, self.kv_layout.ring_bytes))
+        # A ring holds a slot's own last tokens only: a cached prefix would lack its ringed layers' K/V.
+        prefix_caching = config.enable_prefix_caching and not self.kv_layout.ring_pages
+        self.block_manager = BlockManager(num_pages, config.page_size, prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, step_token_budget(config),
                                    config.scheduling_policy)
         self.runner = self._runner(config, num_pages, pages_per_seq, backend)
@@ -162,34 +166,36 @@ class EngineCore:
         log.info("engine ready: max_model_len %d, %d KV pages of %d tokens, %d step buckets, backend %s",
                  self.max_model_len, num_pages, config.page_size, len(self.runner.buckets), backend.kernel)
 
-    def _page_bytes(self, config: EngineConfig) -> int:
-        """Bytes of one KV page on one device (the cache is split over kv heads where the model axis allows)."""
+    def _kv_layout(self, config: EngineConfig) -> kv_memory.Layout:
+        """What a KV page and the rings cost on one device (the cache is split over kv heads where the model axis
+        allows)."""
         cfg = self.model.cfg
-        return kv_memory.page_bytes_per_device(cfg.num_layers, sharding.kv_heads_per_device(self.mesh, cfg),
-                                               config.page_size, cfg.head_dim, self.model.dtype,
-                                               kv_code_dtype(config.kv_cache_dtype))
+        return kv_memory.Layout.of(cfg, sharding.kv_heads_per_device(self.mesh, cfg), config.page_size,
+                                   self.model.dtype, kv_code_dtype(config.kv_cache_dtype), config.max_num_seqs,
+                                   step_token_budget(config))
 
     def _runner(self, config: EngineConfig, num_pages: int, pages_per_seq: int, backend) -> ModelRunner:
         cfg = self.model.cfg
         code = kv_code_dtype(config.kv_cache_dtype)
         layer = layer_cache(cfg, num_pages, config.page_size, self.model.dtype, code)
         cache = init_cache(cfg, num_pages, config.page_size, self.model.dtype,
-                           sharding.layer_cache_sharding(self.mesh, cfg, layer), code)
+                           sharding.layer_cache_sharding(self.mesh, cfg, layer), code,
+                           ring_pages=self.kv_layout.ring_pages * config.max_num_seqs)
         return ModelRunner(self.model.cfg, self.model.params, cache, backend=backend,
                            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=step_token_budget(config),
                            pages_per_seq=pages_per_seq, mesh=self.mesh, eos_token_ids=self.model.eos_token_ids)
 
-    def _kv_pages(self, config: EngineConfig, pages_per_seq: int, page_bytes: int, backend,
-                  cluster) -> tuple[int, str]:
+    def _kv_pages(self, config: EngineConfig, pages_per_seq: int, backend, cluster) -> tuple[int, str]:
         """How many KV pages to allocate, and where the number comes from (kv_memory.py)."""
+        page_bytes, ring_bytes = self.kv_layout.page_bytes, self.kv_layout.ring_bytes
         explicit = kv_memory.explicit_pages(config.num_kv_pages, config.kv_cache_memory_gb,
-                                            config.gpu_memory_utilization, page_bytes)
+                                            config.gpu_memory_utilization, page_bytes, ring_bytes)
         if explicit is not None:
             return explicit
         # This process's devices: others' memory cannot be read from here.
         devices = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
         if kv_memory.device_memory(devices) is None:
-            return kv_memory.pages_for_gb(kv_memory.CPU_KV_CACHE_GB, page_bytes), \
+            return kv_memory.pages_for_gb(kv_memory.CPU_KV_CACHE_GB, page_bytes, ring_bytes), \
                 f"{kv_memory.CPU_KV_CACHE_GB:g} GiB: the devices report no memory size"
         if cluster is not None:
             raise ValueError("with several processes, size the KV cache with --kv-cache-memory-gb (per device): "

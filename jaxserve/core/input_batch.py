@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.models import base as models_base
 from jaxserve.models.base import Batch
 from jaxserve.core.sampler import FLOAT_PARAMS, INT_PARAMS, needs_dense_rows
 from jaxserve.core.sequence import Sequence
@@ -59,24 +60,34 @@ def write_tables(tables, writes):
     return tables.at[slot, writes[:, 1]].set(writes[:, 2], mode="drop")
 
 
-def model_batch(step: StepInput, tables, last_token, page_size: int) -> Batch:
+def model_batch(step: StepInput, tables, last_token, page_size: int, ring: int = 0) -> Batch:
     """The model's view of the step, from the step input and the per-slot state on the device. tables: [slots, P]
-    (after this step's writes); last_token: [slots]."""
+    (after this step's writes); last_token: [slots]; ring: pages of each slot's ring in the ringed layers (0: none,
+    models.base.ring_pages)."""
     rows = step.rows
     s = rows.shape[0]
     slot = rows[:, SLOT]
     row_slot = jnp.maximum(slot, 0)
     valid = step.token_rows < s
-    token_slot = row_slot[jnp.minimum(step.token_rows, s - 1)]
+    token_row = jnp.minimum(step.token_rows, s - 1)
+    token_slot = row_slot[token_row]
     token_ids = jnp.where(step.token_ids == PLACEHOLDER, last_token[token_slot], step.token_ids)
     pos = step.positions
-    pages = tables[token_slot, pos // page_size]
-    slot_mapping = jnp.where(valid, pages * page_size + pos % page_size, -1)
+    row_tables = tables[row_slot]
+
+    def slot_mapping(row_tables):
+        pages = row_tables[token_row, pos // page_size]
+        return jnp.where(valid, pages * page_size + pos % page_size, -1)
+
     q_end = rows[:, Q_END]
     cu = jnp.concatenate([jnp.zeros(1, jnp.int32), q_end])
     num_seqs = jnp.sum(slot >= 0, dtype=jnp.int32)[None]
-    return Batch(jnp.where(valid, token_ids, 0), pos, slot_mapping, rows[:, KV_LEN], tables[row_slot], cu, num_seqs,
-                 jnp.maximum(q_end - 1, 0))
+    rings = {}
+    if ring:
+        ring_tables = models_base.ring_tables(row_slot, ring, tables.shape[1])
+        rings = dict(ring_slot_mapping=slot_mapping(ring_tables), ring_block_tables=ring_tables)
+    return Batch(jnp.where(valid, token_ids, 0), pos, slot_mapping(row_tables), rows[:, KV_LEN], row_tables, cu,
+                 num_seqs, jnp.maximum(q_end - 1, 0), **rings)
 
 
 @dataclasses.dataclass

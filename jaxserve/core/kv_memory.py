@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from jaxserve.models.base import ring_pages
+
 GIB = 2**30
 CPU_KV_CACHE_GB = 2.0
 
@@ -49,8 +51,27 @@ def page_bytes_per_device(num_layers: int, kv_heads_per_device: int, page_size: 
     return 2 * num_layers * kv_heads_per_device * page_size * row
 
 
-def pages_for_gb(gb: float, page_bytes: int) -> int:
-    return int(gb * GIB // page_bytes)
+def pages_for_gb(gb: float, page_bytes: int, ring_bytes: int = 0) -> int:
+    """Pool pages in gb, less the ringed layers' fixed rings (ring_bytes)."""
+    return max(0, int((gb * GIB - ring_bytes) // page_bytes))
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What the KV cache costs per device: layers in the shared page pool pay per page; ringed layers
+    (ModelConfig.ringed: Gemma's sliding ones) hold a fixed ring of pages per sequence slot."""
+
+    page_bytes: int  # one pool page of every pool layer
+    ring_pages: int  # one slot's ring in each ringed layer (models.base.ring_pages; 0: no ringed layer)
+    ring_bytes: int  # every slot's rings in every ringed layer
+
+    @classmethod
+    def of(cls, cfg, kv_heads_per_device: int, page_size: int, dtype, code_dtype, max_num_seqs: int,
+           max_step_tokens: int) -> "Layout":
+        pool = sum(not cfg.ringed(i) for i in range(cfg.num_layers))
+        one_layer = page_bytes_per_device(1, kv_heads_per_device, page_size, cfg.head_dim, dtype, code_dtype)
+        ring = ring_pages(cfg, page_size, max_step_tokens)
+        return cls(pool * one_layer, ring, (cfg.num_layers - pool) * ring * max_num_seqs * one_layer)
 
 
 def pages_for_utilization(before: list[DeviceMemory], after: list[DeviceMemory], utilization: float,
@@ -67,9 +88,10 @@ def pages_for_utilization(before: list[DeviceMemory], after: list[DeviceMemory],
 
 
 def explicit_pages(num_kv_pages: int | None, kv_cache_memory_gb: float | None, utilization: float,
-                   page_bytes: int) -> tuple[int, str] | None:
-    """The page count the configuration names (num_kv_pages, else kv_cache_memory_gb), and its source; None
-    when it leaves the size to the devices' memory. Validates the memory settings either way."""
+                   page_bytes: int, ring_bytes: int = 0) -> tuple[int, str] | None:
+    """The page count the configuration names (num_kv_pages, else kv_cache_memory_gb, which holds the rings too),
+    and its source; None when it leaves the size to the devices' memory. Validates the memory settings either
+    way."""
     if not 0 < utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], not {utilization}")
     if kv_cache_memory_gb is not None and kv_cache_memory_gb <= 0:
@@ -77,7 +99,7 @@ def explicit_pages(num_kv_pages: int | None, kv_cache_memory_gb: float | None, u
     if num_kv_pages:
         return num_kv_pages, "num_kv_pages"
     if kv_cache_memory_gb is not None:
-        return pages_for_gb(kv_cache_memory_gb, page_bytes), f"kv_cache_memory_gb {kv_cache_memory_gb:g}"
+        return pages_for_gb(kv_cache_memory_gb, page_bytes, ring_bytes), f"kv_cache_memory_gb {kv_cache_memory_gb:g}"
     return None
 
 
@@ -98,6 +120,9 @@ def check_fits(num_pages: int, page_size: int, max_model_len: int, page_bytes: i
         "--gpu-memory-utilization), or use more devices (--tensor-parallel-size)")
 
 
-def describe(num_pages: int, page_size: int, page_bytes: int, source: str) -> str:
+def describe(num_pages: int, page_size: int, page_bytes: int, source: str, ring_pages: int = 0,
+             ring_bytes: int = 0) -> str:
+    rings = (f"; sliding-window layers: a ring of {ring_pages} pages per sequence, {ring_bytes / GIB:.2f} GiB per "
+             "device" if ring_pages else "")
     return (f"KV cache: {num_pages} pages of {page_size} tokens = {num_pages * page_size} tokens, "
-            f"{num_pages * page_bytes / GIB:.2f} GiB per device ({source})")
+            f"{num_pages * page_bytes / GIB:.2f} GiB per device ({source}){rings}")

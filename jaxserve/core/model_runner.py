@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 
 from jaxserve import models
 from jaxserve.models.attention import Backend
-from jaxserve.models.base import KVCache
+from jaxserve.models.base import KVCache, ring_pages_of
 from jaxserve.models.config import ModelConfig
 from jaxserve.parallel import sharding
 from jaxserve.core.input_batch import (FRESH, ROW_PARAMS, SAMPLES, SLOT, Scheduled, StepInput, build_step,
@@ -66,7 +66,7 @@ def _forward(params, cache, tables, state: SamplerState, step: StepInput, cfg, b
     each row's logits [S, V], the cache, tables and sampler state, and the last layer's output of every token
     [T, hidden] (it stays on the device, read only by `_prompt_logprobs` in steps where a request asked)."""
     tables = write_tables(tables, step.table_writes)
-    batch = model_batch(step, tables, state.last_token, cache.page_size)
+    batch = model_batch(step, tables, state.last_token, cache.page_size, ring_pages_of(cache, cfg, tables.shape[0]))
     rows = step.rows
     s, n = rows.shape[0], state.counts.shape[0]
     slot = rows[:, SLOT]

@@ -28,7 +28,8 @@ class KVCache:
 
     @property
     def num_pages(self) -> int:
-        return jax.tree.leaves(self.kv[0])[0].shape[0]
+        """The shared pool's pages: the most any layer has (ringed layers have fewer)."""
+        return max(jax.tree.leaves(kv)[0].shape[0] for kv in self.kv)
 
     @property
     def page_size(self) -> int:
@@ -58,14 +59,38 @@ def layer_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, code_dt
     return (jax.ShapeDtypeStruct(shape, code_dtype), jax.ShapeDtypeStruct(shape[:3], jnp.float32))
 
 
-def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None, code_dtype=None) -> KVCache:
-    """sharding: where each layer's entry lives, a tree like layer_cache's (None: default device)."""
-    layer = layer_cache(cfg, num_pages, page_size, dtype, code_dtype)
+def ring_pages(cfg: ModelConfig, page_size: int, max_step_tokens: int) -> int:
+    """Pages of one sequence's ring in each ringed layer (ModelConfig.ringed), 0 when no layer is: enough for the
+    window before a step's first token (window - 1 tokens) and the step's own tokens (at most max_step_tokens), on
+    pages not aligned with them (one more). A sequence's position p lives on ring page (p // page_size) % this."""
+    windows = {cfg.layer_window(i) for i in range(cfg.num_layers) if cfg.ringed(i)}
+    if not windows:
+        return 0
+    return -(-(max(windows) - 1 + max_step_tokens) // page_size) + 1
+
+
+def ring_pages_of(cache: KVCache, cfg: ModelConfig, slots: int) -> int:
+    """ring_pages as `cache` was allocated for `slots` sequence slots (0: no ringed layer)."""
+    ringed = [i for i in range(cfg.num_layers) if cfg.ringed(i)]
+    return jax.tree.leaves(cache.kv[ringed[0]])[0].shape[0] // slots if ringed else 0
+
+
+def ring_tables(row_slots, ring: int, pages_per_seq: int):
+    """row_slots: [S] each row's sequence slot -> block tables [S, P] into the ringed layers' caches, where slot s
+    owns pages s * ring ... s * ring + ring - 1."""
+    return row_slots[:, None] * ring + jnp.arange(pages_per_seq, dtype=jnp.int32)[None, :] % ring
+
+
+def init_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype, sharding=None, code_dtype=None,
+               ring_pages: int = 0) -> KVCache:
+    """sharding: where each layer's entry lives, a tree like layer_cache's (None: default device). ring_pages: the
+    pages of every sequence slot's rings together (slots x base.ring_pages), the size of the ringed layers' caches."""
+    layers = [layer_cache(cfg, ring_pages if cfg.ringed(i) else num_pages, page_size, dtype, code_dtype)
+              for i in range(cfg.num_layers)]
     if sharding is None:
-        return KVCache(kv=tuple(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), layer)
-                                for _ in range(cfg.num_layers)))
+        return KVCache(kv=tuple(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), layer) for layer in layers))
     zeros = lambda s, w: jnp.zeros(s.shape, s.dtype, device=w)  # noqa: E731
-    return KVCache(kv=tuple(jax.tree.map(zeros, layer, sharding) for _ in range(cfg.num_layers)))
+    return KVCache(kv=tuple(jax.tree.map(zeros, layer, sharding) for layer in layers))
 
 
 @jax.tree_util.register_dataclass
@@ -81,6 +106,13 @@ class Batch:
     cu_q_lens: jax.Array  # [S + 1] int32
     num_seqs: jax.Array  # [1] int32
     logits_indices: jax.Array  # [S] int32: the token whose logits each sequence needs (its last)
+    # The same two for the ringed layers' caches (ModelConfig.ringed), where the model has them.
+    ring_slot_mapping: jax.Array | None = None  # [T] int32
+    ring_block_tables: jax.Array | None = None  # [S, P] int32
+
+    def ringed(self) -> "Batch":
+        """This batch as a ringed layer's attention reads it."""
+        return dataclasses.replace(self, slot_mapping=self.ring_slot_mapping, block_tables=self.ring_block_tables)
 
 
 def rms_norm(x, weight, eps):

@@ -150,6 +150,13 @@ class ModelConfig:
             return self.sliding_window
         return None
 
+    def ringed(self, i: int) -> bool:
+        """Whether layer i keeps its K/V in a per-sequence ring of pages instead of the shared page pool: a sliding
+        layer of a model that also has full layers (Gemma 2 / 3), so a long context costs pool pages for the full
+        layers only (base.ring_pages). Models whose layers all slide (Mistral) keep the pool."""
+        return self.layer_types is not None and "full_attention" in self.layer_types and \
+            self.layer_window(i) is not None
+
     def layer_inv_freq(self, i: int, long: bool = False) -> np.ndarray:
         """Layer i's rotary inverse frequencies: Gemma 3's sliding layers use their own base, unscaled."""
         if self.local_rope_theta is not None and self.layer_window(i) is not None:

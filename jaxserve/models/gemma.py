@@ -7,7 +7,8 @@ What differs from Llama (llama.py, whose attention and gated MLP it calls):
   query_pre_attn_scalar ** -0.5;
 - tanh soft caps on attention scores and final logits (Gemma 2);
 - per-layer kinds (cfg.layer_types): sliding layers attend within cfg.sliding_window, full layers to everything;
-  in Gemma 3 the sliding layers have their own rope base (cfg.local_rope_theta) and no rope scaling.
+  in Gemma 3 the sliding layers have their own rope base (cfg.local_rope_theta) and no rope scaling. Sliding
+  layers keep their K/V in per-sequence rings of pages (ModelConfig.ringed), read through the batch's ring fields.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig
         key = inv_freq.tobytes()
         if key not in rope:
             rope[key] = rope_tables(batch.positions, inv_freq)
-        x, kv_pages = _decoder_layer(layer, x, *rope[key], kv_pages, batch, cfg, backend, cfg.layer_window(i))
+        layer_batch = batch.ringed() if cfg.ringed(i) else batch
+        x, kv_pages = _decoder_layer(layer, x, *rope[key], kv_pages, layer_batch, cfg, backend, cfg.layer_window(i))
         kvs.append(kv_pages)
     return x, KVCache(kv=tuple(kvs))
 
