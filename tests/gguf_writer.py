@@ -10,13 +10,15 @@ import json
 import math
 import pathlib
 
+import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFWriter
 from gguf.quants import quantize
 from safetensors.numpy import load_file
 
-_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2",
+         "gemma3_text": "gemma3"}
 
 _GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -40,15 +42,19 @@ _LAYER = {
     "mlp.down_proj": "ffn_down",
 }
 
+# llama.cpp's names for Gemma's four norms (its converter also stores every Gemma norm weight plus 1).
+_GEMMA_LAYER = _LAYER | {"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                         "post_feedforward_layernorm": "post_ffw_norm"}
+
 CONTROL, NORMAL, USER_DEFINED = 3, 1, 4  # llama.cpp token types
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
     if hf_name in _GLOBAL:
         return _GLOBAL[hf_name]
     _, _, layer, rest = hf_name.split(".", 3)  # model.layers.N.<module>.<weight|bias>
     module, kind = rest.rsplit(".", 1)
-    return f"blk.{layer}.{_LAYER[module]}.{kind}"
+    return f"blk.{layer}.{(_GEMMA_LAYER if arch.startswith('gemma') else _LAYER)[module]}.{kind}"
 
 
 def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -80,18 +86,22 @@ def write_gguf_from_hf(hf_folder, out_path, qtype_for=lambda name, shape: QT.F32
     _write_rope_freqs(writer, config)
     if arch == "phi3":
         _write_phi3(writer, config)
+    if arch.startswith("gemma"):
+        _write_gemma(writer, config)
     raw_tensors = raw_tensors or {}
     for name, array in tensors.items():
         array = array.astype(np.float32)
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = config["num_attention_heads"] if ".q_proj." in name else config["num_key_value_heads"]
             array = llama_cpp_permute(array, heads)
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            array = array + 1.0
         if name in raw_tensors:
             blocks, qtype = raw_tensors[name]
-            writer.add_tensor(gguf_name(name), blocks, raw_dtype=qtype)
+            writer.add_tensor(gguf_name(name, arch), blocks, raw_dtype=qtype)
             continue
         qtype = QT.F32 if array.ndim == 1 else qtype_for(name, array.shape)
-        _add_tensor(writer, gguf_name(name), array, qtype)
+        _add_tensor(writer, gguf_name(name, arch), array, qtype)
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -112,6 +122,7 @@ def _write_config(writer, config, tensors, general_name):
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rope = config.get("rope_parameters") or {}
+    rope = rope.get("full_attention", rope)  # Gemma 3 writes one per layer kind; the file keeps the full layers'
     writer.add_name(general_name)
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_context_length(config["max_position_embeddings"])
@@ -164,6 +175,19 @@ def _write_phi3(writer, config):
     writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
     writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
     writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+
+
+def _write_gemma(writer, config):
+    """As llama.cpp's converter: the window and Gemma 2's soft caps; Gemma 3's linear rope scaling (of its full
+    layers). The layer pattern, query scale and local rope base are llama.cpp's constants, not file keys."""
+    writer.add_sliding_window(config["sliding_window"])
+    if config["model_type"] == "gemma2":
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    full = (config.get("rope_parameters") or {}).get("full_attention") or {}
+    if full.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(full["factor"])
 
 
 def tokenizer_meta_from_folder(hf_folder, pre="gpt2") -> dict:

@@ -108,3 +108,29 @@ def test_greedy_tokens_through_wrapping_rings_match_transformers(gemma3_folder):
         theirs = [torch.log_softmax(step[0], -1)[t].item() for step, t in zip(want.logits, tokens)]
         ours = [lp[t].logprob for lp, t in zip(out.outputs[0].logprobs, tokens)]
         assert np.abs(np.array(ours) - np.array(theirs)).max() < 1e-4
+
+
+@pytest.mark.parametrize("model_type,overrides", [
+    ("gemma2", dict(attn_logit_softcapping=5.0, final_logit_softcapping=3.0, sliding_window=5,
+                    query_pre_attn_scalar=16)),
+    # six layers: llama.cpp's fixed Gemma 3 pattern (five sliding, one full) is what the file implies
+    ("gemma3_text", dict(num_hidden_layers=6, sliding_window=5, query_pre_attn_scalar=16, rope_parameters={
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000000.0}})),
+], ids=["gemma2", "gemma3"])
+def test_a_gemma_gguf_loads_as_its_safetensors(tmp_path, model_type, overrides):
+    """llama.cpp's gemma2 / gemma3 files (norms stored as 1 + w, sandwich norm names, soft caps, the window,
+    linear rope scaling) give the safetensors checkpoint's configuration and logits."""
+    from gguf_writer import write_gguf_from_hf
+
+    folder = tiny.make_checkpoint(tmp_path / "hf", model_type, tie_word_embeddings=True, **overrides)
+    write_gguf_from_hf(folder, tmp_path / "model.gguf")
+    hf = load_model(str(folder), dtype="float32", progress=False)
+    gguf = load_model(str(tmp_path / "model.gguf"), dtype="float32", progress=False)
+    fields = ("layer_types", "sliding_window", "sm_scale", "attn_logit_softcapping", "final_logit_softcapping",
+              "hidden_act", "local_rope_theta", "rope_scaling", "qk_norm", "rope_theta")
+    assert [getattr(gguf.cfg, f) for f in fields] == [getattr(hf.cfg, f) for f in fields]
+    prompts = [list(range(5, 29)), list(range(40, 51))]
+    ours, tokens = run_logits(gguf, prompts, decode_steps=4)
+    want, want_tokens = run_logits(hf, prompts, decode_steps=4)
+    assert np.abs(ours - want).max() < 1e-5 and (tokens == want_tokens).all()

@@ -3,7 +3,7 @@ layout, and a fast tokenizer built from the file's metadata. Matrices of the typ
 integer form as QArrays (keep_quantized=True); everything else is dequantized to float32 numpy arrays.
 
 Supported: architectures llama (also Mistral and SmolLM2, which llama.cpp stores as llama), qwen2,
-qwen3 and phi3 (Phi-3 and Phi-4-mini weights); the tensor types in SUPPORTED_TENSOR_TYPES; tokenizers of type "gpt2"
+qwen3, phi3 (Phi-3 and Phi-4-mini weights), gemma2 and gemma3 (its text decoder); the tensor types in SUPPORTED_TENSOR_TYPES; tokenizers of type "gpt2"
 (byte-level BPE) and "llama" (SentencePiece BPE with byte fallback).
 """
 
@@ -30,6 +30,8 @@ _ARCHITECTURES = {  # GGUF general.architecture -> (model_type, HF class)
     "qwen2": ("qwen2", "Qwen2ForCausalLM"),
     "qwen3": ("qwen3", "Qwen3ForCausalLM"),
     "phi3": ("phi3", "Phi3ForCausalLM"),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+    "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
 }
 
 SUPPORTED_TENSOR_TYPES = frozenset({
@@ -57,6 +59,15 @@ _LAYER_NAMES = {  # GGUF blk.N.<key> -> model.layers.N.<value>
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+
+# Gemma's sandwich norms. llama.cpp stores each Gemma norm weight as 1 + w (its RMSNorm multiplies by the weight);
+# transformers keeps w, so 1 is taken off at load.
+_GEMMA_LAYER_NAMES = _LAYER_NAMES | {
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GEMMA_ARCHS = ("gemma2", "gemma3")
 
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
@@ -186,7 +197,29 @@ def _hf_config(meta: dict, arch: str, raw: dict) -> dict:
         config["sliding_window"] = None  # llama.cpp's llama architecture has no sliding window
     if arch == "phi3":
         config |= _phi3_config(meta, raw, config)
+    if arch in _GEMMA_ARCHS:
+        config |= _gemma_config(meta, arch, config)
     return config
+
+
+# llama.cpp's 27B Gemma 2 / 3 (by layer count) scale attention by hidden / heads, the others by the head size: what
+# transformers' configs write as query_pre_attn_scalar, which GGUF files do not carry.
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_config(meta: dict, arch: str, config: dict) -> dict:
+    """What llama.cpp's gemma2 / gemma3 keep in code rather than in the file: tanh-gelu, the query scale, Gemma 2's
+    alternating and Gemma 3's 5-sliding-to-1-full layers, Gemma 3's local rope base (10000)."""
+    big = config["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch]
+    out = {"hidden_activation": "gelu_pytorch_tanh", "sliding_window": meta.get(f"{arch}.attention.sliding_window"),
+           "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"] if big
+           else config["head_dim"]}
+    if arch == "gemma2":
+        out |= {"attn_logit_softcapping": _decimal(meta.get("gemma2.attn_logit_softcapping")),
+                "final_logit_softcapping": _decimal(meta.get("gemma2.final_logit_softcapping"))}
+    else:
+        out |= {"sliding_window_pattern": 6, "rope_local_base_freq": 10000.0}
+    return out
 
 
 def _phi3_config(meta: dict, raw: dict, config: dict) -> dict:
@@ -269,22 +302,26 @@ def llama3_freq_factors(scaling: dict, rope_theta: float, head_dim: int) -> np.n
 # ---------------------------------------------------------------------------------------- tensors
 
 def _hf_tensors(raw: dict, arch: str, config: dict) -> dict:
+    gemma = arch in _GEMMA_ARCHS
+    layer_names = _GEMMA_LAYER_NAMES if gemma else _LAYER_NAMES
     tensors = {}
     for name, array in raw.items():
         if name == _ROPE_FREQS or name in _ROPE_FACTORS.values():
             continue
+        if gemma and name.endswith("norm.weight"):  # norms are 1-D: never quantized
+            array = np.asarray(array) - 1.0
         if name in _GLOBAL_NAMES:
             tensors[_GLOBAL_NAMES[name]] = array
             continue
         match = _LAYER_TENSOR.fullmatch(name)
-        if not match or match.group(2) not in _LAYER_NAMES:
+        if not match or match.group(2) not in layer_names:
             raise ValueError(f"unexpected tensor {name!r} in a {arch} GGUF file.")
         layer, part, kind = match.groups()
         if arch == "llama" and part in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if part == "attn_q" else config["num_key_value_heads"]
             array = jax.tree.map(lambda a, heads=heads: unpermute_rotary(a, heads), array)  # a QArray's rows too
         # phi3's ffn_up holds gate and up (in that order), as transformers' gate_up_proj does
-        hf_part = "mlp.gate_up_proj" if arch == "phi3" and part == "ffn_up" else _LAYER_NAMES[part]
+        hf_part = "mlp.gate_up_proj" if arch == "phi3" and part == "ffn_up" else layer_names[part]
         tensors[f"model.layers.{layer}.{hf_part}.{kind}"] = array
     return tensors
 
