@@ -83,6 +83,20 @@ def test_phi4_mini_tools_on_the_system_message_equal_transformers(tokenizer):
     assert ours.endswith('<|tool|>{"temp": 21}<|end|><|assistant|>')
 
 
+def test_phi4_mini_gets_the_requests_tools_on_its_system_message(tokenizer):
+    """The OpenAI request's `tools` reach Phi-4-mini's template where it reads them (the system message's `tools`,
+    a JSON list of the functions), with no system message of the request's own too; its parser is guessed."""
+    source = (TEMPLATES / "phi4_mini.jinja").read_text()
+    listing = json.dumps([WEATHER["function"]])
+    user = {"role": "user", "content": "Weather in Paris?"}
+    system = {"role": "system", "content": "Be brief."}
+    assert render(tokenizer, [system, user], chat_template=source, tools=[WEATHER]) == (
+        f"<|system|>Be brief.<|tool|>{listing}<|/tool|><|end|><|user|>Weather in Paris?<|end|><|assistant|>")
+    assert render(tokenizer, [user], chat_template=source, tools=[WEATHER]) == (
+        f"<|system|><|tool|>{listing}<|/tool|><|end|><|user|>Weather in Paris?<|end|><|assistant|>")
+    assert parser_for_template(source) == "phi4_mini_json"
+
+
 def test_qwen3_coder_renders_earlier_calls_as_the_qwen3_xml_parser_reads_them(tokenizer):
     msgs, tools = _conversations(tool_calls_as_string=True)["tool_round_trip"]
     text = render(tokenizer, msgs, chat_template=(TEMPLATES / "qwen3_coder.jinja").read_text(), tools=tools)

@@ -6,9 +6,11 @@ run in jinja2's immutable sandbox, which refuses attribute access to Python inte
 (`messages`, `tools`, `documents`, `add_generation_prompt`, special tokens, `raise_exception`, `strftime_now`,
 a `tojson` that does not HTML-escape), so a template renders here exactly as with `apply_chat_template`.
 
-A template that does not mention `tools` still gets them: a system-prompt block lists the tools as JSON and asks
-for calls as `<tool_call>{"name": ..., "arguments": ...}</tool_call>` (the Hermes format, which the `hermes`
-tool parser reads), and earlier assistant tool calls are shown to the model in that same form.
+A template that reads tools from the system message instead of `tools` (Phi-4-mini's: `message['tools']`, a JSON
+list of the functions) gets the request's tools there. A template that mentions tools in neither place still gets
+them: a system-prompt block lists the tools as JSON and asks for calls as `<tool_call>{"name": ..., "arguments":
+...}</tool_call>` (the Hermes format, which the `hermes` tool parser reads), and earlier assistant tool calls are
+shown to the model in that same form.
 """
 
 from __future__ import annotations
@@ -69,10 +71,12 @@ def _compile(template: str):
 class _Features:
     """What a template does with its inputs, read from its syntax tree."""
 
-    def __init__(self, variables: set[str], iterates_content: bool, mentions_developer: bool):
+    def __init__(self, variables: set[str], iterates_content: bool, mentions_developer: bool,
+                 message_tools: bool):
         self.variables = variables
         self.iterates_content = iterates_content
         self.mentions_developer = mentions_developer
+        self.message_tools = message_tools  # reads a message's "tools" (Phi-4-mini's system message)
 
     @classmethod
     def of(cls, ast) -> "_Features":
@@ -83,7 +87,9 @@ class _Features:
 
         iterates = any(is_content(loop.iter) for loop in ast.find_all(jinja2.nodes.For))
         developer = any(c.value == "developer" for c in ast.find_all(jinja2.nodes.Const))
-        return cls(jinja2.meta.find_undeclared_variables(ast), iterates, developer)
+        message_tools = any(isinstance(n.arg, jinja2.nodes.Const) and n.arg.value == "tools"
+                            for n in ast.find_all(jinja2.nodes.Getitem))
+        return cls(jinja2.meta.find_undeclared_variables(ast), iterates, developer, message_tools)
 
 
 def render(tokenizer, messages: list[dict], *, chat_template: str | None = None, add_generation_prompt: bool = True,
@@ -101,7 +107,7 @@ def render(tokenizer, messages: list[dict], *, chat_template: str | None = None,
     as_parts = content_format == "openai" or (content_format == "auto" and features.iterates_content)
     msgs = [_prepare(m, as_parts, features) for m in messages]
     if tools and "tools" not in features.variables:
-        msgs = _with_tool_prompt(msgs, tools, as_parts)
+        msgs = _with_system_tools(msgs, tools) if features.message_tools else _with_tool_prompt(msgs, tools, as_parts)
     if continue_final_message:
         if not msgs or msgs[-1]["role"] != "assistant":
             raise ValueError("continue_final_message needs the conversation to end with an assistant message")
@@ -144,6 +150,15 @@ def _prepare(message: dict, as_parts: bool, features: _Features) -> dict:
             except json.JSONDecodeError:
                 pass
     return m
+
+
+def _with_system_tools(msgs: list[dict], tools: list[dict]) -> list[dict]:
+    """The functions as a JSON list on the system message (one with no text added where there is none), unless the
+    conversation put its own there."""
+    listing = json.dumps([t.get("function", t) for t in tools], ensure_ascii=False)
+    if msgs and msgs[0].get("role") == "system":
+        return [{"tools": listing, **msgs[0]}] + msgs[1:]
+    return [{"role": "system", "content": "", "tools": listing}] + msgs
 
 
 def _with_tool_prompt(msgs: list[dict], tools: list[dict], as_parts: bool) -> list[dict]:

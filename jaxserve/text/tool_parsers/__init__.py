@@ -62,6 +62,8 @@ def parser_for_template(template: str | None) -> str:
     template = template or ""
     if "<parameter=" in template:  # Qwen3-Coder teaches `<tool_call>` blocks too, but with XML inside
         return "qwen3_xml"
+    if "<|tool|>" in template and "message['tools']" in template:  # Phi-4-mini: tools on the system message
+        return "phi4_mini_json"
     if "[TOOL_CALLS]" in template:
         return "mistral"
     if "<|python_tag|>" in template or ('"parameters"' in template and "ipython" in template):
