@@ -54,9 +54,17 @@ def gemma3_folder(tmp_path_factory):
                                 layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True)
 
 
+@pytest.fixture(scope="module")
+def gemma2_folder(tmp_path_factory):
+    return tiny.make_checkpoint(tmp_path_factory.mktemp("gemma2"), "gemma2", num_attention_heads=8,
+                                num_key_value_heads=4, head_dim=8, query_pre_attn_scalar=8, sliding_window=5,
+                                attn_logit_softcapping=5.0, final_logit_softcapping=3.0, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 @pytest.mark.parametrize("tp", [2, 4])
-def test_gemma3_on_several_devices_gives_one_devices_logits_and_tokens(gemma3_folder, tp):
-    loaded = load_model(str(gemma3_folder), dtype="float32", progress=False)
+def test_gemma_on_several_devices_gives_one_devices_logits_and_tokens(request, family, tp):
+    loaded = load_model(str(request.getfixturevalue(f"{family}_folder")), dtype="float32", progress=False)
     prompts = [list(range(5, 29)), list(range(40, 51))]
     ref_logits, ref_tokens = run_logits(loaded, prompts, decode_steps=10)
     params, cfg = shard_params(loaded.params, make_mesh(tp), loaded.cfg)
@@ -134,3 +142,28 @@ def test_a_gemma_gguf_loads_as_its_safetensors(tmp_path, model_type, overrides):
     ours, tokens = run_logits(gguf, prompts, decode_steps=4)
     want, want_tokens = run_logits(hf, prompts, decode_steps=4)
     assert np.abs(ours - want).max() < 1e-5 and (tokens == want_tokens).all()
+
+
+@pytest.mark.parametrize("prefix", ["language_model.model.", "model.language_model."])
+def test_a_gemma3_checkpoint_with_vision_serves_its_text_decoder(gemma3_folder, tmp_path, prefix):
+    """Gemma3ForConditionalGeneration folders (config with text_config; decoder tensors under transformers 4's or
+    5's prefix, vision tensors beside them) load as the text model."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path / "vision"
+    shutil.copytree(gemma3_folder, folder)
+    tensors = load_file(folder / "model.safetensors")
+    renamed = {prefix + k.removeprefix("model."): v for k, v in tensors.items()}
+    renamed["model.vision_tower.patch_embedding.weight"] = np.zeros((4, 3), np.float32)
+    save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    text = json.loads((folder / "config.json").read_text())
+    config = {"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"], "text_config": text,
+              "vision_config": {"model_type": "siglip_vision_model"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    prompts = [list(range(5, 29))]
+    want, _ = run_logits(load_model(str(gemma3_folder), dtype="float32", progress=False), prompts, decode_steps=3)
+    ours, _ = run_logits(load_model(str(folder), dtype="float32", progress=False), prompts, decode_steps=3)
+    assert np.array_equal(ours, want)
