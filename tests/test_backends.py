@@ -42,3 +42,16 @@ def test_pallas_kernel_under_shard_map_on_two_devices(reference):
     logits, _ = run_logits(sharded, PROMPTS, decode_steps=4, page_size=16, backend="pallas_tpu_interpret",
                            feed=ref_tokens, mesh=mesh)
     assert np.abs(logits - ref_logits).max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["pallas_tpu_interpret", "pallas_gpu_interpret"])
+def test_pallas_kernels_through_gemma_rings_and_soft_caps(tmp_path, backend):
+    """Gemma 2: a sliding layer reading its ring past a wrap (window 5, a ring of 3 pages of 16 for these 20-token
+    prompts, 30 decode steps), attention soft caps, a full layer: the kernels give the reference's logits."""
+    folder = tiny.make_checkpoint(tmp_path, "gemma2", num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                                  hidden_size=128, query_pre_attn_scalar=64, sliding_window=5,
+                                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0, tie_word_embeddings=True)
+    loaded = load_model(str(folder), dtype="float32", progress=False)
+    ref_logits, ref_tokens = run_logits(loaded, PROMPTS, decode_steps=30, page_size=16)
+    logits, _ = run_logits(loaded, PROMPTS, decode_steps=30, page_size=16, backend=backend, feed=ref_tokens)
+    assert np.abs(logits - ref_logits).max() < 1e-4
