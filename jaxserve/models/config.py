@@ -99,7 +99,7 @@ class ModelConfig:
         local_theta = (local_rope or {}).get("rope_theta", hf.get("rope_local_base_freq"))
         sliding = hf.get("sliding_window")
         if model_type in ("qwen2", "qwen3_moe") and not hf.get("use_sliding_window", False):
-            sliding = None  # Qwen2 configs carry a window value but disable it by default.
+            sliding = None  # Qwen2 and Qwen3-MoE configs carry a window value but disable it by default.
         num_experts = hf.get("num_local_experts") or hf.get("num_experts") or 0
         sparse_step = hf.get("decoder_sparse_step") or 1
         dense_only = set(hf.get("mlp_only_layers") or ())
@@ -160,13 +160,13 @@ class ModelConfig:
     def layer_inv_freq(self, i: int, long: bool = False) -> np.ndarray:
         """Layer i's rotary inverse frequencies: Gemma 3's sliding layers use their own base, unscaled."""
         if self.local_rope_theta is not None and self.layer_window(i) is not None:
-            return _default_inv_freq(self.local_rope_theta, self.rotary_dim)
+            return _default_inv_freq(self.local_rope_theta, self.rotary_dim).astype(np.float32)
         return self.inv_freq(long)
 
     def inv_freq(self, long: bool = False) -> np.ndarray:
         """Rotary inverse frequencies [rotary_dim // 2] with the scaling applied (longrope: `long` picks the
         factors beyond the original context)."""
-        inv = _default_inv_freq(self.rope_theta, self.rotary_dim).astype(np.float64)
+        inv = _default_inv_freq(self.rope_theta, self.rotary_dim)
         s = self.rope_scaling
         if s is None:
             return inv.astype(np.float32)
@@ -190,7 +190,8 @@ GEMMA_TYPES = ("gemma2", "gemma3_text")
 
 
 def _default_inv_freq(theta: float, dim: int) -> np.ndarray:
-    return (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))).astype(np.float32)
+    """Unscaled rotary inverse frequencies [dim // 2], float64."""
+    return 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
 
 
 def _layer_types(hf: dict, model_type: str, num_layers: int) -> tuple[str, ...] | None:
