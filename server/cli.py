@@ -23,7 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     engine = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.block_size,
-                          tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
+                          tensor_parallel_size=args.tensor_parallel_size,
+                          enable_expert_parallel=args.enable_expert_parallel, quantization=args.quantization,
                           quantization_group_size=args.quantization_group_size,
                           quantize_lm_head=args.quantize_lm_head, kv_cache_dtype=args.kv_cache_dtype,
                           attention_backend=args.attention_backend, seed=args.seed,
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                        help="fraction of each TPU/GPU's memory for weights, activations and the KV cache")
     serve.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    serve.add_argument("--enable-expert-parallel", action="store_true",
+                       help="mixtures of experts: split the experts over the tensor-parallel devices (whole experts "
+                            "per device) instead of splitting every expert's columns")
     serve.add_argument("--data-parallel-size", "-dp", type=int, default=1,
                        help="only 1: run one server per replica (each with its -tp) behind a load balancer")
     serve.add_argument("--chat-template", help="a Jinja chat template, as a file or inline")

@@ -22,6 +22,16 @@ CASES = {
     "mistral_sliding_window": ("mistral", {"sliding_window": 12}),
     "qwen2": ("qwen2", {}),
     "qwen3": ("qwen3", {}),
+    # Mixtures of experts, 8 experts routed unevenly by the random router; Qwen3-MoE with a dense first layer
+    # (decoder_sparse_step 2) or a dense last one (mlp_only_layers). Top 5-6 of 8 rather than top 2: in bfloat16 a
+    # near-tie between the k-th and (k+1)-th expert flips (transformers' own bfloat16 against its float32 too, by
+    # up to 1.3 here), and with many experts chosen a flip swaps only a lightly weighted one. Top 2, in float32:
+    # tests/test_moe_parity.py.
+    "mixtral": ("mixtral", {"num_local_experts": 8, "num_experts_per_tok": 6, "intermediate_size": 32}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 8, "num_experts_per_tok": 6, "moe_intermediate_size": 32,
+                                "decoder_sparse_step": 2, "norm_topk_prob": True}),
+    "qwen3_moe_unnormalized": ("qwen3_moe", {"num_experts": 8, "num_experts_per_tok": 5, "moe_intermediate_size": 32,
+                                             "mlp_only_layers": [1], "norm_topk_prob": False}),
     "phi3": ("phi3", {}),
     # Phi-4-mini's shape: rotary over 12 of 16 dims, longrope factors (6 each, all distinct) and its attention factor;
     # every sequence here is longer than the original context (16), so all use the long factors (tests/test_phi3.py

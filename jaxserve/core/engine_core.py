@@ -54,6 +54,7 @@ class EngineConfig:
     quantize_lm_head: bool = False  # int8 / int4 / fp8 also for the LM head and the embeddings
     kv_cache_dtype: str = "auto"  # auto (the model's dtype), int8 or fp8 (codes with a scale per token and head)
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # a mixture of experts' experts split over the tensor-parallel devices
     seed: int = 0
     enable_prefix_caching: bool = True
     scheduling_policy: str = "fcfs"  # or "priority" (scheduler.py)
@@ -118,7 +119,8 @@ class EngineCore:
         compilation.install_counter()
         cache_folder = config.compile_cache_dir
         compilation.enable_persistent_cache(cache_dir() / "jax-compile" if cache_folder is None else cache_folder or None)
-        self.mesh = sharding.make_mesh(config.tensor_parallel_size)
+        self.mesh = sharding.make_mesh(config.tensor_parallel_size,
+                                       enable_expert_parallel=config.enable_expert_parallel)
         config = config.on(self.mesh.devices.flat[0].platform)
         if self.mesh.devices.flat[0].platform == "cpu":  # before anything is traced: the sampler picks them then
             kernels_cpu.enable(cache_dir() / "kernels-cpu")

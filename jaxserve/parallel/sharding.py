@@ -1,13 +1,20 @@
 """Placement of weights, KV cache and batches on a device mesh, from one table of logical-axis rules.
 
-The mesh has one axis, `model` (tensor parallel, Megatron-style: q/k/v/gate/up split by output columns, o/down by
-input rows, embedding and LM head by vocabulary); the step's token and row arrays are replicated. (A `data` axis
+Tensor parallelism is Megatron-style (q/k/v/gate/up split by output columns, o/down by input rows, embedding and LM
+head by vocabulary), over every device of the mesh; the step's token and row arrays are replicated. (A `data` axis
 that replicated weights, cache and attention was removed: it was not data parallelism.) Every array names its dimensions
 with logical axes; `RULES` maps those to mesh axes. A dimension that the mesh axis does not divide evenly
 (e.g. SmolLM2's 3 kv heads or 9 query heads on 2 or 4 devices) is replicated instead, so any model runs on
 any mesh; XLA inserts the collectives. Where the model axis is a multiple of the kv heads (Llama-3-8B's 8 on 16
 devices), each kv head is instead repeated model/kv times at load (`kv_head_repeats`): every device then holds
 and attends with the one kv head its query heads read, not all of them.
+
+Mixtures of experts: the mesh has a second axis, `expert`, and tensor parallelism spans both (`TENSOR`). As in vLLM,
+--enable-expert-parallel puts the experts over the tensor-parallel devices: make_mesh then lays those devices
+along `expert` (shape (tp, 1)), so attention and every other tensor-parallel weight still splits tp ways while
+each device holds num_experts / tp whole experts; without it the devices lie along `model` (shape (1, tp)) and
+each expert's intermediate columns split tp ways, as a dense MLP's do. A rule's mesh axes that the mesh lacks or
+has of size 1 are dropped, so every spec names one mesh axis at most.
 """
 
 from __future__ import annotations
@@ -22,17 +29,20 @@ from jaxserve.models.config import ModelConfig
 from jaxserve.models.base import cache_shape
 from jaxserve.quantization.qarray import QArray, common_form, is_quantized
 
+TENSOR = ("expert", "model")  # the tensor-parallel devices: all of the mesh (one of the two axes has size 1)
 RULES = {
-    "vocab": "model",
+    "vocab": TENSOR,
     "embed": None,
-    "q_heads": "model",
-    "kv_heads": "model",
-    "mlp": "model",
-    "qkv_heads": "model",  # fused q/k/v columns, split only in whole per-device groups (ModelConfig.qkv_groups)
-    "gate_up": "model",  # fused gate/up columns, likewise (ModelConfig.mlp_groups)
+    "q_heads": TENSOR,
+    "kv_heads": TENSOR,
+    "mlp": TENSOR,
+    "qkv_heads": TENSOR,  # fused q/k/v columns, split only in whole per-device groups (ModelConfig.qkv_groups)
+    "gate_up": TENSOR,  # fused gate/up columns, likewise (ModelConfig.mlp_groups)
     "head_dim": None,
     "pages": None,
     "page": None,
+    "experts": "expert",  # whole experts per device (--enable-expert-parallel)
+    "expert_mlp": "model",  # each expert's intermediate columns (tensor parallel)
 }
 
 # Logical axes of each params field (see model.Layer / model.Params for the shapes).
@@ -51,18 +61,38 @@ PARAM_AXES = {
     "k_norm": ("head_dim",),
     "w_gate_up": ("embed", "gate_up"),
     "w_down": ("mlp", "embed"),
+    "router": ("embed", None),  # [hidden, experts]: small, replicated
+    "w_gate_exps": ("experts", "embed", "expert_mlp"),
+    "w_up_exps": ("experts", "embed", "expert_mlp"),
+    "w_down_exps": ("experts", "expert_mlp", "embed"),
 }
 CACHE_AXES = ("pages", "page", "kv_heads", "head_dim")  # kv_heads: the combined (K, V) pairs axis
 
 
-def make_mesh(tensor_parallel_size: int = 1, devices=None) -> Mesh:
-    """A one-axis ("model") mesh of the first tensor_parallel_size devices. devices: default jax.devices();
-    `jaxserve check` passes a TPU topology's devices, which exist only to compile for."""
+def make_mesh(tensor_parallel_size: int = 1, devices=None, enable_expert_parallel: bool = False) -> Mesh:
+    """The ("expert", "model") mesh of the first tensor_parallel_size devices, laid along `model`, or along `expert`
+    with enable_expert_parallel (see the module docstring). devices: default jax.devices(); `jaxserve check` passes
+    a TPU topology's devices, which exist only to compile for."""
     devices = jax.devices() if devices is None else list(devices)
     if tensor_parallel_size > len(devices):
         raise ValueError(f"tensor_parallel_size {tensor_parallel_size} needs {tensor_parallel_size} devices; "
                          f"{len(devices)} available ({devices[0].platform})")
-    return Mesh(np.asarray(devices[:tensor_parallel_size]), ("model",))
+    shape = (tensor_parallel_size, 1) if enable_expert_parallel else (1, tensor_parallel_size)
+    return Mesh(np.asarray(devices[:tensor_parallel_size]).reshape(shape), ("expert", "model"))
+
+
+def mesh_axes(mesh: Mesh, logical: str):
+    """The mesh axis a logical axis splits over on this mesh (RULES, without the axes it lacks or has of size 1):
+    a name, or None."""
+    rule = RULES.get(logical)
+    axes = [a for a in ((rule,) if isinstance(rule, str) else rule or ()) if mesh.shape.get(a, 1) > 1]
+    assert len(axes) <= 1, f"{logical!r} would split over several mesh axes {axes}"
+    return axes[0] if axes else None
+
+
+def tensor_parallel_size(mesh: Mesh) -> int:
+    """How many ways the tensor-parallel dimensions split (heads, MLP columns, vocabulary)."""
+    return int(np.prod([mesh.shape.get(a, 1) for a in TENSOR]))
 
 
 def sharding_for(mesh: Mesh, axes: tuple, shape: tuple, cfg: ModelConfig | None = None) -> NamedSharding:
@@ -72,7 +102,7 @@ def sharding_for(mesh: Mesh, axes: tuple, shape: tuple, cfg: ModelConfig | None 
     """
     spec = []
     for axis, size in zip(axes, shape):
-        mesh_axis = RULES.get(axis)
+        mesh_axis = mesh_axes(mesh, axis)
         n = mesh.shape[mesh_axis] if mesh_axis else 1
         units = size
         if cfg is not None and axis == "q_heads":
@@ -96,7 +126,7 @@ def kv_head_repeats(mesh: Mesh, cfg: ModelConfig) -> int:
     """How many copies of each kv head make the kv heads split evenly over the model axis: model / kv heads when
     that is a whole number above 1 and the query heads split evenly too (each device's query heads then read
     exactly its copy), else 1."""
-    n = mesh.shape["model"]
+    n = tensor_parallel_size(mesh)
     kv = cfg.num_kv_heads
     return n // kv if n > kv and n % kv == 0 and cfg.num_heads % n == 0 else 1
 
@@ -105,7 +135,7 @@ def placed(mesh: Mesh, cfg: ModelConfig) -> ModelConfig:
     """The configuration the weights compute with once placed on `mesh` (cfg: the checkpoint's): kv heads repeated
     by kv_head_repeats, and the fused weights in one group per device where their heads (q and kv) or columns
     (gate/up) split evenly over the model axis, else in one group (then replicated)."""
-    n = mesh.shape["model"]
+    n = tensor_parallel_size(mesh)
     kv = cfg.num_kv_heads * kv_head_repeats(mesh, cfg)
     return dataclasses.replace(cfg, num_kv_heads=kv,
                                qkv_groups=n if cfg.num_heads % n == 0 and kv % n == 0 else 1,

@@ -115,7 +115,8 @@ def check_backend(scheme: str, platform: str, device_kind: str, compute_capabili
 
 
 # The params fields a scheme quantizes, by the axis each is contracted over (the model families' field names).
-LAYER_FIELDS = {"wqkv": 0, "wo": 0, "w_gate_up": 0, "w_down": 0}
+LAYER_FIELDS = {"wqkv": 0, "wo": 0, "w_gate_up": 0, "w_down": 0,
+                "w_gate_exps": 1, "w_up_exps": 1, "w_down_exps": 1}  # experts: [experts, in, out]
 HEAD_FIELDS = {"lm_head": 0, "embed": 1}  # with `lm_head=True`
 
 

@@ -1,0 +1,299 @@
+"""Mixtures of experts (Mixtral, Qwen3-MoE): Llama's attention with a sparse MLP in each layer that has experts.
+
+A MoE layer routes each token as transformers does: the router's logits (in the model's dtype), a softmax over all
+experts in float32, the top num_experts_per_tok experts, their weights renormalized to sum 1 where norm_topk_prob
+(Mixtral always). Nothing is dropped: every token reaches each of its experts, whatever the load. The T * k
+(token, expert) rows are sorted by expert and go through the experts' SwiGLU MLPs as grouped matmuls
+(`jax.lax.ragged_dot`: row block i times expert i's matrix), then back to their tokens, weighted and summed.
+On TPU and GPU the grouped matmuls are `jax.lax.ragged_dot` (rather than a Pallas grouped matmul): one XLA op
+that XLA:GPU / XLA:TPU lower to their own grouped kernels, and that XLA's partitioner splits along any axis of its
+weights without gathering them (seen in the compiled HLO: with experts split over devices each computes its own
+row blocks and the outputs are all-reduced, as a row-parallel matmul's), so this code needs no mesh or shard_map.
+Measured on an H100 (bf16, 8 experts of 2048 x 1024, jax 0.11.2): 93 us for 2 rows, 218 us for 1024, 1.25 ms for
+8192, against 79 / 85 / 317 us for a dense MLP of two experts' width (the same active weights): near it for
+decode, ~4x from it for long prefills, the room a Pallas (megablox-style) kernel would have; none was measured.
+XLA:CPU expands ragged_dot into a dense dot against every expert (experts times the work, the weights copied per
+call: 16 tokens/s against 125 for the loop below at decode batch 1, bench/moe.py), so on CPU a loop over (tile of
+sorted rows, expert) pairs runs instead (`_expert_tiles`). It reads only the experts that have rows; on several
+CPU devices (simulated in tests) the partitioner gathers split expert weights for it each step.
+
+Expert weights are stacked [experts, in, out], gate, up and down apart, so that tensor parallelism splits each
+expert's intermediate columns without regrouping a fused gate/up. With expert parallelism
+(--enable-expert-parallel, sharding.py's `expert` mesh axis) each device holds num_experts / devices whole experts.
+
+Quantized expert weights: int8 and fp8 with one scale per output column (--quantization int8 / fp8) multiply
+their codes (cast to the activations' dtype) and scale each row's output by its expert's scales. Grouped int4
+codes would have to be dequantized whole every step, as ragged_dot has no grouped-scale form: they are refused
+at load with an error rather than dequantized silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.models import attention, llama
+from jaxserve.models.base import Batch, KVCache, rms_norm, rope, tensor_reader
+from jaxserve.models.config import ModelConfig
+from jaxserve.quantization.qarray import QArray, linear, take_rows
+
+Params = llama.Params  # the same embedding, layers, final norm and LM head; layers are this module's Layer
+final_logits = llama.final_logits
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Layer:
+    # Attention fields as llama.Layer's (llama's attention block reads them).
+    attn_norm: jax.Array  # [hidden]
+    wqkv: jax.Array  # [hidden, (q_heads + 2 * kv_heads) * head_dim], in cfg.qkv_groups groups
+    wo: jax.Array  # [q_heads * head_dim, hidden]
+    mlp_norm: jax.Array  # [hidden]
+    bqkv: jax.Array | None = None
+    q_norm: jax.Array | None = None  # [head_dim]  (Qwen3-MoE)
+    k_norm: jax.Array | None = None
+    # A dense layer (Qwen3-MoE's mlp_only_layers / decoder_sparse_step): llama's MLP.
+    w_gate_up: jax.Array | None = None  # [hidden, 2 * intermediate], in cfg.mlp_groups groups
+    w_down: jax.Array | None = None  # [intermediate, hidden]
+    # A MoE layer.
+    router: jax.Array | None = None  # [hidden, experts]
+    w_gate_exps: jax.Array | QArray | None = None  # [experts, hidden, moe_intermediate]
+    w_up_exps: jax.Array | QArray | None = None  # [experts, hidden, moe_intermediate]
+    w_down_exps: jax.Array | QArray | None = None  # [experts, moe_intermediate, hidden]
+
+
+EXPERT_FIELDS = ("w_gate_exps", "w_up_exps", "w_down_exps")
+
+
+def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
+    """Returns (logits [S, vocab] float32 for each sequence's `logits_indices` token, updated cache)."""
+    x, cache = hidden_states(params, cache, batch, cfg, backend)
+    return final_logits(params, x[batch.logits_indices], cfg), cache
+
+
+def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
+    """Returns (the last layer's output [T, hidden] for every token, before the final norm; updated cache)."""
+    x = take_rows(params.embed, batch.token_ids, params.final_norm.dtype)  # [T, hidden]
+    cos, sin = rope(cfg, batch)  # [T, rotary_dim // 2]
+    kvs = []
+    for layer, kv_pages in zip(params.layers, cache.kv):
+        x, kv_pages = _decoder_layer(layer, x, cos, sin, kv_pages, batch, cfg, backend)
+        kvs.append(kv_pages)
+    return x, KVCache(kv=tuple(kvs))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "backend"))
+def _decoder_layer(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
+    """x [T, hidden] -> x, and kv_pages with this step's K/V written. Traced once per kind of layer (dense, MoE)."""
+    x, kv_pages = llama._attention_block(layer, x, cos, sin, kv_pages, batch, cfg, backend)
+    if layer.router is None:
+        return llama._mlp_block(layer, x, cfg), kv_pages
+    return x + moe_mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps), cfg), kv_pages
+
+
+def route(h, router, cfg: ModelConfig):
+    """h [T, hidden] -> (weights [T, k] float32, experts [T, k] int32): each token's top-k experts by the softmax
+    of the router's logits, as transformers computes them (logits in h's dtype, softmax and top-k in float32)."""
+    logits = linear(h, router)  # [T, experts]
+    weights, experts = jax.lax.top_k(jax.nn.softmax(logits.astype(jnp.float32), axis=-1), cfg.num_experts_per_tok)
+    if cfg.norm_topk_prob:
+        weights = weights / weights.sum(axis=-1, keepdims=True)
+    return weights, experts
+
+
+def moe_mlp(layer: Layer, h, cfg: ModelConfig):
+    """The sparse MLP of normed inputs h [T, hidden] -> [T, hidden]."""
+    t, k = h.shape[0], cfg.num_experts_per_tok
+    weights, experts = route(h, layer.router, cfg)
+    flat = experts.reshape(-1)  # [T * k]: row r is token r // k's (r % k)-th expert
+    order = jnp.argsort(flat, stable=True)  # rows grouped by expert
+    sizes = jnp.zeros(cfg.num_experts, jnp.int32).at[flat].add(1)  # [experts] rows per expert
+    rows = h[order // k]  # [T * k, hidden]
+    out = expert_mlps(rows, flat[order], sizes, layer.w_gate_exps, layer.w_up_exps, layer.w_down_exps)
+    out = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)  # back to token order: [T, k, hidden]
+    # Rounded where transformers rounds (bfloat16 parity): each expert's output in h's dtype, weighted (Qwen3-MoE
+    # rounds its weights to h's dtype first, Mixtral keeps them in float32), the k products summed.
+    if cfg.model_type != "mixtral":
+        weights = weights.astype(h.dtype)
+    weighted = (out.astype(jnp.float32) * weights.astype(jnp.float32)[..., None]).astype(h.dtype)
+    return weighted.astype(jnp.float32).sum(axis=1).astype(h.dtype)
+
+
+def expert_mlps(rows, row_experts, sizes, w_gate, w_up, w_down):
+    """SwiGLU of each row by its expert: rows [R, hidden] sorted by expert, row_experts [R] their experts, sizes
+    [experts] rows per expert -> [R, hidden] in rows' dtype. XLA:CPU expands a ragged_dot into a dense dot
+    against every expert (experts times the work, and a copy of the weights per call): there the tiles loop runs."""
+    def ragged(rows, row_experts, sizes, w_gate, w_up, w_down):
+        gate = _grouped_matmul(rows, w_gate, sizes, row_experts)
+        up = _grouped_matmul(rows, w_up, sizes, row_experts)
+        return _grouped_matmul(jax.nn.silu(gate) * up, w_down, sizes, row_experts)
+
+    return jax.lax.platform_dependent(rows, row_experts, sizes, w_gate, w_up, w_down, cpu=_expert_tiles,
+                                      default=ragged)
+
+
+def _expert_tiles(rows, row_experts, sizes, w_gate, w_up, w_down):
+    """expert_mlps as a loop over (tile of rows, expert) pairs, megablox-style: the sorted rows in tiles of `tile`,
+    each tile run through every expert whose rows it holds (one expert's whole MLP per step, other rows masked).
+    At most tiles + experts - 1 steps, the empty ones skipped, so a step reads only the weights of experts that
+    have rows: at decode batch 1, k experts' weights, as a dense MLP of k * moe_intermediate reads."""
+    r, hidden = rows.shape
+    experts = sizes.shape[0]
+    tile = int(min(64, max(8, 1 << max(r // experts - 1, 0).bit_length())))  # ~ the rows an expert gets
+    num_tiles = -(-r // tile)
+    x = jnp.pad(rows, ((0, num_tiles * tile - r), (0, 0)))  # [tiles * tile, hidden]
+    ends = jnp.cumsum(sizes)
+    starts = ends - sizes
+    first = starts // tile
+    count = jnp.where(sizes > 0, (ends - 1) // tile - first + 1, 0)  # tiles each expert's rows touch
+    done = jnp.cumsum(count)
+    step = jnp.arange(num_tiles + experts - 1)
+    expert = jnp.minimum(jnp.searchsorted(done, step, side="right"), experts - 1)  # [steps]
+    tile_of = first[expert] + step - (done[expert] - count[expert])
+
+    def body(out, item):
+        e, t, valid = item
+
+        def run(out):
+            xt = jax.lax.dynamic_slice_in_dim(x, t * tile, tile)  # [tile, hidden]
+            act = jax.nn.silu(linear(xt, _expert(w_gate, e))) * linear(xt, _expert(w_up, e))
+            y = linear(act, _expert(w_down, e))  # [tile, hidden]
+            pos = t * tile + jnp.arange(tile)
+            mine = (pos >= starts[e]) & (pos < ends[e])
+            acc = jax.lax.dynamic_slice_in_dim(out, t * tile, tile)
+            return jax.lax.dynamic_update_slice_in_dim(out, acc + jnp.where(mine[:, None], y, 0), t * tile, 0)
+
+        return jax.lax.cond(valid, run, lambda out: out, out), None
+
+    out, _ = jax.lax.scan(body, jnp.zeros_like(x), (expert, tile_of, step < done[-1]))
+    return out[:r]
+
+
+def _expert(w, e):
+    """Expert e's [in, out] matrix of stacked [experts, in, out] weights (a QArray: its codes and scales)."""
+    if isinstance(w, QArray):
+        return dataclasses.replace(w, values=w.values[e], scale=w.scale[e], axis=0,
+                                   offset=None if w.offset is None else w.offset[e])
+    return w[e]
+
+
+def _grouped_matmul(rows, w, sizes, row_experts):
+    """rows [R, in] @ w[expert of row] ([E, in, out]) -> [R, out] in rows' dtype (accumulated in float32)."""
+    if not isinstance(w, QArray):
+        return jax.lax.ragged_dot(rows, w, sizes, preferred_element_type=jnp.float32).astype(rows.dtype)
+    # One scale per (expert, output column): the codes go into the dot, the scale onto each row's output.
+    y = jax.lax.ragged_dot(rows, w.values.astype(rows.dtype), sizes, preferred_element_type=jnp.float32)
+    return (y * w.scale[row_experts, 0].astype(jnp.float32)).astype(rows.dtype)  # scale: [R, out]
+
+
+# transformers' tensor names. In memory (and so in hf_shapes) transformers 5 holds a MoE layer's experts fused and
+# stacked: mlp.experts.gate_up_proj [E, 2 * I, hidden] (gate rows, then up rows) and mlp.experts.down_proj
+# [E, hidden, I]; checkpoints on disk (and transformers' own save_pretrained) keep one tensor per expert, under
+# block_sparse_moe. (Mixtral) or mlp. (Qwen3-MoE). Both load.
+_PER_EXPERT = {"mixtral": ("block_sparse_moe.", "w1", "w3", "w2"),
+               "qwen3_moe": ("mlp.", "gate_proj", "up_proj", "down_proj")}
+_ATTENTION_LINEAR = {"wo": "self_attn.o_proj"}
+_DENSE_LINEAR = {"w_down": "mlp.down_proj"}
+
+
+def params_from_hf(tensors: Mapping[str, np.ndarray | QArray], cfg: ModelConfig, dtype, put) -> Params:
+    """As llama.params_from_hf: tensors under transformers' names (either spelling of the experts) and [out, in]
+    layout; `put(array, field_name)` places each field (parallel.sharding.param_put)."""
+    # The experts may be in their on-disk spelling instead of hf_shapes' (transformers' in-memory) one.
+    convert = tensor_reader(tensors, [n for n in hf_shapes(cfg) if not _on_disk(tensors, cfg, n)], dtype)
+
+    def get(name, path, transpose=False):
+        return put(convert(name, transpose), path)
+
+    layers = []
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        fields = {k: get(p + v + ".weight", k, transpose=True) for k, v in _ATTENTION_LINEAR.items()}
+        fields |= {k: get(p + v + ".weight", k) for k, v in llama._NORM.items()}
+        fields["wqkv"] = put(tuple(convert(p + v + ".weight", transpose=True) for v in llama._FUSED["wqkv"]), "wqkv")
+        if cfg.qkv_bias:
+            fields["bqkv"] = put(tuple(convert(p + v + ".bias") for v in llama._BIAS["bqkv"]), "bqkv")
+        if cfg.qk_norm:
+            fields |= {k: get(p + v + ".weight", k) for k, v in llama._QK_NORM.items()}
+        if not cfg.moe_layers[i]:
+            fields |= {k: get(p + v + ".weight", k, transpose=True) for k, v in _DENSE_LINEAR.items()}
+            fields["w_gate_up"] = put(tuple(convert(p + v + ".weight", transpose=True)
+                                            for v in llama._FUSED["w_gate_up"]), "w_gate_up")
+        else:
+            router = p + "mlp.gate.weight"
+            fields["router"] = get(router if router in tensors else _disk_router(cfg, p), "router", transpose=True)
+            experts = _experts(tensors, cfg, p, dtype)
+            fields |= {k: _refuse_grouped(put(a, k), k) for k, a in zip(EXPERT_FIELDS, experts)}
+        layers.append(Layer(**fields))
+    return Params(
+        embed=get("model.embed_tokens.weight", "embed"),
+        layers=tuple(layers),
+        final_norm=get("model.norm.weight", "final_norm"),
+        lm_head=get("lm_head.weight", "lm_head", transpose=True) if not cfg.tie_word_embeddings else None,
+    )
+
+
+def _disk_router(cfg: ModelConfig, p: str) -> str:
+    return p + _PER_EXPERT[cfg.model_type][0] + "gate.weight"
+
+
+def _disk_expert_names(cfg: ModelConfig, p: str, e: int) -> tuple[str, str, str]:
+    """Expert e's (gate, up, down) tensor names on disk."""
+    block, *names = _PER_EXPERT[cfg.model_type]
+    return tuple(f"{p}{block}experts.{e}.{n}.weight" for n in names)
+
+
+def _on_disk(tensors, cfg: ModelConfig, name: str) -> bool:
+    """Whether a fused in-memory name of hf_shapes is present in its on-disk, per-expert spelling instead."""
+    p, _, rest = name.partition("mlp.")
+    if rest == "gate.weight":
+        return _disk_router(cfg, p) in tensors
+    if rest in ("experts.gate_up_proj", "experts.down_proj"):
+        return all(n in tensors for e in range(cfg.num_experts) for n in _disk_expert_names(cfg, p, e))
+    return False
+
+
+def _experts(tensors, cfg: ModelConfig, p: str, dtype):
+    """A MoE layer's (gate, up, down) expert weights, each [experts, in, out] in dtype."""
+    fused = p + "mlp.experts.gate_up_proj"
+    if fused in tensors:
+        gate_up, down = tensors[fused], tensors[p + "mlp.experts.down_proj"]  # [E, 2I, hidden], [E, hidden, I]
+        parts = (gate_up[:, :cfg.moe_intermediate_size], gate_up[:, cfg.moe_intermediate_size:], down)
+    else:
+        names = [_disk_expert_names(cfg, p, e) for e in range(cfg.num_experts)]
+        parts = tuple([tensors[n[j]] for n in names] for j in range(3))
+    if any(isinstance(a, QArray) for part in parts for a in (part if isinstance(part, list) else [part])):
+        raise ValueError("checkpoints with pre-quantized expert weights are not supported; load a float checkpoint "
+                         "(and quantize it with --quantization int8 or fp8)")
+    return tuple((np.stack(part) if isinstance(part, list) else np.asarray(part)).transpose(0, 2, 1)
+                 .astype(dtype, copy=False) for part in parts)
+
+
+def _refuse_grouped(w, name: str):
+    """Expert weights quantized in groups along their input (int4) have no grouped-matmul form here (see the
+    module docstring): refused rather than dequantized every step."""
+    per_column = isinstance(w, QArray) and w.axis == 1 and w.group == w.shape[1]
+    if isinstance(w, QArray) and not (per_column and w.bits == 8 and w.offset is None and w.zero == 0):
+        raise ValueError(f"{name}: expert weights quantized in groups (int4) are not supported by the MoE grouped "
+                         "matmul; use --quantization int8 or fp8 (one scale per output column) for MoE models")
+    return w
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every transformers tensor this family loads for `cfg`, as transformers 5 names them in memory ([out, in]
+    for linear weights; experts stacked and fused as its state_dict holds them)."""
+    shapes = llama.hf_shapes(cfg)
+    hidden, e, inter = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    for i in range(cfg.num_layers):
+        if cfg.moe_layers[i]:
+            p = f"model.layers.{i}.mlp."
+            for v in ("gate_proj", "up_proj", "down_proj"):
+                del shapes[p + v + ".weight"]
+            shapes |= {p + "gate.weight": (e, hidden), p + "experts.gate_up_proj": (e, 2 * inter, hidden),
+                       p + "experts.down_proj": (e, hidden, inter)}
+    return shapes
