@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.models import attention, llama
-from jaxserve.models.base import Batch, KVCache, rope_tables, tensor_reader
+from jaxserve.models.base import Batch, KVCache, rope_tables
 from jaxserve.models.config import ModelConfig
 from jaxserve.quantization.qarray import QArray, take_rows
 
@@ -96,36 +96,20 @@ def final_logits(params: Params, x, cfg: ModelConfig):
     return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
-# transformers' names; linear weights transposed to [in, out] as in llama.py, fused fields from their parts.
-_LINEAR = {"wo": "self_attn.o_proj", "w_down": "mlp.down_proj"}
-_FUSED = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-          "w_gate_up": ("mlp.gate_proj", "mlp.up_proj")}
+# Gemma's four norms per layer (Llama's other tensors and names otherwise: llama.params_from_hf reads them).
 _NORM = {"attn_norm": "input_layernorm", "post_attn_norm": "post_attention_layernorm",
          "mlp_norm": "pre_feedforward_layernorm", "post_mlp_norm": "post_feedforward_layernorm"}
-_QK_NORM = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray | QArray], cfg: ModelConfig, dtype, put) -> Params:
-    """As llama.params_from_hf: tensors under transformers' names and [out, in] layout, `put(array, field)` places
-    each field (fused ones from a tuple of parts). A Gemma 3 checkpoint with vision keeps its text decoder under
-    another prefix; it is read from there."""
-    convert = tensor_reader(_text_decoder(tensors), hf_shapes(cfg), dtype)
-    layers = []
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        fields = {k: put(convert(p + v + ".weight", transpose=True), k) for k, v in _LINEAR.items()}
-        fields |= {k: put(tuple(convert(p + v + ".weight", transpose=True) for v in parts), k)
-                   for k, parts in _FUSED.items()}
-        fields |= {k: put(convert(p + v + ".weight"), k) for k, v in _NORM.items()}
-        if cfg.qk_norm:
-            fields |= {k: put(convert(p + v + ".weight"), k) for k, v in _QK_NORM.items()}
-        layers.append(Layer(**fields))
-    return Params(
-        embed=put(convert("model.embed_tokens.weight"), "embed"),
-        layers=tuple(layers),
-        final_norm=put(convert("model.norm.weight"), "final_norm"),
-        lm_head=None if cfg.tie_word_embeddings else put(convert("lm_head.weight", transpose=True), "lm_head"),
-    )
+    """As llama.params_from_hf, with Gemma's norms and Layer. A Gemma 3 checkpoint with vision keeps its text
+    decoder under another prefix; it is read from there."""
+    return llama.params_from_hf(_text_decoder(tensors), cfg, dtype, put, norms=_NORM, layer_type=Layer)
+
+
+def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every transformers tensor this family loads for `cfg`, with its shape ([out, in] for linear weights)."""
+    return llama.hf_shapes(cfg, _NORM)
 
 
 # Where Gemma3ForConditionalGeneration checkpoints keep the text decoder: transformers 4 wrote
@@ -162,22 +146,3 @@ class _Renamed(Mapping):
 
     def __len__(self):
         return sum(1 for _ in self)
-
-
-def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every transformers tensor this family loads for `cfg`, with its shape ([out, in] for linear weights)."""
-    hidden, d = cfg.hidden_size, cfg.head_dim
-    q, kv, mlp = cfg.num_heads * d, cfg.num_kv_heads * d, cfg.intermediate_size
-    linear_shapes = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden),
-                     "self_attn.v_proj": (kv, hidden), "self_attn.o_proj": (hidden, q),
-                     "mlp.gate_proj": (mlp, hidden), "mlp.up_proj": (mlp, hidden), "mlp.down_proj": (hidden, mlp)}
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, hidden), "model.norm.weight": (hidden,)}
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        shapes |= {p + name + ".weight": shape for name, shape in linear_shapes.items()}
-        shapes |= {p + v + ".weight": (hidden,) for v in _NORM.values()}
-        if cfg.qk_norm:
-            shapes |= {p + v + ".weight": (d,) for v in _QK_NORM.values()}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, hidden)
-    return shapes

@@ -142,12 +142,15 @@ _NORM = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 _QK_NORM = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray | QArray], cfg: ModelConfig, dtype, put) -> Params:
+def params_from_hf(tensors: Mapping[str, np.ndarray | QArray], cfg: ModelConfig, dtype, put, *, norms=None,
+                   layer_type=Layer) -> Params:
     """Tensors are float arrays or QArrays (a GGUF file's quantized types, grouped along their last axis), under
     transformers' names and [out, in] layout. `put(array, field_name)` places each converted array on devices
     (parallel.sharding.param_put: it also quantizes where asked); fused fields pass a tuple of parts in order
-    (q, k, v / gate, up), which put concatenates on the last axis."""
-    convert = tensor_reader(tensors, hf_shapes(cfg), dtype)
+    (q, k, v / gate, up), which put concatenates on the last axis. norms and layer_type: another family's norms
+    (as hf_shapes) and layer dataclass, for a family that differs from Llama only there (Gemma)."""
+    norms = norms or _NORM
+    convert = tensor_reader(tensors, hf_shapes(cfg, norms), dtype)
 
     def get(name, transpose=False, path=""):
         return put(convert(name, transpose), path or name)
@@ -158,12 +161,12 @@ def params_from_hf(tensors: Mapping[str, np.ndarray | QArray], cfg: ModelConfig,
         fields = {k: get(p + v + ".weight", transpose=True, path=k) for k, v in _LINEAR.items()}
         fields |= {k: put(tuple(convert(p + v + ".weight", transpose=True) for v in parts), k)
                    for k, parts in _FUSED.items()}
-        fields |= {k: get(p + v + ".weight", path=k) for k, v in _NORM.items()}
+        fields |= {k: get(p + v + ".weight", path=k) for k, v in norms.items()}
         if cfg.qkv_bias:
             fields |= {k: put(tuple(convert(p + v + ".bias") for v in parts), k) for k, parts in _BIAS.items()}
         if cfg.qk_norm:
             fields |= {k: get(p + v + ".weight", path=k) for k, v in _QK_NORM.items()}
-        layers.append(Layer(**fields))
+        layers.append(layer_type(**fields))
     return Params(
         embed=get("model.embed_tokens.weight", path="embed"),
         layers=tuple(layers),
@@ -172,8 +175,9 @@ def params_from_hf(tensors: Mapping[str, np.ndarray | QArray], cfg: ModelConfig,
     )
 
 
-def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every transformers tensor this family loads for `cfg`, with its shape ([out, in] for linear weights)."""
+def hf_shapes(cfg: ModelConfig, norms=None) -> dict[str, tuple[int, ...]]:
+    """Every transformers tensor this family loads for `cfg`, with its shape ([out, in] for linear weights).
+    norms: each layer's norm fields -> tensor names, where a family (Gemma) has others than Llama's two."""
     hidden, d = cfg.hidden_size, cfg.head_dim
     q, kv, mlp = cfg.num_heads * d, cfg.num_kv_heads * d, cfg.intermediate_size
     linear = {"self_attn.q_proj": (q, hidden), "self_attn.k_proj": (kv, hidden), "self_attn.v_proj": (kv, hidden),
@@ -183,7 +187,7 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         shapes |= {p + name + ".weight": shape for name, shape in linear.items()}
-        shapes |= {p + v + ".weight": (hidden,) for v in _NORM.values()}
+        shapes |= {p + v + ".weight": (hidden,) for v in (norms or _NORM).values()}
         if cfg.qkv_bias:
             shapes |= {p + v + ".bias": (linear[v][0],) for v in _BIAS["bqkv"]}
         if cfg.qk_norm:
