@@ -365,7 +365,7 @@ def test_engine_serves_with_an_int8_cache_of_half_the_bytes(tiny_folder):
     plain, coded = LLM(str(tiny_folder), **opts), LLM(str(tiny_folder), kv_cache_dtype="int8", **opts)
     layer = coded.engine.core.runner.cache.kv[0]
     assert isinstance(layer, tuple) and layer[0].dtype == jnp.int8 and layer[1].dtype == jnp.float32
-    pages = lambda llm: llm.engine.core.runner.cache.num_pages  # noqa: E731
+    pages = lambda llm: llm.engine.core.block_manager.num_pages  # noqa: E731
     page_bytes = lambda llm: sum(  # noqa: E731
         x.nbytes for x in jax.tree.leaves(llm.engine.core.runner.cache)) / pages(llm)
     head_dim = plain.engine.core.model.cfg.head_dim

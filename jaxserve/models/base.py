@@ -27,11 +27,6 @@ class KVCache:
     kv: tuple
 
     @property
-    def num_pages(self) -> int:
-        """The shared pool's pages: the most any layer has (ringed layers have fewer)."""
-        return max(jax.tree.leaves(kv)[0].shape[0] for kv in self.kv)
-
-    @property
     def page_size(self) -> int:
         return jax.tree.leaves(self.kv[0])[0].shape[1]
 
