@@ -18,7 +18,7 @@ from gguf.quants import quantize
 from safetensors.numpy import load_file
 
 _ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", "gemma2": "gemma2",
-         "gemma3_text": "gemma3"}
+         "gemma3_text": "gemma3", "mixtral": "llama", "qwen3_moe": "qwen3moe"}
 
 _GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -40,6 +40,10 @@ _LAYER = {
     "mlp.gate_proj": "ffn_gate",
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
+    "mlp.gate": "ffn_gate_inp",  # a mixture of experts' router
+    "mlp.experts.gate_exps": "ffn_gate_exps",  # its stacked experts (_split_experts)
+    "mlp.experts.up_exps": "ffn_up_exps",
+    "mlp.experts.down_exps": "ffn_down_exps",
 }
 
 # llama.cpp's names for Gemma's four norms (its converter also stores every Gemma norm weight plus 1).
@@ -89,7 +93,7 @@ def write_gguf_from_hf(hf_folder, out_path, qtype_for=lambda name, shape: QT.F32
     if arch.startswith("gemma"):
         _write_gemma(writer, config)
     raw_tensors = raw_tensors or {}
-    for name, array in tensors.items():
+    for name, array in _split_experts(tensors, config).items():
         array = array.astype(np.float32)
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             heads = config["num_attention_heads"] if ".q_proj." in name else config["num_key_value_heads"]
@@ -107,6 +111,24 @@ def write_gguf_from_hf(hf_folder, out_path, qtype_for=lambda name, shape: QT.F32
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _split_experts(tensors: dict, config: dict) -> dict:
+    """transformers' fused expert tensors (mlp.experts.gate_up_proj [E, 2I, hidden], down_proj [E, hidden, I]) as
+    llama.cpp's converter stores them: stacked gate, up and down, under names gguf_name maps to ffn_*_exps."""
+    out = {}
+    for name, array in tensors.items():
+        if name.endswith("mlp.experts.gate_up_proj"):
+            gate, up = np.split(array, 2, axis=1)
+            out |= {name.replace("gate_up_proj", "gate_exps.weight"): gate,
+                    name.replace("gate_up_proj", "up_exps.weight"): up}
+        elif name.endswith("mlp.experts.down_proj"):
+            out[name.replace("down_proj", "down_exps.weight")] = array
+        else:
+            out[name] = array
+    if config.get("num_local_experts") or config.get("num_experts"):
+        assert not any(n.endswith("mlp.gate_proj.weight") for n in out), "llama.cpp's MoE files have no dense layers"
+    return out
 
 
 def _add_tensor(writer, name, array, qtype):
@@ -137,6 +159,13 @@ def _write_config(writer, config, tensors, general_name):
     writer.add_rope_freq_base(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(tensors["model.embed_tokens.weight"].shape[0])
+    experts = config.get("num_local_experts") or config.get("num_experts")
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config["num_experts_per_tok"])
+        if config["model_type"] == "qwen3_moe":
+            writer.add_expert_feed_forward_length(config["moe_intermediate_size"])
+            writer.add_expert_weights_norm(bool(config["norm_topk_prob"]))
 
 
 def _write_rope_freqs(writer, config):

@@ -133,3 +133,25 @@ def test_engine_with_expert_parallel_gives_one_devices_tokens(folder):
     assert w.sharding.shard_shape(w.shape)[0] == EXPERTS // 4
     many = ep.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in many] == [o.outputs[0].token_ids for o in one]
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_gguf_files_load_as_the_safetensors_model(tmp_path, model_type):
+    """llama.cpp's layouts (tests/gguf_writer.py converts as its converter does): Mixtral as "llama" with
+    expert_count, Qwen3-MoE as "qwen3moe"; stacked ffn_{gate,up,down}_exps and ffn_gate_inp. Every layer sparse, as
+    llama.cpp has them. Same float32 weights, so the same logits."""
+    from gguf_writer import write_gguf_from_hf
+
+    overrides = {"num_local_experts": 4, "num_experts_per_tok": 2} if model_type == "mixtral" else \
+        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True}
+    folder = tiny.make_checkpoint(tmp_path / "hf", model_type, **overrides)
+    write_gguf_from_hf(folder, tmp_path / "model.gguf")
+    hf = load_model(str(folder), dtype="float32", progress=False)
+    gguf = load_model(str(tmp_path / "model.gguf"), dtype="float32", progress=False)
+    assert gguf.cfg.model_type == model_type
+    assert (gguf.cfg.num_experts, gguf.cfg.num_experts_per_tok, gguf.cfg.moe_layers) == (4, 2, (True, True))
+    assert gguf.cfg.moe_intermediate_size == hf.cfg.moe_intermediate_size and gguf.cfg.norm_topk_prob
+    prompts = [list(range(5, 29))]
+    ref, ref_tokens = run_logits(hf, prompts, decode_steps=4)
+    logits, tokens = run_logits(gguf, prompts, decode_steps=4)
+    assert np.abs(logits - ref).max() < 1e-4 and (tokens == ref_tokens).all()

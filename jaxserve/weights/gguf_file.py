@@ -3,8 +3,9 @@ layout, and a fast tokenizer built from the file's metadata. Matrices of the typ
 integer form as QArrays (keep_quantized=True); everything else is dequantized to float32 numpy arrays.
 
 Supported: architectures llama (also Mistral and SmolLM2, which llama.cpp stores as llama), qwen2,
-qwen3, phi3 (Phi-3 and Phi-4-mini weights), gemma2 and gemma3 (its text decoder); the tensor types in SUPPORTED_TENSOR_TYPES; tokenizers of type "gpt2"
-(byte-level BPE) and "llama" (SentencePiece BPE with byte fallback).
+qwen3, phi3 (Phi-3 and Phi-4-mini weights), gemma2 and gemma3 (its text decoder), and the mixtures of experts
+qwen3moe and llama with experts (Mixtral), their stacked 3-D expert tensors dequantized; the tensor types in
+SUPPORTED_TENSOR_TYPES; tokenizers of type "gpt2" (byte-level BPE) and "llama" (SentencePiece BPE with byte fallback).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _ARCHITECTURES = {  # GGUF general.architecture -> (model_type, HF class)
     "phi3": ("phi3", "Phi3ForCausalLM"),
     "gemma2": ("gemma2", "Gemma2ForCausalLM"),
     "gemma3": ("gemma3_text", "Gemma3ForCausalLM"),
+    "qwen3moe": ("qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 
 SUPPORTED_TENSOR_TYPES = frozenset({
@@ -58,7 +60,11 @@ _LAYER_NAMES = {  # GGUF blk.N.<key> -> model.layers.N.<value>
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "ffn_gate_inp": "mlp.gate",  # a mixture of experts' router
 }
+# A mixture of experts' stacked experts, [experts, out, in] as numpy reads them: gate and up become transformers'
+# fused mlp.experts.gate_up_proj (models/moe.py), down its mlp.experts.down_proj.
+_EXPERT_PARTS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 # Gemma's sandwich norms. llama.cpp stores each Gemma norm weight as 1 + w (its RMSNorm multiplies by the weight);
 # transformers keeps w, so 1 is taken off at load.
@@ -199,7 +205,21 @@ def _hf_config(meta: dict, arch: str, raw: dict) -> dict:
         config |= _phi3_config(meta, raw, config)
     if arch in _GEMMA_ARCHS:
         config |= _gemma_config(meta, arch, config)
+    if key("expert_count"):
+        config |= _moe_config(meta, arch)
     return config
+
+
+def _moe_config(meta: dict, arch: str) -> dict:
+    """llama.cpp's qwen3moe, and its llama with experts (Mixtral): every layer sparse, the top experts' weights
+    renormalized (llama.cpp's graph does unless the file says expert_weights_norm false)."""
+    config = {"num_experts_per_tok": meta[f"{arch}.expert_used_count"],
+              "norm_topk_prob": bool(meta.get(f"{arch}.expert_weights_norm", True))}
+    if arch == "llama":
+        return config | {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"],
+                         "num_local_experts": meta["llama.expert_count"], "sliding_window": None}
+    return config | {"num_experts": meta[f"{arch}.expert_count"],
+                     "moe_intermediate_size": meta[f"{arch}.expert_feed_forward_length"]}
 
 
 # llama.cpp's 27B Gemma 2 / 3 (by layer count) scale attention by hidden / heads, the others by the head size: what
@@ -305,6 +325,7 @@ def _hf_tensors(raw: dict, arch: str, config: dict) -> dict:
     gemma = arch in _GEMMA_ARCHS
     layer_names = _GEMMA_LAYER_NAMES if gemma else _LAYER_NAMES
     tensors = {}
+    experts = {}  # layer -> {part: array}
     for name, array in raw.items():
         if name == _ROPE_FREQS or name in _ROPE_FACTORS.values():
             continue
@@ -314,15 +335,22 @@ def _hf_tensors(raw: dict, arch: str, config: dict) -> dict:
             tensors[_GLOBAL_NAMES[name]] = array
             continue
         match = _LAYER_TENSOR.fullmatch(name)
-        if not match or match.group(2) not in layer_names:
+        if not match or match.group(2) not in layer_names and match.group(2) not in _EXPERT_PARTS:
             raise ValueError(f"unexpected tensor {name!r} in a {arch} GGUF file.")
         layer, part, kind = match.groups()
+        if part in _EXPERT_PARTS:
+            experts.setdefault(layer, {})[part] = array
+            continue
         if arch == "llama" and part in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if part == "attn_q" else config["num_key_value_heads"]
             array = jax.tree.map(lambda a, heads=heads: unpermute_rotary(a, heads), array)  # a QArray's rows too
         # phi3's ffn_up holds gate and up (in that order), as transformers' gate_up_proj does
         hf_part = "mlp.gate_up_proj" if arch == "phi3" and part == "ffn_up" else layer_names[part]
         tensors[f"model.layers.{layer}.{hf_part}.{kind}"] = array
+    for layer, parts in experts.items():
+        gate, up, down = (parts[p] for p in _EXPERT_PARTS)
+        tensors[f"model.layers.{layer}.mlp.experts.gate_up_proj"] = np.concatenate([gate, up], axis=1)
+        tensors[f"model.layers.{layer}.mlp.experts.down_proj"] = down
     return tensors
 
 
