@@ -3,8 +3,9 @@
 A MoE layer routes each token as transformers does: the router's logits (in the model's dtype), a softmax over all
 experts in float32, the top num_experts_per_tok experts, their weights renormalized to sum 1 where norm_topk_prob
 (Mixtral always). Nothing is dropped: every token reaches each of its experts, whatever the load. The T * k
-(token, expert) rows are sorted by expert and go through the experts' SwiGLU MLPs as grouped matmuls
-(`jax.lax.ragged_dot`: row block i times expert i's matrix), then back to their tokens, weighted and summed.
+(token, expert) rows are sorted by expert and go through the experts' SwiGLU MLPs as grouped matmuls (row block
+i times expert i's matrices), then back to their tokens, weighted and summed.
+
 On TPU and GPU the grouped matmuls are `jax.lax.ragged_dot` (rather than a Pallas grouped matmul): one XLA op
 that XLA:GPU / XLA:TPU lower to their own grouped kernels, and that XLA's partitioner splits along any axis of its
 weights without gathering them (seen in the compiled HLO: with experts split over devices each computes its own
@@ -14,8 +15,11 @@ Measured on an H100 (bf16, 8 experts of 2048 x 1024, jax 0.11.2): 93 us for 2 ro
 decode, ~4x from it for long prefills, the room a Pallas (megablox-style) kernel would have; none was measured.
 XLA:CPU expands ragged_dot into a dense dot against every expert (experts times the work, the weights copied per
 call: 16 tokens/s against 125 for the loop below at decode batch 1, bench/moe.py), so on CPU a loop over (tile of
-sorted rows, expert) pairs runs instead (`_expert_tiles`). It reads only the experts that have rows; on several
-CPU devices (simulated in tests) the partitioner gathers split expert weights for it each step.
+sorted rows, expert) pairs runs instead (`_expert_tiles`). It reads only the experts that have rows, but XLA:CPU
+copies each one's matrices out of the stack before its dot (it fuses no slice into a dot), about twice a dense
+MLP's weight traffic at decode: what holds a MoE at ~0.6x the tokens/s of a dense model with as many active
+weights at batch 1 (bench/moe.py); a C++ grouped matmul (kernels_cpu) would remove it. On several CPU devices
+(simulated in tests) the partitioner also gathers split expert weights for this loop each step.
 
 Expert weights are stacked [experts, in, out], gate, up and down apart, so that tensor parallelism splits each
 expert's intermediate columns without regrouping a fused gate/up. With expert parallelism
