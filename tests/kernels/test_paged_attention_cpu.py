@@ -40,8 +40,12 @@ def _engine_attention(kv, name):
     q, k, v, cache, *rest = kv.args(b)
     batch = types.SimpleNamespace(**dict(zip(("slot_mapping", "kv_lens", "block_tables", "cu_q_lens", "num_seqs"),
                                              rest)))
-    cfg = types.SimpleNamespace(head_dim=q.shape[-1], sliding_window=CASES[name][5])
-    run = lambda q, cache: attention.paged_attention(q, k, v, cache, batch, cfg, attention.Backend("reference"))
+    cfg = types.SimpleNamespace(sm_scale=q.shape[-1] ** -0.5, attn_logit_softcapping=None)
+    backend, window = attention.Backend("reference"), CASES[name][5]
+
+    def run(q, cache):
+        return attention.paged_attention(q, k, v, cache, batch, cfg, backend, window)
+
     return jax.jit(run), (q, cache), b
 
 
