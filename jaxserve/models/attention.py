@@ -57,7 +57,8 @@ def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend
     """Write this step's K/V into the pages and attend over them (one kernel call).
 
     q: [T, q_heads, head_dim]; k, v: [T, kv_heads, head_dim]; kv_pages: [pages, page_size, 2 * kv_heads, head_dim],
-    or a quantized cache's (codes, scales); window: the layer's sliding window (None: the whole context). Returns (out [T, q_heads, head_dim], kv_pages).
+    or a quantized cache's (codes, scales); window: the layer's sliding window (None: the whole context).
+    Returns (out [T, q_heads, head_dim], kv_pages).
     """
     tuning = {"interpret": True} if backend.interpret else {}
     if backend.generation:
