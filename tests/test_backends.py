@@ -35,9 +35,11 @@ def test_pallas_kernels_through_the_model(reference, backend):
     assert np.abs(logits - ref_logits).max() < 1e-4
 
 
-def test_pallas_kernel_under_shard_map_on_two_devices(reference):
+@pytest.mark.parametrize("expert_parallel", [False, True])
+def test_pallas_kernel_under_shard_map_on_two_devices(reference, expert_parallel):
+    """On a mesh laid along `model`, or along `expert` (--enable-expert-parallel), each device attends its heads."""
     loaded, ref_logits, ref_tokens = reference
-    mesh = make_mesh(2)
+    mesh = make_mesh(2, enable_expert_parallel=expert_parallel)
     sharded = loaded.__class__(**{**loaded.__dict__, **dict(zip(("params", "cfg"), shard_params(loaded.params, mesh, loaded.cfg)))})
     logits, _ = run_logits(sharded, PROMPTS, decode_steps=4, page_size=16, backend="pallas_tpu_interpret",
                            feed=ref_tokens, mesh=mesh)

@@ -153,6 +153,23 @@ def test_a_quantized_cache_compiles_for_tpu(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("check: OK: 10 programs compiled for tpu-v5e-1")
 
 
+def test_a_moe_with_expert_parallel_lowers_for_cuda(tmp_path):
+    """A Qwen3-MoE config with --enable-expert-parallel on 4 GPUs: every program lowers, each GPU holding a quarter
+    of the experts (whole ones) and of the rest."""
+    moe = dict(SMALL, model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
+               norm_topk_prob=True)
+    proc = check(moe, tmp_path, "--target", "cuda-h100-4", "-tp", "4", "--enable-expert-parallel",
+                 "--max-model-len", "2048", "--max-num-seqs", "16", "--max-num-batched-tokens", "64")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    header, *_, last = proc.stdout.strip().splitlines()
+    assert "tp 4 (expert parallel)" in header and last.startswith("check: OK: 10 programs lowered for cuda-h100-4")
+    h, v, layers = 256, 32000, 2
+    experts = layers * 8 * 3 * h * 128  # gate, up, down of every expert
+    rest = 2 * v * h + layers * (h * (8 + 2 * 4) * 32 + 8 * 32 * h + h * 8 + 2 * h + 2 * 32) + h
+    weights = float(re.search(r"([\d.]+) GiB of weights per chip", header).group(1)) * 2**30
+    assert abs(weights - 2 * (experts + rest) / 4) < 0.001 * 2**30, header
+
+
 @pytest.mark.parametrize("args,message", [
     (("--target", "tpu-v5e-1", "--quantization", "fp8"), "check: fp8 weights need TPU v6e or later (TPU v5e has no "
                                                          "fp8 matmul); use --quantization int8"),

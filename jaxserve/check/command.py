@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="a transformers config.json (or a folder holding one); no weights are read")
     p.add_argument("--target", required=True, help=f"one of {', '.join(targets.names())}")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--enable-expert-parallel", action="store_true",
+                   help="mixtures of experts: whole experts per chip over the tensor-parallel chips (as serve's flag)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
@@ -118,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, page_size=args.block_size,
                           tensor_parallel_size=args.tensor_parallel_size,
+                          enable_expert_parallel=args.enable_expert_parallel,
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_memory_gb=args.kv_cache_memory_gb, kv_cache_dtype=args.kv_cache_dtype)
     chip = target.chip
@@ -136,7 +139,8 @@ def run(args: argparse.Namespace) -> int:
           f"{'' if quantize is None else ' with ' + args.quantization + ' weights'}, "
           f"on {args.target} ({target.chips} x {chip.name}: {_gib(chip.hbm_bytes)} GiB HBM, "
           f"{chip.bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e9:.0f} GB/s per chip), "
-          f"tp {config.tensor_parallel_size}, max_model_len {serving.max_model_len}, "
+          f"tp {config.tensor_parallel_size}{' (expert parallel)' if config.enable_expert_parallel else ''}, "
+          f"max_model_len {serving.max_model_len}, "
           f"max_num_seqs {config.max_num_seqs}, {_gib(weights)} GiB of weights per chip", flush=True)
     start = time.perf_counter()
     try:

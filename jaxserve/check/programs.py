@@ -174,7 +174,7 @@ class Serving:
     @classmethod
     def build(cls, cfg: ModelConfig, config: EngineConfig, target: Target, dtype,
               quantize: WeightQuantization | None = None) -> "Serving":
-        mesh = target.mesh(config.tensor_parallel_size)
+        mesh = target.mesh(config.tensor_parallel_size, config.enable_expert_parallel)
         config = config.on(target.chip.platform)
         max_model_len = config.context_length(cfg)
         params, cfg = abstract_params(cfg, dtype, mesh, quantize)

@@ -42,10 +42,11 @@ class Target:
     def lowers_only(self) -> bool:
         return self.chip.platform == "cuda"
 
-    def mesh(self, tensor_parallel_size: int):
-        """The ("model",) mesh to build the programs on: TPU, the first chips of the chip's topology (libtpu
-        describes whole hosts of 2x2 chips and up; fewer chips are a sub-mesh of one host, which is how a 1-chip
-        VM compiles too); CUDA, an abstract mesh of GPUs of this kind."""
+    def mesh(self, tensor_parallel_size: int, enable_expert_parallel: bool = False):
+        """The ("expert", "model") mesh to build the programs on (sharding.make_mesh's, the chips along `expert`
+        with enable_expert_parallel): TPU, the first chips of the chip's topology (libtpu describes whole hosts of
+        2x2 chips and up; fewer chips are a sub-mesh of one host, which is how a 1-chip VM compiles too); CUDA, an
+        abstract mesh of GPUs of this kind."""
         if tensor_parallel_size > self.chips:
             raise ValueError(f"tensor_parallel_size {tensor_parallel_size} needs {tensor_parallel_size} chips; "
                              f"{self.name} has {self.chips}")
@@ -56,12 +57,13 @@ class Target:
         if self.lowers_only:
             kind = jax.sharding.AbstractDevice(device_kind=self.chip.name, num_cores=self.chip.cores,
                                                platform="cuda")
-            return jax.sharding.AbstractMesh((tensor_parallel_size,), ("model",), abstract_device=kind,
-                                             axis_types=(jax.sharding.AxisType.Auto,))  # as a Mesh's default
+            shape = (tensor_parallel_size, 1) if enable_expert_parallel else (1, tensor_parallel_size)
+            return jax.sharding.AbstractMesh(shape, ("expert", "model"), abstract_device=kind,
+                                             axis_types=(jax.sharding.AxisType.Auto,) * 2)  # as a Mesh's default
         from jax.experimental import topologies
 
         return sharding.make_mesh(tensor_parallel_size, topologies.get_topology_desc(
-            self.chip.topology, platform="tpu").devices[:self.chips])
+            self.chip.topology, platform="tpu").devices[:self.chips], enable_expert_parallel)
 
     @staticmethod
     def device_kind(mesh) -> str:

@@ -26,6 +26,7 @@ import kernels_pallas
 from kernels_cpu.paged_attention import TARGET as PAGED_ATTENTION
 from kernels_pallas import reference
 from jaxserve.models.config import ModelConfig
+from jaxserve.parallel import sharding
 
 BACKENDS = ("auto", "reference", "pallas_tpu", "pallas_gpu", "pallas_tpu_interpret", "pallas_gpu_interpret")
 
@@ -81,7 +82,9 @@ def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend
     if backend.mesh is None:
         return run(*args)
     # Each device's slice of the combined heads axis holds whole (K, V) pairs of its own kv heads.
-    heads = "model" if cfg.num_kv_heads % backend.mesh.shape["model"] == 0 else None
+    # (the tensor-parallel axis: `model`, or `expert` with --enable-expert-parallel; sharding.py)
+    split = cfg.num_kv_heads % sharding.tensor_parallel_size(backend.mesh) == 0
+    heads = sharding.mesh_axes(backend.mesh, "kv_heads") if split else None
     tok, cache = P(None, heads, None), P(None, None, heads, None)
     if isinstance(kv_pages, tuple):  # quantized: (codes, scales [pages, page_size, 2 * kv_heads])
         cache = (cache, P(None, None, heads))
