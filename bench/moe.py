@@ -59,7 +59,7 @@ def decode_step(cfg: ModelConfig, batch: int, context: int, page_size: int = 16)
                       cu_q_lens=i32(np.arange(batch + 1)), num_seqs=i32([batch]), logits_indices=i32(np.arange(batch)))
     cache = base.init_cache(cfg, batch * pages, page_size, jnp.float32)
     attn = resolve_backend("reference")
-    forward = jax.jit(lambda p, c, b: models.family(cfg.model_type).forward(p, c, b, cfg, attn), donate_argnums=1)
+    forward = jax.jit(lambda p, c, b: models.forward(p, c, b, cfg, attn), donate_argnums=1)
     return forward, cache, step
 
 

@@ -29,7 +29,7 @@ def run_logits(loaded, prompts: list[list[int]], decode_steps: int, page_size: i
     cache = model_base.init_cache(cfg, num_pages, page_size, loaded.dtype,
                                   code_dtype=model_base.kv_code_dtype(kv_cache_dtype), ring_pages=ring * len(prompts))
     attn = resolve_backend(backend, mesh)
-    step = jax.jit(lambda p, c, b: models.family(cfg.model_type).forward(p, c, b, cfg, attn))
+    step = jax.jit(lambda p, c, b: models.forward(p, c, b, cfg, attn))
     seqs = [list(p) for p in prompts]
     computed = [0] * len(prompts)
     all_logits = []

@@ -52,12 +52,6 @@ def gemma_norm(x, weight, eps):
     return (x32 * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
 
 
-def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
-    """Returns (logits [S, vocab] float32 for each sequence's `logits_indices` token, updated cache)."""
-    x, cache = hidden_states(params, cache, batch, cfg, backend)
-    return final_logits(params, x[batch.logits_indices], cfg), cache
-
-
 def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
     """Returns (the last layer's output [T, hidden] for every token, before the final norm; updated cache)."""
     dtype = params.final_norm.dtype

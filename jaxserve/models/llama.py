@@ -94,19 +94,16 @@ def _mlp_block(layer: Layer, x, cfg: ModelConfig):
     return x + gated_mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps), cfg)
 
 
-def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
-    """Returns (logits [S, vocab] float32 for each sequence's `logits_indices` token, updated cache)."""
-    x, cache = hidden_states(params, cache, batch, cfg, backend)
-    return final_logits(params, x[batch.logits_indices], cfg), cache
-
-
-def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
-    """Returns (the last layer's output [T, hidden] for every token, before the final norm; updated cache)."""
+def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend,
+                  decoder_layer=None):
+    """Returns (the last layer's output [T, hidden] for every token, before the final norm; updated cache).
+    decoder_layer: another family's layer function with _decoder_layer's signature (moe.py's)."""
+    decoder_layer = decoder_layer or _decoder_layer
     x = take_rows(params.embed, batch.token_ids, params.final_norm.dtype)  # [T, hidden]
     cos, sin = rope(cfg, batch)  # [T, rotary_dim // 2]
     kvs = []
     for layer, kv_pages in zip(params.layers, cache.kv):
-        x, kv_pages = _decoder_layer(layer, x, cos, sin, kv_pages, batch, cfg, backend)
+        x, kv_pages = decoder_layer(layer, x, cos, sin, kv_pages, batch, cfg, backend)
         kvs.append(kv_pages)
     return x, KVCache(kv=tuple(kvs))
 

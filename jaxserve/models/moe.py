@@ -42,9 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.models import attention, llama
-from jaxserve.models.base import Batch, KVCache, rms_norm, rope, tensor_reader
+from jaxserve.models.base import Batch, KVCache, rms_norm, tensor_reader
 from jaxserve.models.config import ModelConfig
-from jaxserve.quantization.qarray import QArray, linear, take_rows
+from jaxserve.quantization.qarray import QArray, linear
 
 Params = llama.Params  # the same embedding, layers, final norm and LM head; layers are this module's Layer
 final_logits = llama.final_logits
@@ -74,21 +74,9 @@ class Layer:
 EXPERT_FIELDS = ("w_gate_exps", "w_up_exps", "w_down_exps")
 
 
-def forward(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
-    """Returns (logits [S, vocab] float32 for each sequence's `logits_indices` token, updated cache)."""
-    x, cache = hidden_states(params, cache, batch, cfg, backend)
-    return final_logits(params, x[batch.logits_indices], cfg), cache
-
-
 def hidden_states(params: Params, cache: KVCache, batch: Batch, cfg: ModelConfig, backend: attention.Backend):
     """Returns (the last layer's output [T, hidden] for every token, before the final norm; updated cache)."""
-    x = take_rows(params.embed, batch.token_ids, params.final_norm.dtype)  # [T, hidden]
-    cos, sin = rope(cfg, batch)  # [T, rotary_dim // 2]
-    kvs = []
-    for layer, kv_pages in zip(params.layers, cache.kv):
-        x, kv_pages = _decoder_layer(layer, x, cos, sin, kv_pages, batch, cfg, backend)
-        kvs.append(kv_pages)
-    return x, KVCache(kv=tuple(kvs))
+    return llama.hidden_states(params, cache, batch, cfg, backend, decoder_layer=_decoder_layer)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "backend"))

@@ -38,8 +38,10 @@ import numpy as np
 
 from jaxserve.models import llama
 from jaxserve.models.config import ModelConfig
-from jaxserve.models.llama import Layer, Params, final_logits, forward, hidden_states  # noqa: F401 (the family's)
 from jaxserve.quantization.qarray import QArray
+
+# The family's decoder is Llama's.
+Layer, Params, hidden_states, final_logits = llama.Layer, llama.Params, llama.hidden_states, llama.final_logits
 
 # Phi-3's fused tensors and the Llama tensors they hold, in row order ([out, in]: the parts stacked on out).
 _FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
