@@ -108,7 +108,8 @@ def test_logits_and_tokens_match_one_device(loaded, tp, expert_parallel):
     columns), attention split over the same devices either way; logits within 1e-4 and the same greedy tokens."""
     prompts = [list(range(5, 29)), list(range(40, 51))]
     ref_logits, ref_tokens = run_logits(loaded, prompts, decode_steps=8)
-    params, cfg = shard_params(loaded.params, make_mesh(tp, enable_expert_parallel=expert_parallel), loaded.cfg)
+    mesh = make_mesh(tp, enable_expert_parallel=expert_parallel)
+    params, cfg = shard_params(loaded.params, mesh, loaded.cfg)
     sparse, dense = params.layers[1], params.layers[0]
     for w in (sparse.w_gate_exps, sparse.w_up_exps, sparse.w_down_exps):
         assert len(w.sharding.device_set) == tp
@@ -117,9 +118,32 @@ def test_logits_and_tokens_match_one_device(loaded, tp, expert_parallel):
         assert np.prod(local) == np.prod(w.shape) // tp
     assert dense.wqkv.sharding.shard_shape(dense.wqkv.shape)[1] == dense.wqkv.shape[1] // tp
     assert dense.w_gate_up.sharding.shard_shape(dense.w_gate_up.shape)[1] == dense.w_gate_up.shape[1] // tp
-    logits, tokens = run_logits(dataclasses.replace(loaded, params=params, cfg=cfg), prompts, decode_steps=8)
+    logits, tokens = run_logits(dataclasses.replace(loaded, params=params, cfg=cfg), prompts, decode_steps=8,
+                                mesh=mesh)
     assert np.abs(logits - ref_logits).max() < 1e-4
     assert (tokens == ref_tokens).all()
+
+
+@pytest.mark.parametrize("expert_mesh", [False, True])
+def test_expert_parallel_moves_rows_not_weights(loaded, expert_mesh):
+    """With the experts split over 4 devices, the compiled step gathers no expert weights when the model runs them
+    under shard_map (the mesh given: as the engine does); left to XLA's partitioner (no mesh) it gathers them all."""
+    import re
+
+    from jaxserve import models
+    from jaxserve.models import base
+    from jaxserve.models.attention import resolve_backend
+    from paged import _batch
+
+    mesh = make_mesh(4, enable_expert_parallel=True)
+    params, cfg = shard_params(loaded.params, mesh, loaded.cfg)
+    backend = resolve_backend("reference", mesh if expert_mesh else None)
+    batch = _batch([[5, 6, 7], [8, 9]], [0, 0], np.arange(8, dtype=np.int32).reshape(2, 4), 4)
+    step = jax.jit(lambda p, c, b: models.forward(p, c, b, cfg, backend))
+    text = step.lower(params, base.init_cache(cfg, 16, 4, np.float32), batch).compile().as_text()
+    gathered = {tuple(map(int, dims.split(","))) for dims in re.findall(r"= f32\[([\d,]+)\]\S* all-gather\(", text)}
+    expert_shapes = {w.shape for w in (params.layers[1].w_gate_exps, params.layers[1].w_down_exps)}
+    assert (expert_shapes & gathered) == (set() if expert_mesh else expert_shapes)
 
 
 def test_engine_with_expert_parallel_gives_one_devices_tokens(folder):

@@ -37,6 +37,9 @@ class Backend:
     interpret: bool = False
     mesh: Mesh | None = None  # set when the kernel must run under shard_map
     generation: str | None = None  # TPU generation whose block sizes the TPU kernel uses (kernels_pallas.tpu.BLOCKS)
+    # The mesh when its `expert` axis splits the experts (--enable-expert-parallel): MoE layers then run their
+    # experts under shard_map (models/moe.py), whatever the attention kernel.
+    expert_mesh: Mesh | None = None
 
 
 def resolve_backend(name: str = "auto", mesh: Mesh | None = None, device_kind: str | None = None) -> Backend:
@@ -51,7 +54,8 @@ def resolve_backend(name: str = "auto", mesh: Mesh | None = None, device_kind: s
     if kernel == "pallas_tpu":
         from kernels_pallas import tpu
         generation = tpu.generation(device_kind or jax.devices()[0].device_kind)
-    return Backend(kernel, name.endswith("_interpret"), mesh if needs_shard_map else None, generation)
+    expert_mesh = mesh if mesh is not None and mesh.shape.get("expert", 1) > 1 else None
+    return Backend(kernel, name.endswith("_interpret"), mesh if needs_shard_map else None, generation, expert_mesh)
 
 
 def paged_attention(q, k, v, kv_pages, batch, cfg: ModelConfig, backend: Backend, window: int | None):

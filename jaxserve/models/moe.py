@@ -7,10 +7,11 @@ experts in float32, the top num_experts_per_tok experts, their weights renormali
 i times expert i's matrices), then back to their tokens, weighted and summed.
 
 On TPU and GPU the grouped matmuls are `jax.lax.ragged_dot` (rather than a Pallas grouped matmul): one XLA op
-that XLA:GPU / XLA:TPU lower to their own grouped kernels, and that XLA's partitioner splits along any axis of its
-weights without gathering them (seen in the compiled HLO: with experts split over devices each computes its own
-row blocks and the outputs are all-reduced, as a row-parallel matmul's), so this code needs no mesh or shard_map.
-Measured on an H100 (bf16, 8 experts of 2048 x 1024, jax 0.11.2): 93 us for 2 rows, 218 us for 1024, 1.25 ms for
+that XLA:GPU / XLA:TPU lower to their own grouped kernels. XLA's partitioner splits it along the experts' columns
+(tensor parallel) without moving weights, but not along the experts axis: given experts split over devices it
+gathers every expert's weights onto every device each step (58 GB of collectives per decode step for Qwen3-30B-A3B
+on v6e-8, `jaxserve check`). So with expert parallelism the experts run under shard_map (`_expert_parallel`):
+each device its own experts over the rows routed to them, then one all-reduce of the rows. Measured on an H100 (bf16, 8 experts of 2048 x 1024, jax 0.11.2): 93 us for 2 rows, 218 us for 1024, 1.25 ms for
 8192, against 79 / 85 / 317 us for a dense MLP of two experts' width (the same active weights): near it for
 decode, ~4x from it for long prefills, the room a Pallas (megablox-style) kernel would have; none was measured.
 XLA:CPU expands ragged_dot into a dense dot against every expert (experts times the work, the weights copied per
@@ -18,8 +19,7 @@ call: 16 tokens/s against 125 for the loop below at decode batch 1, bench/moe.py
 sorted rows, expert) pairs runs instead (`_expert_tiles`). It reads only the experts that have rows, but XLA:CPU
 copies each one's matrices out of the stack before its dot (it fuses no slice into a dot), about twice a dense
 MLP's weight traffic at decode: what holds a MoE at ~0.6x the tokens/s of a dense model with as many active
-weights at batch 1 (bench/moe.py); a C++ grouped matmul (kernels_cpu) would remove it. On several CPU devices
-(simulated in tests) the partitioner also gathers split expert weights for this loop each step.
+weights at batch 1 (bench/moe.py); a C++ grouped matmul (kernels_cpu) would remove it.
 
 Expert weights are stacked [experts, in, out], gate, up and down apart, so that tensor parallelism splits each
 expert's intermediate columns without regrouping a fused gate/up. With expert parallelism
@@ -40,6 +40,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jaxserve.models import attention, llama
 from jaxserve.models.base import Batch, KVCache, rms_norm, tensor_reader
@@ -85,7 +86,7 @@ def _decoder_layer(layer: Layer, x, cos, sin, kv_pages, batch: Batch, cfg: Model
     x, kv_pages = llama._attention_block(layer, x, cos, sin, kv_pages, batch, cfg, backend)
     if layer.router is None:
         return llama._mlp_block(layer, x, cfg), kv_pages
-    return x + moe_mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps), cfg), kv_pages
+    return x + moe_mlp(layer, rms_norm(x, layer.mlp_norm, cfg.rms_norm_eps), cfg, backend.expert_mesh), kv_pages
 
 
 def route(h, router, cfg: ModelConfig):
@@ -98,15 +99,20 @@ def route(h, router, cfg: ModelConfig):
     return weights, experts
 
 
-def moe_mlp(layer: Layer, h, cfg: ModelConfig):
-    """The sparse MLP of normed inputs h [T, hidden] -> [T, hidden]."""
+def moe_mlp(layer: Layer, h, cfg: ModelConfig, expert_mesh=None):
+    """The sparse MLP of normed inputs h [T, hidden] -> [T, hidden]. expert_mesh: the mesh whose `expert` axis
+    splits the experts (expert parallel), else None."""
     t, k = h.shape[0], cfg.num_experts_per_tok
     weights, experts = route(h, layer.router, cfg)
     flat = experts.reshape(-1)  # [T * k]: row r is token r // k's (r % k)-th expert
     order = jnp.argsort(flat, stable=True)  # rows grouped by expert
     sizes = jnp.zeros(cfg.num_experts, jnp.int32).at[flat].add(1)  # [experts] rows per expert
     rows = h[order // k]  # [T * k, hidden]
-    out = expert_mlps(rows, flat[order], sizes, layer.w_gate_exps, layer.w_up_exps, layer.w_down_exps)
+    weights_in = (layer.w_gate_exps, layer.w_up_exps, layer.w_down_exps)
+    if expert_mesh is None:
+        out = expert_mlps(rows, flat[order], sizes, *weights_in)
+    else:
+        out = _expert_parallel(expert_mesh, rows, flat[order], sizes, *weights_in)
     out = jnp.zeros_like(out).at[order].set(out).reshape(t, k, -1)  # back to token order: [T, k, hidden]
     # Rounded where transformers rounds (bfloat16 parity): each expert's output in h's dtype, weighted (Qwen3-MoE
     # rounds its weights to h's dtype first, Mixtral keeps them in float32), the k products summed.
@@ -127,6 +133,29 @@ def expert_mlps(rows, row_experts, sizes, w_gate, w_up, w_down):
 
     return jax.lax.platform_dependent(rows, row_experts, sizes, w_gate, w_up, w_down, cpu=_expert_tiles,
                                       default=ragged)
+
+
+def _expert_parallel(mesh, rows, row_experts, sizes, w_gate, w_up, w_down):
+    """expert_mlps with the experts split over the mesh's `expert` axis: each device runs its own experts over the
+    rows routed to them (a contiguous run of the sorted rows, rolled to the front), its other rows come out zero,
+    and one sum over the devices assembles every row: an [R, hidden] all-reduce where XLA's partitioner, given the
+    split weights and a ragged_dot, would gather every expert's weights onto every device each step (what
+    `jaxserve check` measured for Qwen3-30B-A3B on v6e-8: 58 GB of collectives per decode step)."""
+    num_experts = sizes.shape[0]
+
+    def local(rows, row_experts, sizes, w_gate, w_up, w_down):
+        per_device = jax.tree.leaves(w_gate)[0].shape[0]
+        first = jax.lax.axis_index("expert") * per_device
+        start = jnp.sum(jnp.where(jnp.arange(num_experts) < first, sizes, 0))  # this device's first row
+        mine = jax.lax.dynamic_slice_in_dim(sizes, first, per_device)
+        out = expert_mlps(jnp.roll(rows, -start, axis=0), jnp.roll(row_experts, -start) - first, mine,
+                          w_gate, w_up, w_down)
+        out = jnp.where((jnp.arange(rows.shape[0]) < mine.sum())[:, None], out, 0)
+        return jax.lax.psum(jnp.roll(out, start, axis=0), "expert")
+
+    experts = lambda w: jax.tree.map(lambda _: P("expert"), w)  # noqa: E731  (the leading axis of each leaf)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), experts(w_gate), experts(w_up), experts(w_down)),
+                         out_specs=P(), check_vma=False)(rows, row_experts, sizes, w_gate, w_up, w_down)
 
 
 def _expert_tiles(rows, row_experts, sizes, w_gate, w_up, w_down):
