@@ -11,7 +11,9 @@ Stages, in order:
 3. engine:   a random-weight bf16 Llama-3-8B-shaped model through the real engine at batch 1/16/64/256 with
    ~1k-token contexts (admitted as already computed, so only the decode program compiles): compile time,
    whole engine step vs device-only step (forward + sampler on placed inputs), output tok/s, compiles while timed.
-4. torch:    the same shapes through transformers' LlamaForCausalLM (eager decode with a KV cache) on the GPU.
+4. moe:      a random-weight bf16 Qwen3-30B-A3B-shaped mixture of experts (48 layers, 128 experts of 768, top 8;
+   ~61 GB) through the engine likewise, at batch 1/16/64.
+5. torch:    the same shapes as `engine` through transformers' LlamaForCausalLM (eager decode with a KV cache).
 Each stage is skipped, with the reason recorded, when the time left (--budget) cannot hold it.
 """
 
@@ -35,7 +37,14 @@ LLAMA_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab
             "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
             "head_dim": 128, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 151936,
+                 "hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128,
+                 "num_experts_per_tok": 8, "norm_topk_prob": True, "num_hidden_layers": 48,
+                 "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                 "max_position_embeddings": 40960, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                 "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 BATCHES = (1, 16, 64, 256)
+MOE_BATCHES = (1, 16, 64)
 CONTEXT = 1024
 KERNEL_CASES = [  # (q heads, kv heads, head_dim, tokens per sequence, context lengths)
     (8, 8, 64, [1, 1, 1], [17, 300, 16]),  # decode, MHA, partial pages
@@ -134,9 +143,9 @@ def _random_model(cfg_dict: dict, dtype):
     import jax.numpy as jnp
     from host_overhead import word_tokenizer
 
+    from jaxserve.models import llama, moe
     from jaxserve.models.config import ModelConfig
     from jaxserve.weights.loader import LoadedModel
-    from jaxserve.models.llama import Layer, Params
 
     cfg = ModelConfig.from_hf(cfg_dict)
     keys = iter(jax.random.split(jax.random.key(0), 16 + 16 * cfg.num_layers))
@@ -149,10 +158,23 @@ def _random_model(cfg_dict: dict, dtype):
 
     h, inter = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    layers = tuple(Layer(attn_norm=ones(h), wqkv=w(h, q + 2 * kv), wo=w(q, h), mlp_norm=ones(h),
-                         w_gate_up=w(h, 2 * inter), w_down=w(inter, h)) for _ in range(cfg.num_layers))
-    params = Params(embed=w(cfg.vocab_size, h), layers=layers, final_norm=ones(h), lm_head=w(h, cfg.vocab_size))
-    return LoadedModel("llama-3-8b-shaped", cfg, params, word_tokenizer(cfg.vocab_size), (2,), jnp.dtype(dtype))
+    def layer(sparse: bool):
+        attention = dict(attn_norm=ones(h), wqkv=w(h, q + 2 * kv), wo=w(q, h), mlp_norm=ones(h))
+        if cfg.qk_norm:
+            attention |= dict(q_norm=ones(cfg.head_dim), k_norm=ones(cfg.head_dim))
+        if not cfg.num_experts:
+            return llama.Layer(**attention, w_gate_up=w(h, 2 * inter), w_down=w(inter, h))
+        if not sparse:
+            return moe.Layer(**attention, w_gate_up=w(h, 2 * inter), w_down=w(inter, h))
+        e, m = cfg.num_experts, cfg.moe_intermediate_size
+        return moe.Layer(**attention, router=w(h, e), w_gate_exps=w(e, h, m), w_up_exps=w(e, h, m),
+                         w_down_exps=w(e, m, h))
+
+    layers = tuple(layer(cfg.moe_layers[i] if cfg.num_experts else False) for i in range(cfg.num_layers))
+    params = llama.Params(embed=w(cfg.vocab_size, h), layers=layers, final_norm=ones(h),
+                          lm_head=w(h, cfg.vocab_size))
+    name = f"{cfg_dict['model_type']}-shaped"
+    return LoadedModel(name, cfg, params, word_tokenizer(cfg.vocab_size), (2,), jnp.dtype(dtype))
 
 
 def _admit_computed(engine, batch: int, context: int) -> None:
@@ -174,7 +196,9 @@ def _admit_computed(engine, batch: int, context: int) -> None:
         sched.running.append(seq)
 
 
-def stage_engine(report: Report, batches, context: int, steps: int) -> None:
+def stage_engine(report: Report, batches, context: int, steps: int, name: str = "engine", shape: dict = LLAMA_8B,
+                 dtype: str = "bfloat16", min_left: float = 90) -> None:
+    """Decode through the real engine at each batch, for a random-weight model of `shape` (a config.json dict)."""
     import jax
     import jax.numpy as jnp
 
@@ -182,12 +206,12 @@ def stage_engine(report: Report, batches, context: int, steps: int) -> None:
     from jaxserve.engine import EngineConfig, LLMEngine
 
     start = time.perf_counter()
-    model = _random_model(LLAMA_8B, jnp.bfloat16)
+    model = _random_model(shape, jnp.dtype(dtype))
     jax.block_until_ready(model.params)
-    report.write("engine.weights", seconds=round(time.perf_counter() - start, 1))
+    report.write(f"{name}.weights", seconds=round(time.perf_counter() - start, 1))
     for batch in batches:
-        if report.left() < 90:
-            report.write("engine", batch=batch, skipped=f"{report.left():.0f} s left")
+        if report.left() < min_left:
+            report.write(name, batch=batch, skipped=f"{report.left():.0f} s left")
             continue
         pages = batch * (-(-(context + steps + 16) // 16))
         engine = LLMEngine(model, config=EngineConfig(max_model_len=context + steps + 16, max_num_seqs=batch,
@@ -204,11 +228,12 @@ def stage_engine(report: Report, batches, context: int, steps: int) -> None:
             engine.step()
         step_s = (time.perf_counter() - t0) / steps
         device_s = _device_step(engine, steps)
-        report.write("engine", batch=batch, context=context, compile_s=round(compile_s, 1), programs=compiles,
+        report.write(name, batch=batch, context=context, compile_s=round(compile_s, 1), programs=compiles,
                      engine_step_ms=round(step_s * 1e3, 2), device_step_ms=round(device_s * 1e3, 2),
                      host_share=round(1 - device_s / step_s, 3), tok_s=round(batch / step_s, 1),
                      compiles_while_timed=compilation.compile_count() - before)
         del engine
+    del model
 
 
 def _device_step(engine, steps: int) -> float:
@@ -282,7 +307,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--context", type=int, default=CONTEXT)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--stages", nargs="+", default=["kernels", "tiny", "engine", "torch"])
+    p.add_argument("--stages", nargs="+", default=["kernels", "tiny", "engine", "moe", "torch"])
     args = p.parse_args(argv)
     report = Report(pathlib.Path(args.out), args.budget)
     report.write("plan", stages=args.stages, batches=args.batches, context=args.context, steps=args.steps,
@@ -293,6 +318,7 @@ def main(argv=None) -> int:
         return 2
     stages = {"kernels": lambda: stage_kernels(report), "tiny": lambda: stage_tiny(report),
               "engine": lambda: stage_engine(report, args.batches, args.context, args.steps),
+              "moe": lambda: stage_engine(report, MOE_BATCHES, args.context, args.steps, "moe", QWEN3_30B_A3B),
               "torch": lambda: stage_torch(report, args.batches, args.context, args.steps)}
     failed = False
     for name in args.stages:
