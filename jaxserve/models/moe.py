@@ -6,20 +6,18 @@ experts in float32, the top num_experts_per_tok experts, their weights renormali
 (token, expert) rows are sorted by expert and go through the experts' SwiGLU MLPs as grouped matmuls (row block
 i times expert i's matrices), then back to their tokens, weighted and summed.
 
-On TPU and GPU the grouped matmuls are `jax.lax.ragged_dot` (rather than a Pallas grouped matmul): one XLA op
-that XLA:GPU / XLA:TPU lower to their own grouped kernels. XLA's partitioner splits it along the experts' columns
-(tensor parallel) without moving weights, but not along the experts axis: given experts split over devices it
-gathers every expert's weights onto every device each step (58 GB of collectives per decode step for Qwen3-30B-A3B
-on v6e-8, `jaxserve check`). So with expert parallelism the experts run under shard_map (`_expert_parallel`):
-each device its own experts over the rows routed to them, then one all-reduce of the rows. Measured on an H100 (bf16, 8 experts of 2048 x 1024, jax 0.11.2): 93 us for 2 rows, 218 us for 1024, 1.25 ms for
-8192, against 79 / 85 / 317 us for a dense MLP of two experts' width (the same active weights): near it for
-decode, ~4x from it for long prefills, the room a Pallas (megablox-style) kernel would have; none was measured.
-XLA:CPU expands ragged_dot into a dense dot against every expert (experts times the work, the weights copied per
-call: 16 tokens/s against 125 for the loop below at decode batch 1, bench/moe.py), so on CPU a loop over (tile of
-sorted rows, expert) pairs runs instead (`_expert_tiles`). It reads only the experts that have rows, but XLA:CPU
-copies each one's matrices out of the stack before its dot (it fuses no slice into a dot), about twice a dense
-MLP's weight traffic at decode: what holds a MoE at ~0.6x the tokens/s of a dense model with as many active
-weights at batch 1 (bench/moe.py); a C++ grouped matmul (kernels_cpu) would remove it.
+On TPU and GPU the grouped matmuls are `jax.lax.ragged_dot` (rather than a Pallas grouped matmul, which was not
+written): one XLA op that XLA:GPU / XLA:TPU lower to their own grouped kernels (the README has its H100 timings
+against a dense MLP). XLA's partitioner splits it along the experts' columns (tensor parallel) without moving
+weights, but not along the experts axis: given experts split over devices it gathers every expert's weights onto
+every device each step (what `jaxserve check` showed for Qwen3-30B-A3B). So with expert parallelism the experts
+run under shard_map (`_expert_parallel`): each device its own experts over the rows routed to them, then one
+all-reduce of the rows. XLA:CPU expands ragged_dot into a dense dot against every expert (experts times the work,
+the weights copied per call), so on CPU a loop over (tile of sorted rows, expert) pairs runs instead
+(`_expert_tiles`). It reads only the experts that have rows, but XLA:CPU copies each one's matrices out of the
+stack before its dot (it fuses no slice into a dot), about twice a dense MLP's weight traffic at decode: what
+holds a MoE below a dense model with as many active weights on CPU (bench/moe.py); a C++ grouped matmul
+(kernels_cpu) would remove it.
 
 Expert weights are stacked [experts, in, out], gate, up and down apart, so that tensor parallelism splits each
 expert's intermediate columns without regrouping a fused gate/up. With expert parallelism
@@ -109,7 +107,7 @@ def moe_mlp(layer: Layer, h, cfg: ModelConfig, expert_mesh=None):
     sizes = jnp.zeros(cfg.num_experts, jnp.int32).at[flat].add(1)  # [experts] rows per expert
     rows = h[order // k]  # [T * k, hidden]
     weights_in = (layer.w_gate_exps, layer.w_up_exps, layer.w_down_exps)
-    if expert_mesh is None:
+    if expert_mesh is None or cfg.num_experts % expert_mesh.shape["expert"]:  # (uneven: the weights are replicated)
         out = expert_mlps(rows, flat[order], sizes, *weights_in)
     else:
         out = _expert_parallel(expert_mesh, rows, flat[order], sizes, *weights_in)
@@ -139,8 +137,7 @@ def _expert_parallel(mesh, rows, row_experts, sizes, w_gate, w_up, w_down):
     """expert_mlps with the experts split over the mesh's `expert` axis: each device runs its own experts over the
     rows routed to them (a contiguous run of the sorted rows, rolled to the front), its other rows come out zero,
     and one sum over the devices assembles every row: an [R, hidden] all-reduce where XLA's partitioner, given the
-    split weights and a ragged_dot, would gather every expert's weights onto every device each step (what
-    `jaxserve check` measured for Qwen3-30B-A3B on v6e-8: 58 GB of collectives per decode step)."""
+    split weights and a ragged_dot, would gather every expert's weights onto every device each step."""
     num_experts = sizes.shape[0]
 
     def local(rows, row_experts, sizes, w_gate, w_up, w_down):
