@@ -90,7 +90,7 @@ class LLM:
         outputs = self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
         parser = (self.tool_call_parser or tool_parsers.parser_for_template(chat_template or self.tokenizer.chat_template)
                   if tools else None)
-        schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools or ()}
+        schemas = tool_parsers.schemas_of(tools)
         return [self._chat_output(o, parser, schemas) for o in outputs]
 
     def _encode_chat(self, conversation: list[dict], **options) -> list[int]:

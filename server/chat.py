@@ -63,7 +63,7 @@ def _plan(state: ServerState, req: ChatCompletionRequest, tools, tool_choice, re
         template = req.chat_template or state.chat_template or state.tokenizer.chat_template
         parser = state.config.tool_call_parser or tool_parsers.parser_for_template(template)
     names = tuple(t["function"]["name"] for t in tools or ()) if parser else ()
-    schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools or ()} if parser else None
+    schemas = tool_parsers.schemas_of(tools) if parser else None
     return ChatPlan(tool_parser=parser, forced=forced, reasoning_parser=state.config.reasoning_parser,
                     reasoning_state=reasoning_state, include_reasoning=req.include_reasoning,
                     parallel_tool_calls=req.parallel_tool_calls is not False, tool_names=names,

@@ -43,6 +43,11 @@ class ToolCall:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 
+def schemas_of(tools) -> dict:
+    """The request's tools' parameter schemas by function name (what TYPED_BY_SCHEMA formats read)."""
+    return {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools or ()}
+
+
 def get_parser(name: str):
     if name not in PARSERS:
         raise ValueError(f"unknown tool-call parser {name!r}; choose one of {', '.join(PARSERS)}")
