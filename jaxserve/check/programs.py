@@ -168,8 +168,7 @@ class Serving:
     max_model_len: int
     kv_pages: int = 0
     kv_source: str = ""
-    page_bytes: int = 0
-    kv_layout: kv_memory.Layout | None = None
+    kv_layout: kv_memory.Layout | None = None  # what a pool page and the rings cost per chip
 
     @classmethod
     def build(cls, cfg: ModelConfig, config: EngineConfig, target: Target, dtype,
@@ -182,8 +181,11 @@ class Serving:
         serving.kv_layout = kv_memory.Layout.of(cfg, sharding.kv_heads_per_device(mesh, cfg), config.page_size,
                                                 serving.dtype, kv_code_dtype(config.kv_cache_dtype),
                                                 config.max_num_seqs, step_token_budget(config))
-        serving.page_bytes = serving.kv_layout.page_bytes
         return serving
+
+    @property
+    def page_bytes(self) -> int:
+        return self.kv_layout.page_bytes
 
     @property
     def pages_per_seq(self) -> int:
