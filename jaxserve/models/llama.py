@@ -131,23 +131,23 @@ def head_logits(params: Params, x):
 # transformers' tensor names: linear weights are transposed from HF's [out, in] to [in, out] (the model
 # computes `x @ w`). Both loaders (safetensors folders and GGUF files) produce tensors under these names. A fused
 # field is made of several tensors, concatenated along the output axis by `put` (which groups them per device).
-_LINEAR = {"wo": "self_attn.o_proj", "w_down": "mlp.down_proj"}
-_FUSED = {"wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-          "w_gate_up": ("mlp.gate_proj", "mlp.up_proj")}
-_BIAS = {"bqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # wqkv's parts (bqkv's, of their biases)
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")  # w_gate_up's parts
 _NORM = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 _QK_NORM = {"q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray | QArray], cfg: ModelConfig, dtype, put, *, norms=None,
-                   layer_type=Layer) -> Params:
+                   layer_type=Layer, expected=None, mlp=None) -> Params:
     """Tensors are float arrays or QArrays (a GGUF file's quantized types, grouped along their last axis), under
     transformers' names and [out, in] layout. `put(array, field_name)` places each converted array on devices
     (parallel.sharding.param_put: it also quantizes where asked); fused fields pass a tuple of parts in order
-    (q, k, v / gate, up), which put concatenates on the last axis. norms and layer_type: another family's norms
-    (as hf_shapes) and layer dataclass, for a family that differs from Llama only there (Gemma)."""
+    (q, k, v / gate, up), which put concatenates on the last axis. For families that differ from Llama only in
+    some layers' fields: norms and layer_type, another family's norms (as hf_shapes) and layer dataclass (Gemma);
+    expected, the tensor names to require (default: hf_shapes); mlp(i, prefix, read), layer i's MLP fields
+    where they are not Llama's dense ones (a mixture of experts' layers), else None."""
     norms = norms or _NORM
-    convert = tensor_reader(tensors, hf_shapes(cfg, norms), dtype)
+    convert = tensor_reader(tensors, hf_shapes(cfg, norms) if expected is None else expected, dtype)
 
     def get(name, transpose=False, path=""):
         return put(convert(name, transpose), path or name)
@@ -155,15 +155,19 @@ def params_from_hf(tensors: Mapping[str, np.ndarray | QArray], cfg: ModelConfig,
     layers = []
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
-        fields = {k: get(p + v + ".weight", transpose=True, path=k) for k, v in _LINEAR.items()}
-        fields |= {k: put(tuple(convert(p + v + ".weight", transpose=True) for v in parts), k)
-                   for k, parts in _FUSED.items()}
+        fields = {"wo": get(p + "self_attn.o_proj.weight", transpose=True, path="wo")}
+        fields["wqkv"] = put(tuple(convert(p + v + ".weight", transpose=True) for v in _QKV), "wqkv")
         fields |= {k: get(p + v + ".weight", path=k) for k, v in norms.items()}
         if cfg.qkv_bias:
-            fields |= {k: put(tuple(convert(p + v + ".bias") for v in parts), k) for k, parts in _BIAS.items()}
+            fields["bqkv"] = put(tuple(convert(p + v + ".bias") for v in _QKV), "bqkv")
         if cfg.qk_norm:
             fields |= {k: get(p + v + ".weight", path=k) for k, v in _QK_NORM.items()}
-        layers.append(layer_type(**fields))
+        mlp_fields = mlp(i, p, convert) if mlp else None
+        if mlp_fields is None:
+            gate_up = tuple(convert(p + v + ".weight", transpose=True) for v in _GATE_UP)
+            mlp_fields = {"w_down": get(p + "mlp.down_proj.weight", transpose=True, path="w_down"),
+                          "w_gate_up": put(gate_up, "w_gate_up")}
+        layers.append(layer_type(**fields, **mlp_fields))
     return Params(
         embed=get("model.embed_tokens.weight", path="embed"),
         layers=tuple(layers),
@@ -186,7 +190,7 @@ def hf_shapes(cfg: ModelConfig, norms=None) -> dict[str, tuple[int, ...]]:
         shapes |= {p + name + ".weight": shape for name, shape in linear.items()}
         shapes |= {p + v + ".weight": (hidden,) for v in (norms or _NORM).values()}
         if cfg.qkv_bias:
-            shapes |= {p + v + ".bias": (linear[v][0],) for v in _BIAS["bqkv"]}
+            shapes |= {p + v + ".bias": (linear[v][0],) for v in _QKV}
         if cfg.qk_norm:
             shapes |= {p + v + ".weight": (d,) for v in _QK_NORM.values()}
     if not cfg.tie_word_embeddings:

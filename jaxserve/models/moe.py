@@ -41,7 +41,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jaxserve.models import attention, llama
-from jaxserve.models.base import Batch, KVCache, rms_norm, tensor_reader
+from jaxserve.models.base import Batch, KVCache, rms_norm
 from jaxserve.models.config import ModelConfig
 from jaxserve.quantization.qarray import QArray, linear
 
@@ -215,45 +215,22 @@ def _grouped_matmul(rows, w, sizes, row_experts):
 # block_sparse_moe. (Mixtral) or mlp. (Qwen3-MoE). Both load.
 _PER_EXPERT = {"mixtral": ("block_sparse_moe.", "w1", "w3", "w2"),
                "qwen3_moe": ("mlp.", "gate_proj", "up_proj", "down_proj")}
-_ATTENTION_LINEAR = {"wo": "self_attn.o_proj"}
-_DENSE_LINEAR = {"w_down": "mlp.down_proj"}
 
 
 def params_from_hf(tensors: Mapping[str, np.ndarray | QArray], cfg: ModelConfig, dtype, put) -> Params:
-    """As llama.params_from_hf: tensors under transformers' names (either spelling of the experts) and [out, in]
-    layout; `put(array, field_name)` places each field (parallel.sharding.param_put)."""
-    # The experts may be in their on-disk spelling instead of hf_shapes' (transformers' in-memory) one.
-    convert = tensor_reader(tensors, [n for n in hf_shapes(cfg) if not _on_disk(tensors, cfg, n)], dtype)
-
-    def get(name, path, transpose=False):
-        return put(convert(name, transpose), path)
-
-    layers = []
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        fields = {k: get(p + v + ".weight", k, transpose=True) for k, v in _ATTENTION_LINEAR.items()}
-        fields |= {k: get(p + v + ".weight", k) for k, v in llama._NORM.items()}
-        fields["wqkv"] = put(tuple(convert(p + v + ".weight", transpose=True) for v in llama._FUSED["wqkv"]), "wqkv")
-        if cfg.qkv_bias:
-            fields["bqkv"] = put(tuple(convert(p + v + ".bias") for v in llama._BIAS["bqkv"]), "bqkv")
-        if cfg.qk_norm:
-            fields |= {k: get(p + v + ".weight", k) for k, v in llama._QK_NORM.items()}
+    """As llama.params_from_hf (which reads every field but the MoE layers' MLPs): tensors under transformers'
+    names (either spelling of the experts) and [out, in] layout; `put(array, field_name)` places each field."""
+    def experts(i, p, read):
         if not cfg.moe_layers[i]:
-            fields |= {k: get(p + v + ".weight", k, transpose=True) for k, v in _DENSE_LINEAR.items()}
-            fields["w_gate_up"] = put(tuple(convert(p + v + ".weight", transpose=True)
-                                            for v in llama._FUSED["w_gate_up"]), "w_gate_up")
-        else:
-            router = p + "mlp.gate.weight"
-            fields["router"] = get(router if router in tensors else _disk_router(cfg, p), "router", transpose=True)
-            experts = _experts(tensors, cfg, p, dtype)
-            fields |= {k: _refuse_grouped(put(a, k), k) for k, a in zip(EXPERT_FIELDS, experts)}
-        layers.append(Layer(**fields))
-    return Params(
-        embed=get("model.embed_tokens.weight", "embed"),
-        layers=tuple(layers),
-        final_norm=get("model.norm.weight", "final_norm"),
-        lm_head=get("lm_head.weight", "lm_head", transpose=True) if not cfg.tie_word_embeddings else None,
-    )
+            return None  # a dense layer: llama's MLP
+        router = p + "mlp.gate.weight"
+        fields = {"router": put(read(router if router in tensors else _disk_router(cfg, p), True), "router")}
+        stacked = _experts(tensors, cfg, p, dtype)
+        return fields | {k: _refuse_grouped(put(a, k), k) for k, a in zip(EXPERT_FIELDS, stacked)}
+
+    # The experts may be in their on-disk spelling instead of hf_shapes' (transformers' in-memory) one.
+    expected = [n for n in hf_shapes(cfg) if not _on_disk(tensors, cfg, n)]
+    return llama.params_from_hf(tensors, cfg, dtype, put, layer_type=Layer, expected=expected, mlp=experts)
 
 
 def _disk_router(cfg: ModelConfig, p: str) -> str:
