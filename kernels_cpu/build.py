@@ -28,8 +28,9 @@ TARGETS = {"jaxserve_top_candidates": "TopCandidates",
            quantized_linear.PACKED4: "QuantizedLinearPacked4",
            quantized_linear.INT8_ROWS: "QuantizedLinearInt8Rows",
            paged_attention.TARGET: "PagedAttention"}
-# -march=native: the build is for this host (and keyed by its CPU's features).
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# -march=native: the build is for this host (and keyed by its CPU's features). -fno-trapping-math: nothing reads
+# floating-point exception flags, and under trapping math GCC does not vectorize loops with floor or selects.
+_FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w")
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
