@@ -36,8 +36,9 @@ def register(source: str, name: str, folder: pathlib.Path) -> str:
     """Compiles `source` (beside kernels_cpu's headers) and registers its 4-bit handler as target `name`."""
     library = folder / f"{name}.so"
     compiler = shutil.which(os.environ.get("CXX", "c++"))
-    subprocess.run([compiler, *build._FLAGS, "-I", jax.ffi.include_dir(), "-I", str(pathlib.Path(build.__file__).parent),
-                    source, "-o", str(library)], check=True)
+    headers = pathlib.Path(build.__file__).parent
+    subprocess.run([compiler, *build._FLAGS, "-I", jax.ffi.include_dir(), "-I", str(headers), source, "-o",
+                    str(library)], check=True)
     handle = ctypes.CDLL(str(library))
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(handle.QuantizedLinearPacked4), platform="cpu")
     return name
