@@ -24,12 +24,9 @@ import ctypes
 import importlib
 import os
 import pathlib
-import shutil
-import subprocess
+import sys
 import tempfile
 import time
-
-import sys
 from unittest import mock
 
 import jax
@@ -52,10 +49,7 @@ ATTENTION_CASES = (("decode 1 x 200", [1], 200), ("decode 1 x 512", [1], 512), (
 def register(source: str, handler: str, name: str, folder: pathlib.Path) -> str:
     """Compiles `source` (beside kernels_cpu's headers) and registers its `handler` as target `name`."""
     library = folder / f"{name}.so"
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
-    headers = pathlib.Path(build.__file__).parent
-    subprocess.run([compiler, *build._FLAGS, "-I", jax.ffi.include_dir(), "-I", str(headers), source, "-o",
-                    str(library)], check=True)
+    build.compile_library([source], library)
     handle = ctypes.CDLL(str(library))
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(handle, handler)), platform="cpu")
     return name

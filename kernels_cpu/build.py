@@ -67,13 +67,25 @@ def enable(folder: str | os.PathLike) -> bool:
         return True
 
 
-def _build(folder: pathlib.Path) -> pathlib.Path:
-    here = pathlib.Path(__file__).parent
+def _compiler() -> str:
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
         raise OSError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
+    return compiler
+
+
+def compile_library(sources, output) -> None:
+    """Compiles C++ sources into the shared library `output` as the kernels are built (kernels_cpu's headers and
+    XLA's FFI headers on the include path). bench/cpu_kernel_ab.py builds other versions of a kernel with it."""
+    here = pathlib.Path(__file__).parent
+    subprocess.run([_compiler(), *_FLAGS, "-I", jax.ffi.include_dir(), "-I", str(here), *map(str, sources), "-o",
+                    str(output)], check=True, capture_output=True, text=True)
+
+
+def _build(folder: pathlib.Path) -> pathlib.Path:
+    here = pathlib.Path(__file__).parent
     key = hashlib.sha256()
-    for part in (jax.__version__, jaxlib.__version__, compiler, platform.machine(), _cpu_features(), *_FLAGS):
+    for part in (jax.__version__, jaxlib.__version__, _compiler(), platform.machine(), _cpu_features(), *_FLAGS):
         key.update(part.encode() + b"\0")
     for name in _SOURCES + _HEADERS:
         key.update((here / name).read_bytes())
@@ -85,8 +97,7 @@ def _build(folder: pathlib.Path) -> pathlib.Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, "-I", jax.ffi.include_dir(), *(str(here / n) for n in _SOURCES),
-                        "-o", partial], check=True, capture_output=True, text=True)
+        compile_library([here / n for n in _SOURCES], partial)
         os.replace(partial, target)
     finally:
         if os.path.exists(partial):

@@ -7,8 +7,9 @@
 // is at most sum(|w| * dx / 2). (Taking the offset term from the exact sum(x) instead would leave the error of
 // sum(code * qx), which grows with the codes' magnitude, not the weights': 3x the RMS error on SmolLM2's Q4_1
 // layers with int8 activations.)
-// The integer products are AVX2 madd_epi16 (16-bit times 16-bit, pairs summed to 32 bits): the codes are widened
-// to 16 bits once per block (and tile of outputs) for all activation rows. (int8 activations, as llama.cpp's
+// The integer products are AVX2 madd_epi16 (16-bit times 16-bit, pairs summed to 32 bits; AVX-512 VNNI's dpwssd in
+// the 4-bit kernel where the build targets it, see TileCodes): the codes are widened to 16 bits once per block (and
+// tile of outputs) for all activation rows. (int8 activations, as llama.cpp's
 // maddubs matmuls use, change SmolLM2's greedy answers; 16 bits leave 1/256 of that error.)
 //
 // Two layouts, the two the models hold:
