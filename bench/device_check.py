@@ -11,15 +11,20 @@ Stages, in order:
 3. engine:   a random-weight bf16 Llama-3-8B-shaped model through the real engine at batch 1/16/64/256 with
    ~1k-token contexts (admitted as already computed, so only the decode program compiles): compile time,
    whole engine step vs device-only step (forward + sampler on placed inputs), output tok/s, compiles while timed.
-4. moe:      a random-weight bf16 Qwen3-30B-A3B-shaped mixture of experts (48 layers, 128 experts of 768, top 8;
+4. quant:    the same Llama-3-8B shape with its layers' matrices int8, then fp8 (random codes, one scale per output
+   column, as `--quantization int8|fp8` stores them; embeddings and LM head bf16) at batch 1/16/64, each batch's
+   tok/s also as a ratio to the engine stage's bf16 figure (vs_bf16).
+5. moe:      a random-weight bf16 Qwen3-30B-A3B-shaped mixture of experts (48 layers, 128 experts of 768, top 8;
    ~61 GB) through the engine likewise, at batch 1/16/64.
-5. torch:    the same shapes as `engine` through transformers' LlamaForCausalLM (eager decode with a KV cache).
-Each stage is skipped, with the reason recorded, when the time left (--budget) cannot hold it.
+6. torch:    the same shapes as `engine` through transformers' LlamaForCausalLM (eager decode with a KV cache).
+Each stage is skipped, with the reason recorded, when the time left (--budget) cannot hold it; where one call
+cannot hold them all, split them (`--stages kernels tiny engine quant`, then `--stages moe torch`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -45,6 +50,7 @@ QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_
                  "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 BATCHES = (1, 16, 64, 256)
 MOE_BATCHES = (1, 16, 64)
+QUANT_BATCHES = (1, 16, 64)
 CONTEXT = 1024
 KERNEL_CASES = [  # (q heads, kv heads, head_dim, tokens per sequence, context lengths)
     (8, 8, 64, [1, 1, 1], [17, 300, 16]),  # decode, MHA, partial pages
@@ -63,6 +69,7 @@ class Report:
         self.start = time.monotonic()
         self.budget = budget
         self.lines: list[str] = []
+        self.tok_s: dict[tuple[str, int], float] = {}  # (stage, batch) -> the engine stages' output tok/s
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.start)
@@ -137,20 +144,37 @@ def stage_tiny(report: Report) -> None:
         report.write("tiny", ok=tokens["reference"] == tokens["pallas_gpu"], tokens=tokens["pallas_gpu"][0][:8])
 
 
-def _random_model(cfg_dict: dict, dtype):
-    """A LoadedModel with random weights made on the device (no host copy of 16 GB) and a word-level tokenizer."""
+def _random_model(cfg_dict: dict, dtype, quantization: str | None = None):
+    """A LoadedModel with random weights made on the device (no host copy of 16 GB) and a word-level tokenizer;
+    with `quantization` (a --quantization scheme) the fields it quantizes are QArrays of random codes, shaped and
+    typed as the loader stores them, with scales that keep the weights near N(0, 0.02)."""
     import jax
     import jax.numpy as jnp
     from host_overhead import word_tokenizer
 
     from jaxserve.models import llama, moe
     from jaxserve.models.config import ModelConfig
+    from jaxserve.quantization.schemes import WeightQuantization
     from jaxserve.weights.loader import LoadedModel
 
     cfg = ModelConfig.from_hf(cfg_dict)
     keys = iter(jax.random.split(jax.random.key(0), 16 + 16 * cfg.num_layers))
+    quant = WeightQuantization(quantization) if quantization else None
 
-    def w(*shape):
+    def codes(struct):
+        """Random codes of struct's dtype, and the scale that maps them to a spread of about 0.02."""
+        if jnp.issubdtype(struct.dtype, jnp.integer):
+            info = jnp.iinfo(struct.dtype)
+            return jax.random.randint(next(keys), struct.shape, info.min, info.max, struct.dtype), 0.02 / 74
+        return jax.random.normal(next(keys), struct.shape, jnp.float32).astype(struct.dtype), 0.02
+
+    def w(*shape, name=None):
+        if quant is not None and quant.axis(name) is not None:
+            q = quant.abstract(jax.ShapeDtypeStruct(shape, dtype), name)
+            values, scale = codes(q.values)
+            full = lambda s: jnp.full(s.shape, scale, s.dtype)  # noqa: E731
+            return dataclasses.replace(q, values=values, scale=full(q.scale),
+                                       offset=None if q.offset is None else full(q.offset))
         return (jax.random.normal(next(keys), shape, jnp.float32) * 0.02).astype(dtype)
 
     def ones(n):
@@ -159,16 +183,19 @@ def _random_model(cfg_dict: dict, dtype):
     h, inter = cfg.hidden_size, cfg.intermediate_size
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     def layer(sparse: bool):
-        attention = dict(attn_norm=ones(h), wqkv=w(h, q + 2 * kv), wo=w(q, h), mlp_norm=ones(h))
+        attention = dict(attn_norm=ones(h), wqkv=w(h, q + 2 * kv, name="wqkv"), wo=w(q, h, name="wo"),
+                         mlp_norm=ones(h))
         if cfg.qk_norm:
             attention |= dict(q_norm=ones(cfg.head_dim), k_norm=ones(cfg.head_dim))
         if not cfg.num_experts:
-            return llama.Layer(**attention, w_gate_up=w(h, 2 * inter), w_down=w(inter, h))
+            return llama.Layer(**attention, w_gate_up=w(h, 2 * inter, name="w_gate_up"),
+                               w_down=w(inter, h, name="w_down"))
         if not sparse:
-            return moe.Layer(**attention, w_gate_up=w(h, 2 * inter), w_down=w(inter, h))
+            return moe.Layer(**attention, w_gate_up=w(h, 2 * inter, name="w_gate_up"),
+                             w_down=w(inter, h, name="w_down"))
         e, m = cfg.num_experts, cfg.moe_intermediate_size
-        return moe.Layer(**attention, router=w(h, e), w_gate_exps=w(e, h, m), w_up_exps=w(e, h, m),
-                         w_down_exps=w(e, m, h))
+        return moe.Layer(**attention, router=w(h, e), w_gate_exps=w(e, h, m, name="w_gate_exps"),
+                         w_up_exps=w(e, h, m, name="w_up_exps"), w_down_exps=w(e, m, h, name="w_down_exps"))
 
     layers = tuple(layer(cfg.moe_layers[i] if cfg.num_experts else False) for i in range(cfg.num_layers))
     params = llama.Params(embed=w(cfg.vocab_size, h), layers=layers, final_norm=ones(h),
@@ -197,18 +224,21 @@ def _admit_computed(engine, batch: int, context: int) -> None:
 
 
 def stage_engine(report: Report, batches, context: int, steps: int, name: str = "engine", shape: dict = LLAMA_8B,
-                 dtype: str = "bfloat16", min_left: float = 90) -> None:
-    """Decode through the real engine at each batch, for a random-weight model of `shape` (a config.json dict)."""
+                 dtype: str = "bfloat16", min_left: float = 90, quantization: str | None = None) -> None:
+    """Decode through the real engine at each batch, for a random-weight model of `shape` (a config.json dict),
+    its layers' matrices quantized with `quantization` (a --quantization scheme) where given."""
     import jax
     import jax.numpy as jnp
 
     from jaxserve.core import compilation
     from jaxserve.engine import EngineConfig, LLMEngine
+    from jaxserve.quantization import qarray
 
     start = time.perf_counter()
-    model = _random_model(shape, jnp.dtype(dtype))
+    model = _random_model(shape, jnp.dtype(dtype), quantization)
     jax.block_until_ready(model.params)
-    report.write(f"{name}.weights", seconds=round(time.perf_counter() - start, 1))
+    report.write(f"{name}.weights", seconds=round(time.perf_counter() - start, 1),
+                 weight_bytes=qarray.nbytes(model.params))
     for batch in batches:
         if report.left() < min_left:
             report.write(name, batch=batch, skipped=f"{report.left():.0f} s left")
@@ -228,12 +258,32 @@ def stage_engine(report: Report, batches, context: int, steps: int, name: str = 
             engine.step()
         step_s = (time.perf_counter() - t0) / steps
         device_s = _device_step(engine, steps)
+        report.tok_s[name, batch] = batch / step_s
+        bf16 = {"vs_bf16": round(batch / step_s / report.tok_s["engine", batch], 3)} \
+            if quantization and ("engine", batch) in report.tok_s else {}
         report.write(name, batch=batch, context=context, compile_s=round(compile_s, 1), programs=compiles,
                      engine_step_ms=round(step_s * 1e3, 2), device_step_ms=round(device_s * 1e3, 2),
                      host_share=round(1 - device_s / step_s, 3), tok_s=round(batch / step_s, 1),
-                     compiles_while_timed=compilation.compile_count() - before)
+                     compiles_while_timed=compilation.compile_count() - before, **bf16)
         del engine
     del model
+
+
+def stage_quant(report: Report, batches, context: int, steps: int, shape: dict = LLAMA_8B,
+                dtype: str = "bfloat16", min_left: float = 90) -> None:
+    """The engine stage for `shape` with int8, then fp8 layer matrices; a scheme the GPU lacks is recorded as such."""
+    import jax
+
+    from jaxserve.quantization.schemes import check_backend
+
+    device = jax.devices()[0]
+    for scheme in ("int8", "fp8"):
+        try:
+            check_backend(scheme, device.platform, device.device_kind, getattr(device, "compute_capability", None))
+        except ValueError as e:
+            report.write(f"quant-{scheme}", skipped=str(e))
+            continue
+        stage_engine(report, batches, context, steps, f"quant-{scheme}", shape, dtype, min_left, scheme)
 
 
 def _device_step(engine, steps: int) -> float:
@@ -307,7 +357,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--context", type=int, default=CONTEXT)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--stages", nargs="+", default=["kernels", "tiny", "engine", "moe", "torch"])
+    p.add_argument("--stages", nargs="+", default=["kernels", "tiny", "engine", "quant", "moe", "torch"])
     args = p.parse_args(argv)
     report = Report(pathlib.Path(args.out), args.budget)
     report.write("plan", stages=args.stages, batches=args.batches, context=args.context, steps=args.steps,
@@ -318,6 +368,7 @@ def main(argv=None) -> int:
         return 2
     stages = {"kernels": lambda: stage_kernels(report), "tiny": lambda: stage_tiny(report),
               "engine": lambda: stage_engine(report, args.batches, args.context, args.steps),
+              "quant": lambda: stage_quant(report, QUANT_BATCHES, args.context, args.steps),
               "moe": lambda: stage_engine(report, MOE_BATCHES, args.context, args.steps, "moe", QWEN3_30B_A3B),
               "torch": lambda: stage_torch(report, args.batches, args.context, args.steps)}
     failed = False

@@ -12,7 +12,7 @@ def test_dry_run_on_cpu_fails_clearly(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     records = [json.loads(line) for line in (out / "device_check.jsonl").read_text().splitlines()]
-    assert [x["stage"] for x in records] == ["plan", "env", "gpu", "kernels", "tiny", "engine", "moe", "torch"]
+    assert [x["stage"] for x in records] == ["plan", "env", "gpu", "kernels", "tiny", "engine", "quant", "moe", "torch"]
     assert records[1]["backend"] == "cpu" and records[2]["ok"] is False and "needs a CUDA GPU" in records[2]["reason"]
     assert all(x["skipped"] == "needs a GPU" for x in records[3:])
     assert (out / "summary.md").read_text().count("\n") == len(records)
@@ -22,9 +22,10 @@ def test_dry_run_on_cpu_fails_clearly(tmp_path):
     assert r.returncode != 0 and "device_check: needs a CUDA GPU" in r.stderr
 
 
-def test_the_engine_stage_runs_a_dense_and_a_moe_shape_on_cpu(tmp_path):
+def test_the_engine_stages_run_dense_quantized_and_moe_shapes_on_cpu(tmp_path):
     """The engine stage's own code (random weights of a config's shape, sequences admitted as computed, timed decode
-    steps) on CPU with tiny Llama and Qwen3-MoE shapes, so the GPU run does not find its bugs."""
+    steps) on CPU with tiny Llama (bf16 weights, then int8 and fp8 codes) and Qwen3-MoE shapes, so the GPU run does
+    not find its bugs."""
     sys.path.insert(0, "bench")
     import device_check
 
@@ -35,7 +36,14 @@ def test_the_engine_stage_runs_a_dense_and_a_moe_shape_on_cpu(tmp_path):
     device_check.stage_engine(report, [2], 40, 2, "moe", dict(device_check.QWEN3_30B_A3B, **tiny, num_experts=8,
                                                               moe_intermediate_size=32, mlp_only_layers=[1]),
                               "float32", 0)
+    device_check.stage_quant(report, [1, 2], 40, 2, dict(device_check.LLAMA_8B, **tiny), "float32", 0)
     records = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
     rows = [(r["stage"], r["batch"]) for r in records if "batch" in r]
-    assert rows == [("engine", 1), ("engine", 4), ("moe", 2)]
+    assert rows == [("engine", 1), ("engine", 4), ("moe", 2), ("quant-int8", 1), ("quant-int8", 2), ("quant-fp8", 1),
+                    ("quant-fp8", 2)]
     assert all(r["tok_s"] > 0 and r["compiles_while_timed"] == 0 for r in records if "batch" in r), records
+    # Only a batch the bf16 stage measured has a ratio; int8 and fp8 layer matrices take the same bytes, fewer than
+    # float32 ones (embeddings and LM head stay float).
+    assert [("vs_bf16" in r) for r in records if r["stage"].startswith("quant-") and "batch" in r] == [True, False] * 2
+    size = {r["stage"]: r["weight_bytes"] for r in records if r["stage"].endswith(".weights")}
+    assert size["quant-int8.weights"] == size["quant-fp8.weights"] < size["engine.weights"]
