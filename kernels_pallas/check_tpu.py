@@ -7,6 +7,7 @@ Prints one line per case and exits non-zero if any case fails. `--quick` runs on
 """
 import itertools
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -49,23 +50,24 @@ def cases(quick):
             grid = [(jnp.bfloat16, HEADS[0], 16, BATCHES[1])]
         for dtype, (hq, hkv, d), ps, (t, s) in grid:
             name = f"{topo} {jnp.dtype(dtype).name} Hq={hq} Hkv={hkv} D={d} page={ps} T={t} S={s}"
-            yield f"attention {name}", lambda: attention_case(device, dtype, hq, hkv, d, ps, t, s, generation=chip)
+            yield f"attention {name}", partial(attention_case, device, dtype, hq, hkv, d, ps, t, s, generation=chip)
         # Sliding window and soft cap change the kernel body: compile them once per topology.
-        yield f"attention {topo} window+softcap", lambda: attention_case(
-            device, jnp.bfloat16, 16, 8, 128, 16, 128, 64, generation=chip, sliding_window=100, soft_cap=30.0)
+        yield f"attention {topo} window+softcap", partial(
+            attention_case, device, jnp.bfloat16, 16, 8, 128, 16, 128, 64, generation=chip, sliding_window=100,
+            soft_cap=30.0)
         for d in (80, 96):  # head sizes that are not a power of two (Phi-3's 96)
-            yield f"attention {topo} bfloat16 Hq=32 Hkv=8 D={d} page=128 T=128 S=64", lambda: attention_case(
-                device, jnp.bfloat16, 32, 8, d, 128, 128, 64, generation=chip)
+            yield f"attention {topo} bfloat16 Hq=32 Hkv=8 D={d} page=128 T=128 S=64", partial(
+                attention_case, device, jnp.bfloat16, 32, 8, d, 128, 128, 64, generation=chip)
         for dtype in DTYPES:  # one kv head per chip (Llama-3.1-8B at tp 8): the heads axis padded most
-            yield f"attention {topo} {jnp.dtype(dtype).name} Hq=4 Hkv=1 D=128 page=16 T=64 S=64", lambda: \
-                attention_case(device, dtype, 4, 1, 128, 16, 64, 64, generation=chip)
+            yield f"attention {topo} {jnp.dtype(dtype).name} Hq=4 Hkv=1 D=128 page=16 T=64 S=64", partial(
+                attention_case, device, dtype, 4, 1, 128, 16, 64, 64, generation=chip)
         # Quantized caches (--kv-cache-dtype), prefill- and decode-shaped: 8, 3 and 1 kv heads, i.e. 16, 6 and 2
         # rows per token, which Mosaic's DMAs into a padded 8-bit block refused below 8 (see tpu.py).
         for code, (hq, hkv, d), (ps, t, s) in itertools.product((jnp.int8, jnp.float8_e4m3fn),
                                                                 ((32, 8, 128), (9, 3, 64), (4, 1, 128)),
                                                                 ((16, 128, 64), (128, 64, 64))):
             yield (f"attention {topo} {jnp.dtype(code).name} cache Hq={hq} Hkv={hkv} D={d} page={ps} T={t} S={s}",
-                   lambda: attention_case(device, jnp.bfloat16, hq, hkv, d, ps, t, s, code=code, generation=chip))
+                   partial(attention_case, device, jnp.bfloat16, hq, hkv, d, ps, t, s, code=code, generation=chip))
 
 
 def main(argv):
