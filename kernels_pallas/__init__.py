@@ -1,6 +1,7 @@
-"""Ragged paged attention (with its KV-cache write) for TPU, GPU and CPU.
+"""Ragged paged attention (with its KV-cache write) for TPU, GPU and CPU; and a grouped matmul (grouped_matmul.py:
+ragged_dot and a Pallas GPU kernel with one signature) for mixtures of experts.
 
-One dispatch point per op, selected by `backend`:
+Attention has one dispatch point, selected by `backend`:
 - "reference":  pure jnp (reference.py), the CPU production path and the test oracle;
 - "pallas_tpu": Pallas TPU / Mosaic kernels (tpu.py);
 - "pallas_gpu": Pallas GPU / Triton kernels (gpu.py).

@@ -6,12 +6,13 @@ GPU and is not done. Prints one line per case and exits non-zero if any case fai
 """
 import itertools
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 from jax import export
 
-from . import gpu
+from . import gpu, grouped_matmul
 from .check_runner import run_cases
 from .check_tpu import BATCHES, DTYPES, HEADS, PAGE_SIZES, batch_args
 
@@ -35,25 +36,39 @@ def attention_case(dtype, hq, hkv, d, page_size, t, s, code=None, **options):
     _export(lambda *a: gpu.ragged_paged_attention(*a, sm_scale=d ** -0.5, **options), *args, donate=(3,))
 
 
+def grouped_matmul_case(rows, k, n, groups, w_dtype):
+    x = jax.ShapeDtypeStruct((rows, k), jnp.bfloat16)
+    _export(grouped_matmul.pallas_gpu, x, jax.ShapeDtypeStruct((groups, k, n), w_dtype),
+            jax.ShapeDtypeStruct((groups,), jnp.int32))
+
+
 def cases():
+    """(name, check) pairs; each check is bound to its own values (a list of them may be run after the loop)."""
     for dtype, (hq, hkv, d), ps, (t, s) in itertools.product(DTYPES, HEADS, PAGE_SIZES, BATCHES):
         name = f"{jnp.dtype(dtype).name} Hq={hq} Hkv={hkv} D={d} page={ps} T={t} S={s}"
-        yield f"attention {name}", lambda: attention_case(dtype, hq, hkv, d, ps, t, s)
-    yield "attention window+softcap", lambda: attention_case(
-        jnp.bfloat16, 16, 8, 128, 16, 128, 64, sliding_window=100, soft_cap=30.0)
+        yield f"attention {name}", partial(attention_case, dtype, hq, hkv, d, ps, t, s)
+    yield "attention window+softcap", partial(attention_case, jnp.bfloat16, 16, 8, 128, 16, 128, 64,
+                                              sliding_window=100, soft_cap=30.0)
     for d in (80, 96):  # heads Triton takes in power-of-two pieces
-        yield f"attention bfloat16 Hq=32 Hkv=8 D={d} page=16 T=128 S=64", lambda: attention_case(
-            jnp.bfloat16, 32, 8, d, 16, 128, 64)
-        yield f"attention decode D={d} splits=8", lambda: attention_case(
-            jnp.bfloat16, 32, 8, d, 16, 8, 8, num_splits=8)
+        yield f"attention bfloat16 Hq=32 Hkv=8 D={d} page=16 T=128 S=64", partial(
+            attention_case, jnp.bfloat16, 32, 8, d, 16, 128, 64)
+        yield f"attention decode D={d} splits=8", partial(attention_case, jnp.bfloat16, 32, 8, d, 16, 8, 8,
+                                                          num_splits=8)
     for code in (jnp.int8, jnp.float8_e4m3fn):  # quantized caches, prefill-shaped and split-KV decode
-        yield f"attention {jnp.dtype(code).name} cache T=128 S=64", lambda: attention_case(
-            jnp.bfloat16, 32, 8, 128, 16, 128, 64, code=code)
-        yield f"attention {jnp.dtype(code).name} cache decode splits=8", lambda: attention_case(
-            jnp.bfloat16, 32, 8, 128, 16, 8, 8, code=code, num_splits=8)
+        yield f"attention {jnp.dtype(code).name} cache T=128 S=64", partial(
+            attention_case, jnp.bfloat16, 32, 8, 128, 16, 128, 64, code=code)
+        yield f"attention {jnp.dtype(code).name} cache decode splits=8", partial(
+            attention_case, jnp.bfloat16, 32, 8, 128, 16, 8, 8, code=code, num_splits=8)
     for d, splits in ((64, 4), (128, 16), (256, 2)):  # split-KV decode, and each head dim's tile choice
-        yield f"attention decode D={d} splits={splits}", lambda: attention_case(
-            jnp.bfloat16, 32, 8, d, 16, 8, 8, num_splits=splits)
+        yield f"attention decode D={d} splits={splits}", partial(attention_case, jnp.bfloat16, 32, 8, d, 16, 8, 8,
+                                                                 num_splits=splits)
+    # Qwen3-30B-A3B's expert matmuls (128 experts, hidden 2048, 768 columns each): gate/up and down, decode-sized
+    # and prefill-sized row counts, bf16 weights and int8 / fp8 codes.
+    for rows, k, n, w_dtype in ((8, 2048, 768, jnp.bfloat16), (512, 768, 2048, jnp.bfloat16),
+                                (8192, 2048, 768, jnp.bfloat16), (512, 2048, 768, jnp.int8),
+                                (64, 768, 2048, jnp.float8_e4m3fn)):
+        yield f"grouped matmul R={rows} K={k} N={n} {jnp.dtype(w_dtype).name}", partial(
+            grouped_matmul_case, rows, k, n, 128, w_dtype)
 
 
 def main():

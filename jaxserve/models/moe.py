@@ -6,9 +6,10 @@ experts in float32, the top num_experts_per_tok experts, their weights renormali
 (token, expert) rows are sorted by expert and go through the experts' SwiGLU MLPs as grouped matmuls (row block
 i times expert i's matrices), then back to their tokens, weighted and summed.
 
-On TPU and GPU the grouped matmuls are `jax.lax.ragged_dot` (rather than a Pallas grouped matmul, which was not
-written): one XLA op that XLA:GPU / XLA:TPU lower to their own grouped kernels (the README has its H100 timings
-against a dense MLP). XLA's partitioner splits it along the experts' columns (tensor parallel) without moving
+On TPU and GPU the grouped matmuls are `jax.lax.ragged_dot`: one XLA op that XLA:GPU / XLA:TPU lower to their own
+grouped kernels (the README has its H100 timings against a dense MLP). A Pallas GPU grouped matmul
+(kernels_pallas/grouped_matmul.py) is the candidate against it; bench/device_check.py times both on a GPU, and none
+has yet, so ragged_dot stays. XLA's partitioner splits it along the experts' columns (tensor parallel) without moving
 weights, but not along the experts axis: given experts split over devices it gathers every expert's weights onto
 every device each step (what `jaxserve check` showed for Qwen3-30B-A3B). So with expert parallelism the experts
 run under shard_map (`_expert_parallel`): each device its own experts over the rows routed to them, then one
@@ -44,6 +45,7 @@ from jaxserve.models import attention, llama
 from jaxserve.models.base import Batch, KVCache, rms_norm
 from jaxserve.models.config import ModelConfig
 from jaxserve.quantization.qarray import QArray, linear
+from kernels_pallas import grouped_matmul
 
 Params = llama.Params  # the same embedding, layers, final norm and LM head; layers are this module's Layer
 final_logits = llama.final_logits
@@ -156,23 +158,14 @@ def _expert_parallel(mesh, rows, row_experts, sizes, w_gate, w_up, w_down):
 
 
 def _expert_tiles(rows, row_experts, sizes, w_gate, w_up, w_down):
-    """expert_mlps as a loop over (tile of rows, expert) pairs, megablox-style: the sorted rows in tiles of `tile`,
-    each tile run through every expert whose rows it holds (one expert's whole MLP per step, other rows masked).
-    At most tiles + experts - 1 steps, the empty ones skipped, so a step reads only the weights of experts that
-    have rows: at decode batch 1, k experts' weights, as a dense MLP of k * moe_intermediate reads."""
+    """expert_mlps as a loop over the steps of grouped_matmul.tile_plan (a tile of sorted rows and an expert with
+    rows in it; the Pallas GPU grouped matmul runs the same steps), one expert's whole MLP per step, the tile's
+    other rows masked. The empty steps are skipped, so a step reads only the weights of experts that have rows: at
+    decode batch 1, k experts' weights, as a dense MLP of k * moe_intermediate reads."""
     r, hidden = rows.shape
-    experts = sizes.shape[0]
-    tile = int(min(64, max(8, 1 << max(r // experts - 1, 0).bit_length())))  # ~ the rows an expert gets
-    num_tiles = -(-r // tile)
-    x = jnp.pad(rows, ((0, num_tiles * tile - r), (0, 0)))  # [tiles * tile, hidden]
-    ends = jnp.cumsum(sizes)
-    starts = ends - sizes
-    first = starts // tile
-    count = jnp.where(sizes > 0, (ends - 1) // tile - first + 1, 0)  # tiles each expert's rows touch
-    done = jnp.cumsum(count)
-    step = jnp.arange(num_tiles + experts - 1)
-    expert = jnp.minimum(jnp.searchsorted(done, step, side="right"), experts - 1)  # [steps]
-    tile_of = first[expert] + step - (done[expert] - count[expert])
+    tile = int(min(64, max(8, 1 << max(r // sizes.shape[0] - 1, 0).bit_length())))  # ~ the rows an expert gets
+    plan = grouped_matmul.tile_plan(sizes, r, tile)
+    x = jnp.pad(rows, ((0, -(-r // tile) * tile - r), (0, 0)))  # [tiles * tile, hidden]
 
     def body(out, item):
         e, t, valid = item
@@ -182,13 +175,13 @@ def _expert_tiles(rows, row_experts, sizes, w_gate, w_up, w_down):
             act = jax.nn.silu(linear(xt, _expert(w_gate, e))) * linear(xt, _expert(w_up, e))
             y = linear(act, _expert(w_down, e))  # [tile, hidden]
             pos = t * tile + jnp.arange(tile)
-            mine = (pos >= starts[e]) & (pos < ends[e])
+            mine = (pos >= plan.starts[e]) & (pos < plan.ends[e])
             acc = jax.lax.dynamic_slice_in_dim(out, t * tile, tile)
             return jax.lax.dynamic_update_slice_in_dim(out, acc + jnp.where(mine[:, None], y, 0), t * tile, 0)
 
         return jax.lax.cond(valid, run, lambda out: out, out), None
 
-    out, _ = jax.lax.scan(body, jnp.zeros_like(x), (expert, tile_of, step < done[-1]))
+    out, _ = jax.lax.scan(body, jnp.zeros_like(x), (plan.group, plan.tile, plan.valid))
     return out[:r]
 
 
