@@ -14,17 +14,22 @@ Stages, in order:
 4. quant:    the same Llama-3-8B shape with its layers' matrices int8, then fp8 (random codes, one scale per output
    column, as `--quantization int8|fp8` stores them; embeddings and LM head bf16) at batch 1/16/64, each batch's
    tok/s also as a ratio to the engine stage's bf16 figure (vs_bf16).
-5. moe:      a random-weight bf16 Qwen3-30B-A3B-shaped mixture of experts (48 layers, 128 experts of 768, top 8;
+5. gmm:      the grouped matmul of Qwen3-30B-A3B's experts (128 of hidden 2048 x 768, top 8) both ways,
+   jax.lax.ragged_dot and the Pallas GPU kernel (kernels_pallas/grouped_matmul.py), at 8 / 128 / 512 / 8192 rows
+   (decode batch 1 / 16 / 64, a 1024-token prefill), bf16 weights and int8 codes: µs per call, and the kernel's
+   largest difference from ragged_dot. The MoE model runs ragged_dot until this says otherwise.
+6. moe:      a random-weight bf16 Qwen3-30B-A3B-shaped mixture of experts (48 layers, 128 experts of 768, top 8;
    ~61 GB) through the engine likewise, at batch 1/16/64.
-6. torch:    the same shapes as `engine` through transformers' LlamaForCausalLM (eager decode with a KV cache).
+7. torch:    the same shapes as `engine` through transformers' LlamaForCausalLM (eager decode with a KV cache).
 Each stage is skipped, with the reason recorded, when the time left (--budget) cannot hold it; where one call
-cannot hold them all, split them (`--stages kernels tiny engine quant`, then `--stages moe torch`).
+cannot hold them all, split them (`--stages kernels tiny engine quant`, then `--stages gmm moe torch`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -51,6 +56,7 @@ QWEN3_30B_A3B = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_
 BATCHES = (1, 16, 64, 256)
 MOE_BATCHES = (1, 16, 64)
 QUANT_BATCHES = (1, 16, 64)
+GMM_ROWS = (8, 128, 512, 8192)
 CONTEXT = 1024
 KERNEL_CASES = [  # (q heads, kv heads, head_dim, tokens per sequence, context lengths)
     (8, 8, 64, [1, 1, 1], [17, 300, 16]),  # decode, MHA, partial pages
@@ -286,6 +292,42 @@ def stage_quant(report: Report, batches, context: int, steps: int, shape: dict =
         stage_engine(report, batches, context, steps, f"quant-{scheme}", shape, dtype, min_left, scheme)
 
 
+def stage_gmm(report: Report, rows_list=GMM_ROWS, shape: dict = QWEN3_30B_A3B, repeats: int = 20,
+              interpret: bool = False) -> None:
+    """ragged_dot against the Pallas GPU grouped matmul on a MoE's expert matrices (gate/up: [hidden, moe
+    intermediate] per expert; down: the transpose), rows routed to top-k distinct random experts."""
+    import jax
+    import jax.numpy as jnp
+
+    from kernels_pallas import grouped_matmul
+
+    e, k, h, m = (shape[f] for f in ("num_experts", "num_experts_per_tok", "hidden_size", "moe_intermediate_size"))
+    rng = np.random.default_rng(0)
+    ways = {"ragged_dot": jax.jit(grouped_matmul.reference),
+            "pallas": jax.jit(functools.partial(grouped_matmul.pallas_gpu, interpret=interpret))}
+    for w_dtype in (jnp.bfloat16, jnp.int8):
+        for name, (d_in, d_out) in (("gate_up", (h, m)), ("down", (m, h))):
+            w = jnp.clip(jax.random.normal(jax.random.key(1), (e, d_in, d_out)) * 30, -127, 127).astype(w_dtype)
+            for rows in rows_list:
+                experts = np.stack([rng.choice(e, k, replace=False) for _ in range(rows // k)]).reshape(-1)
+                sizes = jnp.asarray(np.bincount(experts, minlength=e), jnp.int32)
+                x = jax.random.normal(jax.random.key(rows), (rows, d_in), jnp.float32).astype(jnp.bfloat16) * 0.02
+                outs, micros = {}, {}
+                for way, fn in ways.items():
+                    outs[way] = jax.block_until_ready(fn(x, w, sizes))  # compiles
+                    t0 = time.perf_counter()
+                    for _ in range(repeats):
+                        out = fn(x, w, sizes)
+                    jax.block_until_ready(out)
+                    micros[way] = (time.perf_counter() - t0) / repeats * 1e6
+                want = np.asarray(outs["ragged_dot"], np.float32)
+                err = float(np.abs(np.asarray(outs["pallas"], np.float32) - want).max() / np.abs(want).max())
+                report.write("gmm", matmul=name, w=jnp.dtype(w_dtype).name, rows=rows,
+                             ragged_dot_us=round(micros["ragged_dot"], 1), pallas_us=round(micros["pallas"], 1),
+                             pallas_over_ragged=round(micros["pallas"] / micros["ragged_dot"], 3),
+                             rel_err=float(f"{err:.2e}"), ok=err < 2e-2)
+
+
 def _device_step(engine, steps: int) -> float:
     """One decode step's forward + sampler on inputs already on the device, timed alone."""
     import jax
@@ -357,7 +399,7 @@ def main(argv=None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     p.add_argument("--context", type=int, default=CONTEXT)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--stages", nargs="+", default=["kernels", "tiny", "engine", "quant", "moe", "torch"])
+    p.add_argument("--stages", nargs="+", default=["kernels", "tiny", "engine", "quant", "gmm", "moe", "torch"])
     args = p.parse_args(argv)
     report = Report(pathlib.Path(args.out), args.budget)
     report.write("plan", stages=args.stages, batches=args.batches, context=args.context, steps=args.steps,
@@ -369,6 +411,7 @@ def main(argv=None) -> int:
     stages = {"kernels": lambda: stage_kernels(report), "tiny": lambda: stage_tiny(report),
               "engine": lambda: stage_engine(report, args.batches, args.context, args.steps),
               "quant": lambda: stage_quant(report, QUANT_BATCHES, args.context, args.steps),
+              "gmm": lambda: stage_gmm(report),
               "moe": lambda: stage_engine(report, MOE_BATCHES, args.context, args.steps, "moe", QWEN3_30B_A3B),
               "torch": lambda: stage_torch(report, args.batches, args.context, args.steps)}
     failed = False

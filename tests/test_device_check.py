@@ -12,7 +12,8 @@ def test_dry_run_on_cpu_fails_clearly(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2, r.stderr
     records = [json.loads(line) for line in (out / "device_check.jsonl").read_text().splitlines()]
-    assert [x["stage"] for x in records] == ["plan", "env", "gpu", "kernels", "tiny", "engine", "quant", "moe", "torch"]
+    assert [x["stage"] for x in records] == ["plan", "env", "gpu", "kernels", "tiny", "engine", "quant", "gmm", "moe",
+                                             "torch"]
     assert records[1]["backend"] == "cpu" and records[2]["ok"] is False and "needs a CUDA GPU" in records[2]["reason"]
     assert all(x["skipped"] == "needs a GPU" for x in records[3:])
     assert (out / "summary.md").read_text().count("\n") == len(records)
@@ -47,3 +48,18 @@ def test_the_engine_stages_run_dense_quantized_and_moe_shapes_on_cpu(tmp_path):
     assert [("vs_bf16" in r) for r in records if r["stage"].startswith("quant-") and "batch" in r] == [True, False] * 2
     size = {r["stage"]: r["weight_bytes"] for r in records if r["stage"].endswith(".weights")}
     assert size["quant-int8.weights"] == size["quant-fp8.weights"] < size["engine.weights"]
+
+
+def test_the_grouped_matmul_stage_runs_on_cpu(tmp_path):
+    """The gmm stage's own code with a tiny MoE shape, the Pallas kernel in interpret mode: a record per matmul,
+    weight dtype and row count, each with both timings and the kernel within bounds of ragged_dot."""
+    sys.path.insert(0, "bench")
+    import device_check
+
+    report = device_check.Report(tmp_path, budget=600)
+    shape = dict(num_experts=4, num_experts_per_tok=2, hidden_size=64, moe_intermediate_size=32)
+    device_check.stage_gmm(report, rows_list=(8, 32), shape=shape, repeats=1, interpret=True)
+    records = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
+    assert [(r["w"], r["matmul"], r["rows"]) for r in records] == [
+        (w, m, rows) for w in ("bfloat16", "int8") for m in ("gate_up", "down") for rows in (8, 32)]
+    assert all(r["ok"] and r["ragged_dot_us"] > 0 and r["pallas_us"] > 0 for r in records), records
