@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxserve", description="LLM inference in JAX for TPU, GPU and CPU")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    # The engine's names (parsers, quantizations, backends) are spelled out here so that parsing, and --help, import
+    # no jax; tests/test_cli.py holds each list equal to the module that defines it.
     serve = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     serve.add_argument("model", nargs="?", default=None, help=_MODEL_HELP)
     serve.add_argument("--host", default="127.0.0.1")
