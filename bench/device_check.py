@@ -19,7 +19,8 @@ Stages, in order:
    (decode batch 1 / 16 / 64, a 1024-token prefill), bf16 weights and int8 codes: µs per call, and the kernel's
    largest difference from ragged_dot. The MoE model runs ragged_dot until this says otherwise.
 6. moe:      a random-weight bf16 Qwen3-30B-A3B-shaped mixture of experts (48 layers, 128 experts of 768, top 8;
-   ~61 GB) through the engine likewise, at batch 1/16/64.
+   ~61 GB) through the engine likewise, at batch 1/16/64; its layers int8 where bf16 would fill more than 85% of
+   the GPU's memory (an H100's 80 GB).
 7. torch:    the same shapes as `engine` through transformers' LlamaForCausalLM (eager decode with a KV cache).
 Each stage is skipped, with the reason recorded, when the time left (--budget) cannot hold it; where one call
 cannot hold them all, split them (`--stages kernels tiny engine quant`, then `--stages gmm moe torch`).
@@ -292,6 +293,23 @@ def stage_quant(report: Report, batches, context: int, steps: int, shape: dict =
         stage_engine(report, batches, context, steps, f"quant-{scheme}", shape, dtype, min_left, scheme)
 
 
+def stage_moe(report: Report, batches, context: int, steps: int, shape: dict = QWEN3_30B_A3B,
+              dtype: str = "bfloat16", memory_bytes: int | None = None, min_left: float = 90) -> None:
+    """The engine stage for a MoE shape in `dtype`, or with int8 layer matrices where those weights would take
+    more than 85% of the device's memory (memory_bytes: the device's, by default what jax reports)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxserve.quantization import qarray
+
+    if memory_bytes is None:
+        memory_bytes = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    weights = qarray.nbytes(jax.eval_shape(lambda: _random_model(shape, jnp.dtype(dtype)).params))
+    quantization = "int8" if memory_bytes and weights > 0.85 * memory_bytes else None
+    report.write("moe.plan", weight_bytes=weights, device_bytes=memory_bytes, layers=quantization or dtype)
+    stage_engine(report, batches, context, steps, "moe", shape, dtype, min_left, quantization)
+
+
 def stage_gmm(report: Report, rows_list=GMM_ROWS, shape: dict = QWEN3_30B_A3B, repeats: int = 20,
               interpret: bool = False) -> None:
     """ragged_dot against the Pallas GPU grouped matmul on a MoE's expert matrices (gate/up: [hidden, moe
@@ -412,7 +430,7 @@ def main(argv=None) -> int:
               "engine": lambda: stage_engine(report, args.batches, args.context, args.steps),
               "quant": lambda: stage_quant(report, QUANT_BATCHES, args.context, args.steps),
               "gmm": lambda: stage_gmm(report),
-              "moe": lambda: stage_engine(report, MOE_BATCHES, args.context, args.steps, "moe", QWEN3_30B_A3B),
+              "moe": lambda: stage_moe(report, MOE_BATCHES, args.context, args.steps),
               "torch": lambda: stage_torch(report, args.batches, args.context, args.steps)}
     failed = False
     for name in args.stages:

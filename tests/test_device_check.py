@@ -34,20 +34,24 @@ def test_the_engine_stages_run_dense_quantized_and_moe_shapes_on_cpu(tmp_path):
                 num_key_value_heads=2, head_dim=16)
     report = device_check.Report(tmp_path, budget=600)
     device_check.stage_engine(report, [1, 4], 40, 2, "engine", dict(device_check.LLAMA_8B, **tiny), "float32", 0)
-    device_check.stage_engine(report, [2], 40, 2, "moe", dict(device_check.QWEN3_30B_A3B, **tiny, num_experts=8,
-                                                              moe_intermediate_size=32, mlp_only_layers=[1]),
-                              "float32", 0)
+    moe = dict(device_check.QWEN3_30B_A3B, **tiny, num_experts=8, moe_intermediate_size=32, mlp_only_layers=[1])
+    device_check.stage_moe(report, [2], 40, 2, moe, "float32", min_left=0)
+    device_check.stage_moe(report, [2], 40, 2, moe, "float32", memory_bytes=100_000, min_left=0)  # int8 to fit
     device_check.stage_quant(report, [1, 2], 40, 2, dict(device_check.LLAMA_8B, **tiny), "float32", 0)
     records = [json.loads(line) for line in (tmp_path / "device_check.jsonl").read_text().splitlines()]
     rows = [(r["stage"], r["batch"]) for r in records if "batch" in r]
-    assert rows == [("engine", 1), ("engine", 4), ("moe", 2), ("quant-int8", 1), ("quant-int8", 2), ("quant-fp8", 1),
-                    ("quant-fp8", 2)]
+    assert rows == [("engine", 1), ("engine", 4), ("moe", 2), ("moe", 2), ("quant-int8", 1), ("quant-int8", 2),
+                    ("quant-fp8", 1), ("quant-fp8", 2)]
+    plans = [r for r in records if r["stage"] == "moe.plan"]
+    assert [p["layers"] for p in plans] == ["float32", "int8"] and 0.85 * 100_000 < plans[0]["weight_bytes"]
     assert all(r["tok_s"] > 0 and r["compiles_while_timed"] == 0 for r in records if "batch" in r), records
     # Only a batch the bf16 stage measured has a ratio; int8 and fp8 layer matrices take the same bytes, fewer than
     # float32 ones (embeddings and LM head stay float).
     assert [("vs_bf16" in r) for r in records if r["stage"].startswith("quant-") and "batch" in r] == [True, False] * 2
     size = {r["stage"]: r["weight_bytes"] for r in records if r["stage"].endswith(".weights")}
     assert size["quant-int8.weights"] == size["quant-fp8.weights"] < size["engine.weights"]
+    moe_sizes = [r["weight_bytes"] for r in records if r["stage"] == "moe.weights"]  # float32, then int8
+    assert moe_sizes[1] < moe_sizes[0] == plans[0]["weight_bytes"]
 
 
 def test_the_grouped_matmul_stage_runs_on_cpu(tmp_path):
