@@ -196,7 +196,7 @@ def _expert(w, e):
 def _grouped_matmul(rows, w, sizes, row_experts):
     """rows [R, in] @ w[expert of row] ([E, in, out]) -> [R, out] in rows' dtype (accumulated in float32)."""
     if not isinstance(w, QArray):
-        return jax.lax.ragged_dot(rows, w, sizes, preferred_element_type=jnp.float32).astype(rows.dtype)
+        return grouped_matmul.reference(rows, w, sizes)
     # One scale per (expert, output column): the codes go into the dot, the scale onto each row's output.
     y = jax.lax.ragged_dot(rows, w.values.astype(rows.dtype), sizes, preferred_element_type=jnp.float32)
     return (y * w.scale[row_experts, 0].astype(jnp.float32)).astype(rows.dtype)  # scale: [R, out]
