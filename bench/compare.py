@@ -168,5 +168,6 @@ def main() -> None:
                 each = f" (median of {', '.join(f'{r:.2f}' for r in ratios)})" if len(ratios) > 1 else ""
                 print(f"{name} / {peer} at concurrency {level}: {float(np.median(ratios)):.2f}x{each}")
 
+
 if __name__ == "__main__":
     main()

@@ -71,9 +71,10 @@ def _block(n: int, cap: int, what: str) -> int:
     return b
 
 
-def default_block_m(rows: int, groups: int) -> int:
-    """A tile near the rows a group gets on average (so few steps hold one group's few rows), 16 to 64."""
-    return int(min(64, max(16, 1 << max(rows // groups - 1, 0).bit_length())))
+def default_block_m(rows: int, groups: int, smallest: int = 16) -> int:
+    """A tile near the rows a group gets on average (so few steps hold one group's few rows), a power of two from
+    `smallest` (tl.dot's 16 here) to 64."""
+    return int(min(64, max(smallest, 1 << max(rows // groups - 1, 0).bit_length())))
 
 
 def _kernel(group_ref, tile_ref, valid_ref, starts_ref, ends_ref, x_ref, w_ref, _, o_ref, *, block_m, block_n,

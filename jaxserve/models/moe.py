@@ -163,7 +163,7 @@ def _expert_tiles(rows, row_experts, sizes, w_gate, w_up, w_down):
     other rows masked. The empty steps are skipped, so a step reads only the weights of experts that have rows: at
     decode batch 1, k experts' weights, as a dense MLP of k * moe_intermediate reads."""
     r, hidden = rows.shape
-    tile = int(min(64, max(8, 1 << max(r // sizes.shape[0] - 1, 0).bit_length())))  # ~ the rows an expert gets
+    tile = grouped_matmul.default_block_m(r, sizes.shape[0], smallest=8)
     plan = grouped_matmul.tile_plan(sizes, r, tile)
     x = jnp.pad(rows, ((0, -(-r // tile) * tile - r), (0, 0)))  # [tiles * tile, hidden]
 
