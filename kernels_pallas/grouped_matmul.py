@@ -1,7 +1,7 @@
 """Grouped matmul, as `jax.lax.ragged_dot` computes it: rows sorted by group, each times its group's matrix.
 
     x: [R, K] rows, group g's sizes[g] rows consecutive and the groups in order; w: [G, K, N]; sizes: [G] int32
-    -> [R, N]: out[r] = x[r] @ w[group of r] accumulated in float32, rows past sum(sizes) zero.
+    -> [R, N] in x's dtype: out[r] = x[r] @ w[group of r] accumulated in float32, rows past sum(sizes) zero.
 
 Two implementations with that signature (a mixture of experts' rows routed to its experts is the use):
 - `reference`: jax.lax.ragged_dot, which XLA:GPU and XLA:TPU lower to their own grouped kernels.
